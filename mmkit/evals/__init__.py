@@ -1,0 +1,1 @@
+"""Benchmarks and metrics on the reference world."""

@@ -1,0 +1,1 @@
+"""Grounding: LVLM attention maps as Segment Anything prompts."""

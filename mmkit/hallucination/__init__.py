@@ -1,0 +1,1 @@
+"""Hallucination-mitigation methods. Each module registers itself with `mmkit.registry`."""

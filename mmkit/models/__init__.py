@@ -1,0 +1,1 @@
+"""Architecture adapters, model loading and built-in model names."""
