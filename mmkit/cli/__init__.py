@@ -1,0 +1,75 @@
+"""The `mmkit` command line. Each subcommand parses flags into the Python API and makes one public call."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+import click
+
+from mmkit.errors import MmkitError
+
+# name -> "module:attribute"; imported only when that command runs, so `mmkit --help` stays fast.
+COMMANDS = {
+    "generate": "mmkit.cli.generate:generate",
+    "info": "mmkit.cli.info:info",
+    "methods": "mmkit.cli.methods:methods",
+}
+OPTIONAL_COMMANDS = {
+    "train-reference": "mmkit.cli.train_reference:train_reference",
+    "eval": "mmkit.cli.eval:eval_command",
+    "report": "mmkit.cli.report:report",
+}
+
+
+class MmkitGroup(click.Group):
+    """Lazy subcommands, and one-line errors (exit code 2) instead of tracebacks for bad input."""
+
+    def _table(self) -> dict[str, str]:
+        table = dict(COMMANDS)
+        for name, target in OPTIONAL_COMMANDS.items():
+            module = target.split(":")[0]
+            if importlib.util.find_spec(module) is not None:
+                table[name] = target
+        return table
+
+    def list_commands(self, ctx):
+        return sorted(self._table())
+
+    def get_command(self, ctx, name):
+        target = self._table().get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MmkitError as err:
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(2)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+        except Exception as err:  # noqa: BLE001 - the CLI's last line of defence; MMKIT_DEBUG=1 shows the trace
+            if os.environ.get("MMKIT_DEBUG"):
+                raise
+            first = str(err).splitlines()[0] if str(err) else ""
+            click.echo(f"internal error: {type(err).__name__}: {first} (set MMKIT_DEBUG=1 for a traceback)", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=MmkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mmkit-vlm", prog_name="mmkit")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress and backend choices.")
+def main(verbose: bool) -> None:
+    """mmkit: faster and more truthful LLaVA-class vision-language models."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -1,0 +1,16 @@
+"""Options shared by several commands."""
+
+import click
+
+DEFAULT_MODEL = "reference"
+
+model_option = click.option(
+    "--model", "model", default=DEFAULT_MODEL, show_default=True,
+    help="Built-in name (reference, tiny-random), local directory, or hub id of a LLaVA / LLaVA-NeXT checkpoint.",
+)
+method_option = click.option(
+    "--method", "methods", multiple=True, metavar="SPEC",
+    help="Method to apply, e.g. fastv:layer=2,keep=0.25 (repeatable; see `mmkit methods`).",
+)
+device_option = click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available).")
+dtype_option = click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: the checkpoint's).")

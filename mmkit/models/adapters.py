@@ -1,0 +1,106 @@
+"""Architecture adapters: where an LVLM keeps its decoder layers, image token and vision settings.
+
+Image spans are always found from `input_ids == image_token_id`, never from fixed positions, so left padding,
+different prompt lengths and several images per prompt all work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmkit.errors import UnsupportedModelError
+
+SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+
+
+@dataclass
+class LlavaAdapter:
+    """Adapter for `LlavaForConditionalGeneration` and `LlavaNextForConditionalGeneration` (same module layout)."""
+
+    model: torch.nn.Module
+
+    @property
+    def architecture(self) -> str:
+        return type(self.model).__name__
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config.hidden_size)
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.text_config.intermediate_size)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(getattr(self.text_config, "num_key_value_heads", None) or self.text_config.num_attention_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(
+            getattr(self.text_config, "head_dim", None)
+            or self.text_config.hidden_size // self.text_config.num_attention_heads
+        )
+
+    @property
+    def vision_feature_layer(self):
+        return self.model.config.vision_feature_layer
+
+    @property
+    def vision_feature_select_strategy(self) -> str:
+        return self.model.config.vision_feature_select_strategy
+
+    def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Bool (B, L): True where a position holds an image token."""
+        return input_ids == self.image_token_id
+
+    def image_spans(self, input_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """Per row, the [start, end) runs of consecutive image tokens."""
+        spans: list[list[tuple[int, int]]] = []
+        mask = self.image_mask(input_ids).to(torch.int8)
+        edges = torch.diff(mask, dim=1, prepend=mask.new_zeros(mask.shape[0], 1), append=mask.new_zeros(mask.shape[0], 1))
+        for row in edges:
+            starts = (row == 1).nonzero().flatten().tolist()
+            ends = (row == -1).nonzero().flatten().tolist()
+            spans.append(list(zip(starts, ends)))
+        return spans
+
+
+def adapter_for(model: torch.nn.Module) -> LlavaAdapter:
+    """The adapter for a loaded model, or a clear error naming the supported architectures."""
+    name = type(model).__name__
+    if name not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{name} is not supported; mmkit supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return LlavaAdapter(model)

@@ -1,0 +1,89 @@
+"""Per-call forward context: what the current prefill looks like and what methods did to it.
+
+The session installs two hooks on the top-level model (removed with the session's `close()`): before a call they
+record the image-token mask of a new prefill, after it the prefill time. Methods read the image mask from here
+instead of assuming fixed image positions, and report how many visual tokens each decoder layer kept.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class ForwardContext:
+    num_layers: int
+    image_token_id: int
+    prefill: bool = False
+    image_mask: torch.Tensor | None = None          # (B, n) bool, positions of image tokens in the prefill
+    attention_mask: torch.Tensor | None = None      # (B, n) 2-D padding mask of the prefill, if any
+    prefill_ms: float | None = None
+    # Per decoder layer: visual tokens and all tokens each row carried through that layer in the last prefill.
+    visual_per_layer: list[torch.Tensor] = field(default_factory=list)
+    tokens_per_layer: list[torch.Tensor] = field(default_factory=list)
+    _on_prefill: dict[int, Callable[["ForwardContext"], None]] = field(default_factory=dict)
+    _t0: float = 0.0
+
+    @property
+    def prefill_len(self) -> int:
+        return 0 if self.image_mask is None else int(self.image_mask.shape[1])
+
+    def on_prefill(self, key: int, callback: Callable[["ForwardContext"], None]) -> None:
+        """Run `callback(ctx)` at the start of every prefill (methods reset their per-call state there)."""
+        self._on_prefill[key] = callback
+
+    def drop_callback(self, key: int) -> None:
+        self._on_prefill.pop(key, None)
+
+    def record_layer(self, layer_idx: int, visual: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.visual_per_layer[layer_idx] = visual
+        self.tokens_per_layer[layer_idx] = tokens
+
+    def start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        self.prefill = True
+        self.image_mask = input_ids == self.image_token_id
+        self.attention_mask = attention_mask
+        batch, n = input_ids.shape
+        real = attention_mask.sum(1) if attention_mask is not None else torch.full((batch,), n, device=input_ids.device)
+        visual = self.image_mask.sum(1)
+        self.visual_per_layer = [visual] * self.num_layers
+        self.tokens_per_layer = [real] * self.num_layers
+        for callback in list(self._on_prefill.values()):
+            callback(self)
+
+
+def _sync(tensor_or_module) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def install_context_hooks(model: torch.nn.Module, ctx: ForwardContext):
+    """Hooks on the top-level model that keep `ctx` current. Returns the two hook handles."""
+
+    def pre_hook(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        is_prefill = cache is None or cache.get_seq_length() == 0
+        if is_prefill and input_ids is not None:
+            ctx.start_prefill(input_ids, kwargs.get("attention_mask"))
+            _sync(module)
+            ctx._t0 = time.perf_counter()
+        else:
+            ctx.prefill = False
+        return None
+
+    def post_hook(module, args, kwargs, output):
+        if ctx.prefill:
+            _sync(module)
+            ctx.prefill_ms = (time.perf_counter() - ctx._t0) * 1000.0
+            ctx.prefill = False
+        return None
+
+    return (
+        model.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        model.register_forward_hook(post_hook, with_kwargs=True),
+    )

@@ -1,0 +1,213 @@
+"""Drop tokens from the decoder at chosen layers, with forward pre-hooks (no module swaps, no copied forward).
+
+A `TokenDropper` holds a schedule {layer index: selector}. At a scheduled layer, during prefill, the selector
+returns which of the current tokens survive; the hidden states are gathered and the map from current to original
+positions is updated. Every hooked layer then slices what the decoder passes it for the full sequence (rotary
+cos/sin, the 4-D mask, position ids) with that map, so kept tokens keep their original positions (as FastV
+specifies) and their original causal/padding structure.
+
+KV cache: layers from the first drop on only ever see (and cache) the kept tokens. During decoding the mask the
+decoder builds spans the full original length (layer 0's cache); its key axis is re-indexed to the kept prefill
+positions followed by the decoded ones, so the cache stays consistent token for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from mmkit.patching.context import ForwardContext
+
+
+@dataclass
+class Selection:
+    """Indices (B, m) into the current sequence; `valid` (B, m) is False on padded slots when rows keep different
+    numbers of tokens (None when every slot is real). Padded slots come first in a row, then the kept tokens in
+    their original order."""
+
+    keep: torch.Tensor
+    valid: torch.Tensor | None = None
+
+
+# selector(layer_idx, hidden_states (B, n_cur, d), image_mask (B, n_cur) bool, valid (B, n_cur) or None) -> Selection
+Selector = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], Selection]
+
+
+def keep_top_visual(scores: torch.Tensor, image_mask: torch.Tensor, keep_counts: torch.Tensor,
+                    valid: torch.Tensor | None = None) -> Selection:
+    """Keep every non-image token and the `keep_counts[b]` highest-scoring image tokens of each row.
+
+    Ties are broken towards the earlier position (stable sort), so selection is deterministic.
+    """
+    batch, n = scores.shape
+    is_image = image_mask if valid is None else image_mask & valid
+    other = ~image_mask if valid is None else (~image_mask) & valid
+    rank_key = torch.where(is_image, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
+    rank_key = torch.where(other, torch.full_like(rank_key, float("inf")), rank_key)
+    order = torch.sort(rank_key, dim=1, descending=True, stable=True).indices
+    per_row = other.sum(1) + torch.minimum(keep_counts, is_image.sum(1))
+    m = int(per_row.max())  # one host read per prefill: the kept length sets tensor shapes
+    chosen = order[:, :m]
+    slot_ok = torch.arange(m, device=scores.device)[None, :] < per_row[:, None]
+    # Padded slots point at dropped positions. Put them first, like left padding: kept tokens stay in order and
+    # the last position is still each row's last real token, whose logits generation reads.
+    sort_key = torch.where(slot_ok, chosen, chosen - n)
+    perm = torch.sort(sort_key, dim=1).indices
+    keep = chosen.gather(1, perm)
+    slot_ok = slot_ok.gather(1, perm)
+    return Selection(keep=keep, valid=None if bool(slot_ok.all()) else slot_ok)
+
+
+class TokenDropper:
+    """Pre-hooks on decoder layers that drop tokens per a schedule; `remove()` detaches everything."""
+
+    def __init__(self, ctx: ForwardContext, layers: torch.nn.ModuleList, schedule: dict[int, Selector]):
+        if not schedule:
+            raise ValueError("a TokenDropper needs at least one drop layer")
+        if min(schedule) < 1 or max(schedule) >= len(layers):
+            # Layer 0 must stay whole: the decoder sizes its masks from layer 0's cache.
+            raise ValueError(f"drop layers must be in [1, {len(layers) - 1}], got {sorted(schedule)}")
+        self.ctx = ctx
+        self.schedule = dict(schedule)
+        self.first = min(schedule)
+        self.index: torch.Tensor | None = None  # (B, m) current -> original positions
+        self.valid: torch.Tensor | None = None
+        self.prefill_len = 0
+        self._handles = [
+            layers[i].register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
+            for i in range(self.first, len(layers))
+        ]
+        ctx.on_prefill(id(self), self._reset)
+
+    def _reset(self, ctx: ForwardContext) -> None:
+        self.index = None
+        self.valid = None
+        self.prefill_len = ctx.prefill_len
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.ctx.drop_callback(id(self))
+
+    # -- hooks -------------------------------------------------------------------------------------------------
+    def _make_hook(self, layer_idx: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if self.ctx.prefill:
+                hidden = self._prefill_drop(layer_idx, hidden)
+                kwargs = self._slice_prefill_kwargs(kwargs)
+                self._record(layer_idx)
+            elif self.index is not None:
+                kwargs = self._slice_decode_kwargs(kwargs, hidden.shape[1])
+            if args:
+                args = (hidden,) + tuple(args[1:])
+            else:
+                kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return hook
+
+    def _current_image_mask(self, batch: int, n: int, device) -> torch.Tensor:
+        mask = self.ctx.image_mask.to(device)
+        if self.index is not None:
+            mask = mask.gather(1, self.index)
+        return mask
+
+    def _prefill_drop(self, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
+        selector = self.schedule.get(layer_idx)
+        if selector is None:
+            return hidden
+        batch, n, _ = hidden.shape
+        image_mask = self._current_image_mask(batch, n, hidden.device)
+        sel = selector(layer_idx, hidden, image_mask, self.valid)
+        base = self.index if self.index is not None else torch.arange(n, device=hidden.device).expand(batch, n)
+        self.index = base.gather(1, sel.keep)
+        if self.valid is not None:
+            kept_valid = self.valid.gather(1, sel.keep)
+            self.valid = kept_valid if sel.valid is None else kept_valid & sel.valid
+        else:
+            self.valid = sel.valid
+        return hidden.gather(1, sel.keep[..., None].expand(batch, sel.keep.shape[1], hidden.shape[2]))
+
+    def _record(self, layer_idx: int) -> None:
+        if self.index is None:
+            return
+        visual = self.ctx.image_mask.to(self.index.device).gather(1, self.index)
+        tokens = torch.ones_like(visual)
+        if self.ctx.attention_mask is not None:
+            tokens = self.ctx.attention_mask.to(self.index.device).gather(1, self.index).bool()
+        if self.valid is not None:
+            visual = visual & self.valid
+            tokens = tokens & self.valid
+        self.ctx.record_layer(layer_idx, visual.sum(1), tokens.sum(1))
+
+    def _slice_prefill_kwargs(self, kwargs: dict) -> dict:
+        if self.index is None:
+            return kwargs
+        kwargs = dict(kwargs)
+        idx = self.index
+        batch, m = idx.shape
+        cos, sin = kwargs["position_embeddings"]
+        kwargs["position_embeddings"] = (_take(cos, idx, 1), _take(sin, idx, 1))
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = _take(kwargs["position_ids"], idx, 1)
+        mask = kwargs.get("attention_mask")
+        if mask is None and self.valid is None:
+            return kwargs  # causal, no padding: the kept tokens are still in order, SDPA's is_causal holds
+        if mask is None:
+            mask = idx[:, None, :, None] >= idx[:, None, None, :]
+        else:
+            mask = _take(_take(mask, idx, 2), idx, 3)
+        mask = _apply_key_valid(mask, self.valid)
+        if self.valid is not None:
+            # A padded slot may see no valid key; let it see itself so its row never softmaxes to NaN (a NaN value
+            # would poison real rows even at zero weight).
+            eye = torch.eye(m, dtype=torch.bool, device=idx.device)[None, None] & ~self.valid[:, None, :, None]
+            mask = mask | eye if mask.dtype == torch.bool else mask.masked_fill(eye, 0.0)
+        kwargs["attention_mask"] = mask
+        return kwargs
+
+    def _slice_decode_kwargs(self, kwargs: dict, q_len: int) -> dict:
+        mask = kwargs.get("attention_mask")
+        if mask is None and self.valid is None:
+            return kwargs
+        kwargs = dict(kwargs)
+        idx = self.index
+        batch = idx.shape[0]
+        if mask is None:
+            # Layer 0 is never pruned and has already cached this step: its length is the full original length.
+            kv_full = kwargs["past_key_values"].get_seq_length(0)
+            mask = torch.ones(batch, 1, q_len, kv_full, dtype=torch.bool, device=idx.device)
+        kv_full = mask.shape[-1]
+        tail = torch.arange(self.prefill_len, kv_full, device=idx.device).expand(batch, -1)
+        key_index = torch.cat([idx, tail], dim=1)
+        mask = _take(mask, key_index, 3)
+        if self.valid is not None:
+            valid = torch.cat([self.valid, torch.ones_like(tail, dtype=torch.bool)], dim=1)
+            mask = _apply_key_valid(mask, valid)
+        kwargs["attention_mask"] = mask
+        return kwargs
+
+
+def _take(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """x.gather(dim, index) where index is (B, m) over axis `dim`; size-1 batch or head axes broadcast."""
+    batch, m = index.shape
+    if x.shape[0] == 1 and batch > 1:
+        x = x.expand(batch, *x.shape[1:])
+    view = [batch] + [1] * (x.dim() - 1)
+    view[dim] = m
+    expand = list(x.shape)
+    expand[dim] = m
+    return x.gather(dim, index.view(view).expand(expand))
+
+
+def _apply_key_valid(mask: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    if valid is None:
+        return mask
+    key_ok = valid[:, None, None, :]
+    if mask.dtype == torch.bool:
+        return mask & key_ok
+    return mask.masked_fill(~key_ok, torch.finfo(mask.dtype).min)

@@ -1,0 +1,91 @@
+"""FastV (Chen et al., ECCV 2024): after the first K decoder layers, keep only the image tokens that the last
+query attended to most at layer K-1 (mean over heads); all later layers, and the KV cache they fill, see only
+the kept tokens. Positions keep their original values.
+
+The layer K-1 attention row is computed exactly from that layer's q and k (full softmax over all keys) while the
+layer itself runs SDPA: no `output_attentions`, no N x N matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from mmkit.patching.token_drop import TokenDropper, keep_top_visual
+from mmkit.registry import register_method
+
+
+@dataclass
+class FastVConfig:
+    """FastV: drop low-attention image tokens after layer K, ranked by the last token's attention."""
+
+    layer: int = field(default=2, metadata={"help": "K: layers [0, K) see every token, layers >= K the kept ones"})
+    keep: float = field(default=0.5, metadata={"help": "fraction of each image's tokens kept (1 - R in the paper)"})
+
+    def __post_init__(self):
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise ValueError(f"layer must be an integer >= 1, got {self.layer!r}")
+        if not isinstance(self.keep, (int, float)) or not 0.0 < float(self.keep) <= 1.0:
+            raise ValueError(f"keep must be in (0, 1], got {self.keep!r}")
+        self.keep = float(self.keep)
+
+
+def last_query_mass(query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float) -> torch.Tensor:
+    """Attention mass (B, Lk) that the last query row gives each key, averaged over heads (exact softmax)."""
+    from mmkit.kernels import subset_attention_mass
+
+    key_mask = None
+    if attention_mask is not None:
+        row = attention_mask[:, :, -1:, :]  # (B, 1, 1, Lk)
+        key_mask = row[:, 0] if row.dtype == torch.bool else row[:, 0] > torch.finfo(row.dtype).min / 2
+    return subset_attention_mass(query[:, :, -1:, :], key, scaling=scaling, key_mask=key_mask, reduce="mean")
+
+
+class FastVHandle:
+    def __init__(self, session, config: FastVConfig):
+        self.config = config
+        adapter = session.adapter
+        if config.layer >= adapter.num_layers:
+            raise ValueError(
+                f"fastv layer={config.layer} is past the last decoder layer; this model has {adapter.num_layers}"
+            )
+        self.scores: torch.Tensor | None = None
+        self._attention = session.text_attention
+        self._attention.acquire()
+        from mmkit.patching.attention import observe_attention
+
+        scoring_layer = adapter.decoder_layers[config.layer - 1].self_attn
+        self._observer = observe_attention(scoring_layer, self._observe)
+        self._ctx = session.context
+        self._dropper = TokenDropper(session.context, adapter.decoder_layers, {config.layer: self._select})
+
+    def _observe(self, module, query, key, attention_mask, scaling):
+        if self._ctx.prefill:
+            self.scores = last_query_mass(query, key, attention_mask, scaling)
+
+    def _select(self, layer_idx, hidden, image_mask, valid):
+        if self.scores is None:
+            raise RuntimeError("fastv: no attention scores were recorded before the drop layer")
+        n_image = image_mask.sum(1)
+        keep_counts = torch.ceil(n_image.float() * self.config.keep).long()
+        selection = keep_top_visual(self.scores, image_mask, keep_counts, valid)
+        self.scores = None
+        return selection
+
+    def remove(self) -> None:
+        self._dropper.remove()
+        self._observer.remove()
+        self._attention.release()
+
+
+def apply_fastv(session, config: FastVConfig) -> FastVHandle:
+    return FastVHandle(session, config)
+
+
+register_method(
+    "fastv", FastVConfig, apply_fastv, kind="pruning",
+    description="Drop image tokens after layer K by the last token's attention at layer K-1 (ECCV'24).",
+    slots=("llm_token_drop",),
+)

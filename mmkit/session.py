@@ -1,0 +1,299 @@
+"""`Session`: one loaded LVLM plus the methods applied to it, with batched generation and answer scoring."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from mmkit.errors import MmkitError
+from mmkit.images import load_image
+from mmkit.models.adapters import adapter_for
+from mmkit.patching.attention import TextAttentionSwitch
+from mmkit.patching.context import ForwardContext, install_context_hooks
+from mmkit.registry import MethodInfo, config_to_spec, get_method, method_for_config, parse_spec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleStats:
+    """Per-sample efficiency record of one call."""
+
+    visual_tokens: int                   # image tokens in the prompt
+    visual_tokens_kept: list[int]        # image tokens each decoder layer processed
+    tokens_per_layer: list[int]          # all (non-padding) tokens each decoder layer processed
+    prefill_ms: float                    # wall time of the batch's prefill forward
+    new_tokens: int = 0
+
+    @property
+    def mean_visual_tokens_kept(self) -> float:
+        return sum(self.visual_tokens_kept) / max(len(self.visual_tokens_kept), 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "visual_tokens": self.visual_tokens,
+            "visual_tokens_kept": self.visual_tokens_kept,
+            "visual_tokens_kept_mean": self.mean_visual_tokens_kept,
+            "tokens_per_layer": self.tokens_per_layer,
+            "prefill_ms": self.prefill_ms,
+            "new_tokens": self.new_tokens,
+        }
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    stats: SampleStats
+
+
+@dataclass
+class ScoreResult:
+    """Log-probabilities of fixed answers: `logprobs[i][j]` for prompt i and choice j."""
+
+    choices: list[str]
+    logprobs: list[list[float]]
+    stats: list[SampleStats]
+
+    def best(self) -> list[str]:
+        return [self.choices[max(range(len(row)), key=row.__getitem__)] for row in self.logprobs]
+
+
+@dataclass
+class MethodHandle:
+    """What `Session.apply` returns; `remove()` detaches the method and restores the model exactly."""
+
+    session: "Session"
+    info: MethodInfo
+    config: Any
+    impl: Any
+    _removed: bool = field(default=False, repr=False)
+
+    @property
+    def spec(self) -> str:
+        return config_to_spec(self.config)
+
+    def remove(self) -> None:
+        if self._removed:
+            return
+        self.impl.remove()
+        self._removed = True
+        self.session._handles.remove(self)
+
+
+class Session:
+    """A loaded LLaVA-family model, its processor, and the active methods."""
+
+    def __init__(self, model, processor, source: str = ""):
+        self.model = model
+        self.processor = processor
+        self.source = source
+        self.adapter = adapter_for(model)
+        self.context = ForwardContext(num_layers=self.adapter.num_layers, image_token_id=self.adapter.image_token_id)
+        self.text_attention = TextAttentionSwitch(model, self.adapter.language_model)
+        self._hooks = install_context_hooks(model, self.context)
+        self._handles: list[MethodHandle] = []
+
+    # -- methods ---------------------------------------------------------------------------------------------
+    @property
+    def methods(self) -> list[MethodHandle]:
+        return list(self._handles)
+
+    def apply(self, spec) -> MethodHandle:
+        """Apply a method given as a spec string (`"fastv:layer=2,keep=0.25"`) or a config object."""
+        config = parse_spec(spec) if isinstance(spec, str) else spec
+        info = method_for_config(config)
+        for active in self._handles:
+            shared = info.slots & active.info.slots
+            if shared:
+                raise MmkitError(
+                    f"cannot combine {info.name} with {active.info.name}: both use "
+                    f"{', '.join(sorted(shared))}; remove one first"
+                )
+        try:
+            impl = info.apply_fn(self, config)
+        except (ValueError, TypeError) as err:
+            if isinstance(err, MmkitError):
+                raise
+            raise MmkitError(str(err)) from None
+        handle = MethodHandle(self, info, config, impl)
+        self._handles.append(handle)
+        return handle
+
+    def remove_all(self) -> None:
+        for handle in reversed(list(self._handles)):
+            handle.remove()
+
+    def close(self) -> None:
+        """Remove every method and the session's own hooks: the model is as it was loaded."""
+        self.remove_all()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = ()
+
+    # -- inputs ----------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def chat_prompt(self, prompt: str) -> str:
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    def prepare(self, images: Sequence, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Batch inputs: one image and one prompt per row, chat template applied, left padded."""
+        images, prompts = _as_lists(images, prompts)
+        pil_images = [load_image(img) for img in images]
+        texts = [self.chat_prompt(p) for p in prompts]
+        tokenizer = self.processor.tokenizer
+        tokenizer.padding_side = "left"
+        inputs = self.processor(images=pil_images, text=texts, padding=True, return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return dict(inputs)
+
+    def _stats(self, batch: int, new_tokens: list[int] | None = None) -> list[SampleStats]:
+        ctx = self.context
+        visual = ctx.image_mask.sum(1).tolist()
+        kept = torch.stack([v.to("cpu") for v in ctx.visual_per_layer], 1).tolist()
+        tokens = torch.stack([t.to("cpu") for t in ctx.tokens_per_layer], 1).tolist()
+        return [
+            SampleStats(
+                visual_tokens=int(visual[i]), visual_tokens_kept=[int(x) for x in kept[i]],
+                tokens_per_layer=[int(x) for x in tokens[i]], prefill_ms=float(ctx.prefill_ms or 0.0),
+                new_tokens=new_tokens[i] if new_tokens else 0,
+            )
+            for i in range(batch)
+        ]
+
+    # -- calls -----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, images, prompts, max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> list[GenerationResult]:
+        """Generate an answer per (image, prompt) row. Sampling is reproducible given `seed`."""
+        if max_new_tokens < 1:
+            raise MmkitError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        inputs = self.prepare(images, prompts)
+        gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+        if do_sample:
+            gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        tokenizer = self.processor.tokenizer
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            output = self.model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
+        prompt_len = inputs["input_ids"].shape[1]
+        new = output[:, prompt_len:]
+        eos = tokenizer.eos_token_id
+        lengths = []
+        for row in new.tolist():
+            n = len(row)
+            for j, tok in enumerate(row):
+                if tok == eos or tok == tokenizer.pad_token_id:
+                    n = j
+                    break
+            lengths.append(n)
+        texts = [tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(new.tolist(), lengths)]
+        stats = self._stats(len(texts), lengths)
+        return [GenerationResult(text, s) for text, s in zip(texts, stats)]
+
+    def choice_token_ids(self, choices: Sequence[str]) -> list[int]:
+        """The token each answer starts with right after the assistant prompt; the tokens must differ.
+
+        Tries the answer after a space (word-piece and word-level vocabularies) and then without it (byte-level
+        vocabularies, where the space is its own token).
+        """
+        tokenizer = self.processor.tokenizer
+        prompt = self.chat_prompt("")
+        base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for joiner in (" ", ""):
+            ids = []
+            for choice in choices:
+                full = tokenizer(prompt + joiner + choice, add_special_tokens=False)["input_ids"]
+                i = 0
+                while i < min(len(base), len(full)) and base[i] == full[i]:
+                    i += 1
+                ids.append(full[i] if i < len(full) else None)
+            if None not in ids and len(set(ids)) == len(ids):
+                return ids
+        raise MmkitError(f"answers {list(choices)} do not start with distinct tokens; use answers that differ at once")
+
+    @torch.inference_mode()
+    def answer_logprobs(self, images, prompts, choices: Sequence[str] = ("yes", "no")) -> ScoreResult:
+        """Score fixed answers (e.g. yes/no) in one forward pass: log-probability of each answer's first token."""
+        choices = list(choices)
+        if len(choices) < 2:
+            raise MmkitError("answer_logprobs needs at least two choices")
+        token_ids = self.choice_token_ids(choices)
+        inputs = self.prepare(images, prompts)
+        out = self.model(**inputs, logits_to_keep=1, use_cache=False)
+        logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)[:, token_ids]
+        return ScoreResult(choices, logprobs.tolist(), self._stats(logprobs.shape[0]))
+
+    # -- persistence -----------------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        cfg = self.model.config
+        layer = self.adapter.vision_feature_layer
+        image_size = getattr(cfg.vision_config, "image_size", None)
+        patch = getattr(cfg.vision_config, "patch_size", None)
+        return {
+            "source": self.source,
+            "architecture": self.adapter.architecture,
+            "image_token_id": self.adapter.image_token_id,
+            "image_token": getattr(self.processor, "image_token", "<image>"),
+            "visual_tokens": _visual_tokens(cfg, image_size, patch),
+            "image_size": image_size,
+            "patch_size": patch,
+            "vision_feature_layer": layer,
+            "vision_feature_select_strategy": self.adapter.vision_feature_select_strategy,
+            "decoder_layers": self.adapter.num_layers,
+            "hidden_size": self.adapter.hidden_size,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "prompt_layout": self.chat_prompt("{prompt}"),
+            "methods": [h.spec for h in self._handles],
+        }
+
+
+def _visual_tokens(cfg, image_size, patch):
+    if not image_size or not patch:
+        return None
+    if type(cfg).__name__ == "LlavaNextConfig":
+        return "varies with image size (anyres tiling)"
+    n = (image_size // patch) ** 2
+    return n if cfg.vision_feature_select_strategy == "default" else n + 1
+
+
+def _as_lists(images, prompts):
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    prompts = list(prompts)
+    images = list(images)
+    if len(images) == 1 and len(prompts) > 1:
+        images = images * len(prompts)
+    if len(images) != len(prompts):
+        raise MmkitError(f"got {len(images)} images for {len(prompts)} prompts; pass one image per prompt")
+    if not prompts:
+        raise MmkitError("no prompts given")
+    return images, prompts
+
+
+def load(model: str, methods: Sequence | None = None, device=None, dtype=None) -> Session:
+    """Load a LLaVA-family model (hub id, local directory, or built-in `tiny-random` / `reference`) and apply
+    `methods` (spec strings or config objects) in order."""
+    from mmkit.models.loading import load_model_and_processor
+
+    hf_model, processor, source = load_model_and_processor(model, device=device, dtype=dtype)
+    session = Session(hf_model, processor, source)
+    for spec in methods or ():
+        session.apply(spec)
+    return session
