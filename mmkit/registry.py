@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,17 @@ KINDS = ("pruning", "hallucination", "grounding")
 # Modules that register built-in methods when imported. Imported on first registry lookup, not at `import mmkit`.
 BUILTIN_METHOD_MODULES = (
     "mmkit.pruning.fastv",
+    "mmkit.pruning.pyramiddrop",
+    "mmkit.pruning.sparsevlm",
+    "mmkit.pruning.visionzip",
+    "mmkit.pruning.vflowopt",
+    "mmkit.pruning.dyvte",
+    "mmkit.pruning.visor",
+    "mmkit.hallucination.vcd",
+    "mmkit.hallucination.agla",
+    "mmkit.hallucination.paint",
+    "mmkit.hallucination.var",
+    "mmkit.hallucination.vhr",
 )
 
 
@@ -68,7 +80,9 @@ def _load_builtins() -> None:
     if not _builtins_loaded:
         _builtins_loaded = True
         for module in BUILTIN_METHOD_MODULES:
-            importlib.import_module(module)
+            # A listed module that is not part of this install is skipped; one that exists must import cleanly.
+            if importlib.util.find_spec(module) is not None:
+                importlib.import_module(module)
 
 
 def list_methods() -> list[MethodInfo]:

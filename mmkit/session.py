@@ -185,12 +185,15 @@ class Session:
         if do_sample:
             gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
         tokenizer = self.processor.tokenizer
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            if seed is not None:
-                torch.manual_seed(seed)
-            output = self.model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
-        prompt_len = inputs["input_ids"].shape[1]
-        new = output[:, prompt_len:]
+        brancher = self._brancher()
+        if brancher is not None:
+            new = self._branched_generate(brancher, inputs, max_new_tokens, do_sample, temperature, top_p, seed)
+        else:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                output = self.model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
+            new = output[:, inputs["input_ids"].shape[1]:]
         eos = tokenizer.eos_token_id
         lengths = []
         for row in new.tolist():
@@ -233,9 +236,57 @@ class Session:
             raise MmkitError("answer_logprobs needs at least two choices")
         token_ids = self.choice_token_ids(choices)
         inputs = self.prepare(images, prompts)
-        out = self.model(**inputs, logits_to_keep=1, use_cache=False)
-        logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)[:, token_ids]
+        brancher = self._brancher()
+        if brancher is not None:
+            out = self.model(**brancher.expand_inputs(self, inputs), logits_to_keep=1, use_cache=False)
+            logits = brancher.combine_logits(out.logits[:, -1, :].float())
+        else:
+            logits = self.model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
+        logprobs = torch.log_softmax(logits, dim=-1)[:, token_ids]
         return ScoreResult(choices, logprobs.tolist(), self._stats(logprobs.shape[0]))
+
+    # -- multi-branch decoding (contrastive / view-ensemble methods) -------------------------------------------
+    def _brancher(self):
+        """The active method that decodes over several input branches (VCD, AGLA, ...), if any.
+
+        Protocol: `expand_inputs(session, inputs) -> inputs` returns k * B rows, branch-major (rows [j*B, (j+1)*B)
+        are branch j; branch 0 is the original input); `combine_logits(logits (k*B, V)) -> (B, V)` merges the
+        branches' next-token logits. All branches then receive the chosen token, so they run as one batch and
+        the weights are read once per step.
+        """
+        branchers = [h.impl for h in self._handles if hasattr(h.impl, "combine_logits")]
+        return branchers[0] if branchers else None
+
+    def _branched_generate(self, brancher, inputs, max_new_tokens, do_sample, temperature, top_p, seed):
+        tokenizer = self.processor.tokenizer
+        expanded = brancher.expand_inputs(self, inputs)
+        batch = inputs["input_ids"].shape[0]
+        k = expanded["input_ids"].shape[0] // batch
+        generator = None
+        if do_sample:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(0 if seed is None else seed)
+        attention_mask = expanded["attention_mask"]
+        out = self.model(**expanded, use_cache=True, logits_to_keep=1)
+        tokens = []
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        for _ in range(max_new_tokens):
+            logits = brancher.combine_logits(out.logits[:, -1, :].float())
+            if do_sample:
+                probs = _top_p_probs(logits / max(temperature, 1e-5), top_p)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                nxt = logits.argmax(-1)
+            nxt = torch.where(finished, torch.full_like(nxt, tokenizer.pad_token_id), nxt)
+            tokens.append(nxt)
+            finished |= nxt == tokenizer.eos_token_id
+            if bool(finished.all()):
+                break
+            step_ids = nxt.repeat(k)[:, None]
+            attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=1)
+            out = self.model(input_ids=step_ids, attention_mask=attention_mask, past_key_values=out.past_key_values,
+                             use_cache=True, logits_to_keep=1)
+        return torch.stack(tokens, dim=1)
 
     # -- persistence -----------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -260,6 +311,17 @@ class Session:
             "prompt_layout": self.chat_prompt("{prompt}"),
             "methods": [h.spec for h in self._handles],
         }
+
+
+def _top_p_probs(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Softmax restricted to the smallest set of tokens whose mass reaches `top_p` (nucleus sampling)."""
+    probs = torch.softmax(logits, dim=-1)
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
 
 
 def _visual_tokens(cfg, image_size, patch):

@@ -18,6 +18,8 @@ ATTN_NAME = "mmkit"
 
 # module -> {handle id: observer(module, query, key, attention_mask, scaling)}
 _OBSERVERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, Callable]]" = weakref.WeakKeyDictionary()
+# module -> {handle id: replacement(module, query, key, value, attention_mask, **kwargs) -> (output, weights)}
+_OVERRIDES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, Callable]]" = weakref.WeakKeyDictionary()
 _next_id = 0
 _registered = False
 
@@ -32,6 +34,11 @@ def _mmkit_attention(module, query, key, value, attention_mask, **kwargs):
             scaling = query.shape[-1] ** -0.5
         for observer in list(observers.values()):
             observer(module, query, key, attention_mask, scaling)
+    overrides = _OVERRIDES.get(module)
+    if overrides:
+        # Only one replacement per module can run; `override_attention` refuses a second.
+        (replacement,) = overrides.values()
+        return replacement(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -50,16 +57,17 @@ def ensure_registered() -> None:
 
 
 class ObserverHandle:
-    def __init__(self, module: torch.nn.Module, key: int):
+    def __init__(self, module: torch.nn.Module, key: int, table=None):
         self._module = weakref.ref(module)
         self._key = key
+        self._table = _OBSERVERS if table is None else table
 
     def remove(self) -> None:
         module = self._module()
-        if module is not None and module in _OBSERVERS:
-            _OBSERVERS[module].pop(self._key, None)
-            if not _OBSERVERS[module]:
-                del _OBSERVERS[module]
+        if module is not None and module in self._table:
+            self._table[module].pop(self._key, None)
+            if not self._table[module]:
+                del self._table[module]
 
 
 def observe_attention(module: torch.nn.Module, observer: Callable) -> ObserverHandle:
@@ -72,6 +80,17 @@ def observe_attention(module: torch.nn.Module, observer: Callable) -> ObserverHa
     _next_id += 1
     _OBSERVERS.setdefault(module, {})[_next_id] = observer
     return ObserverHandle(module, _next_id)
+
+
+def override_attention(module: torch.nn.Module, replacement: Callable) -> ObserverHandle:
+    """Run `replacement(module, query, key, value, attention_mask, **kwargs) -> (output, weights)` instead of SDPA
+    for `module` (e.g. attention with modified scores). Output layout as SDPA's backend: (B, Lq, H, D)."""
+    global _next_id
+    if _OVERRIDES.get(module):
+        raise ValueError(f"attention of layer {getattr(module, 'layer_idx', '?')} is already replaced by another method")
+    _next_id += 1
+    _OVERRIDES.setdefault(module, {})[_next_id] = replacement
+    return ObserverHandle(module, _next_id, _OVERRIDES)
 
 
 class TextAttentionSwitch:

@@ -82,3 +82,32 @@ def test_load_errors():
         mmkit.load("./no/such/dir")
     with pytest.raises(MmkitError, match="unknown dtype"):
         mmkit.load("tiny-random", dtype="float7")
+
+
+class _TwinBranches:
+    """Two identical branches averaged: decoding must equal plain generation."""
+
+    def expand_inputs(self, session, inputs):
+        return {k: torch.cat([v, v]) for k, v in inputs.items()}
+
+    def combine_logits(self, logits):
+        half = logits.shape[0] // 2
+        return (logits[:half] + logits[half:]) / 2
+
+    def remove(self):
+        pass
+
+
+def test_branched_decoding_equals_plain_generation(session, images, prompts):
+    from mmkit.registry import get_method
+    from mmkit.session import MethodHandle
+
+    plain = [r.text for r in session.generate(images, prompts, max_new_tokens=6)]
+    plain_scores = torch.tensor(session.answer_logprobs(images, prompts).logprobs)
+    session._handles.append(MethodHandle(session, get_method("fastv"), None, _TwinBranches()))
+    branched = session.generate(images, prompts, max_new_tokens=6)
+    assert [r.text for r in branched] == plain
+    assert branched[0].stats.visual_tokens == 64
+    assert torch.allclose(torch.tensor(session.answer_logprobs(images, prompts).logprobs), plain_scores, atol=1e-5)
+    sampled = [r.text for r in session.generate(images, prompts, max_new_tokens=6, do_sample=True, seed=1)]
+    assert sampled == [r.text for r in session.generate(images, prompts, max_new_tokens=6, do_sample=True, seed=1)]
