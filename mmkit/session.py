@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -289,6 +290,12 @@ class Session:
         return torch.stack(tokens, dim=1)
 
     # -- persistence -----------------------------------------------------------------------------------------
+    def save_pretrained(self, out_dir, overwrite: bool = False):
+        """Export model, processor and methods (with learned/tuned state); `mmkit.load(out_dir)` reproduces it."""
+        from mmkit.export import save_session
+
+        return save_session(self, out_dir, overwrite=overwrite)
+
     def describe(self) -> dict[str, Any]:
         cfg = self.model.config
         layer = self.adapter.vision_feature_layer
@@ -354,8 +361,13 @@ def load(model: str, methods: Sequence | None = None, device=None, dtype=None) -
     `methods` (spec strings or config objects) in order."""
     from mmkit.models.loading import load_model_and_processor
 
+    from mmkit.export import apply_manifest, read_manifest
+
     hf_model, processor, source = load_model_and_processor(model, device=device, dtype=dtype)
     session = Session(hf_model, processor, source)
+    manifest = read_manifest(Path(model)) if isinstance(model, str) and Path(model).is_dir() else None
+    if manifest is not None:
+        apply_manifest(session, Path(model), manifest)
     for spec in methods or ():
         session.apply(spec)
     return session

@@ -13,14 +13,19 @@ from mmkit.errors import MmkitError
 
 # name -> "module:attribute"; imported only when that command runs, so `mmkit --help` stays fast.
 COMMANDS = {
+    "eval": "mmkit.cli.eval:eval_command",
+    "export": "mmkit.cli.export:export",
     "generate": "mmkit.cli.generate:generate",
+    "report": "mmkit.cli.report:report",
     "info": "mmkit.cli.info:info",
     "methods": "mmkit.cli.methods:methods",
 }
 OPTIONAL_COMMANDS = {
     "train-reference": "mmkit.cli.train_reference:train_reference",
-    "eval": "mmkit.cli.eval:eval_command",
-    "report": "mmkit.cli.report:report",
+    "tune": "mmkit.cli.tune:tune",
+    "train-gates": "mmkit.cli.train_gates:train_gates",
+    "ground": "mmkit.cli.ground:ground",
+    "bench": "mmkit.cli.bench:bench",
 }
 
 

@@ -1,0 +1,19 @@
+import click
+
+from mmkit.cli.options import device_option, dtype_option, method_option, model_option
+
+
+@click.command()
+@model_option
+@method_option
+@click.option("--out", "out", required=True, help="Directory to create (must not exist or be empty).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing directory.")
+@device_option
+@dtype_option
+def export(model, methods, out, overwrite, device, dtype):
+    """Write a model directory with its methods pre-configured; `mmkit.load(DIR)` reproduces it exactly."""
+    import mmkit
+
+    session = mmkit.load(model, methods=list(methods), device=device, dtype=dtype)
+    path = session.save_pretrained(out, overwrite=overwrite)
+    click.echo(f"wrote {path} ({', '.join(h.spec for h in session.methods) or 'no methods'})")

@@ -1,0 +1,71 @@
+"""Benchmarks on the reference world: which questions, how to ask them, how to score them.
+
+Bench data are generated on the fly from a world seed, so no files are needed and every run is reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from mmkit.errors import MmkitError
+
+POPE_SPLITS = ("random", "popular", "adversarial")
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    name: str
+    splits: tuple[str, ...]
+    default_split: str
+    default_limit: int
+    max_new_tokens: int
+    primary_metric: str
+
+
+BENCHES = {
+    "pope": BenchSpec("pope", POPE_SPLITS, "random", 300, 4, "f1"),
+    "vqa": BenchSpec("vqa", ("all", "color", "count", "spatial"), "all", 300, 6, "accuracy"),
+    "chair": BenchSpec("chair", ("all",), "all", 100, 64, "chair_s"),
+    "ground": BenchSpec("ground", ("all",), "all", 50, 48, "box_ap50"),
+}
+
+
+def bench_spec(name: str, split: str | None) -> tuple[BenchSpec, str]:
+    if name not in BENCHES:
+        raise MmkitError(f"unknown bench {name!r}; use one of {', '.join(BENCHES)}")
+    spec = BENCHES[name]
+    split = split or spec.default_split
+    if split not in spec.splits:
+        raise MmkitError(f"bench {name} has splits {', '.join(spec.splits)}; got {split!r}")
+    return spec, split
+
+
+def _question_source(bench: str, split: str) -> Callable:
+    from mmkit.world import questions as q
+
+    if bench == "pope":
+        return lambda seed, n, start: q.pope_questions(seed, n, split, start=start)
+    if bench == "vqa":
+        if split == "all":
+            return lambda seed, n, start: q.vqa_questions(seed, n, start=start)
+        return lambda seed, n, start: [x for x in q.vqa_questions(seed, n, start=start) if x.kind == split]
+    if bench == "chair":
+        return lambda seed, n, start: q.caption_questions(seed, n, start=start)
+    return lambda seed, n, start: q.ground_questions(seed, n, start=start)
+
+
+def select_questions(bench: str, split: str, world_seed: int, limit: int, chunk: int = 64) -> list:
+    """The first `limit` questions of the bench, scene by scene: the same list for the same arguments."""
+    if limit < 1:
+        raise MmkitError(f"--limit must be >= 1, got {limit}")
+    source = _question_source(bench, split)
+    out: list = []
+    start = 0
+    while len(out) < limit:
+        batch = source(world_seed, chunk, start)
+        out.extend(batch)
+        start += chunk
+        if start > 200 * limit + 10_000:  # a split with (almost) no questions would loop forever
+            raise MmkitError(f"the world yields too few {bench}/{split} questions for --limit {limit}")
+    return out[:limit]

@@ -1,0 +1,203 @@
+"""`run_eval`: evaluate a model (with methods) on a reference-world bench; resumable, atomic outputs.
+
+Layout of an output directory:
+    run.json        the settings, written first; a resume must match them
+    samples.jsonl   one record per question, appended per batch (fsynced); a killed run resumes from it
+    results.json    metrics + efficiency, written (atomically) when every sample is done
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from mmkit.errors import MmkitError
+from mmkit.evals.benches import bench_spec, select_questions
+
+logger = logging.getLogger(__name__)
+
+RESULT_VERSION = 1
+
+
+def _settings(model, bench, split, methods, limit, decoding, seed, world_seed, max_new_tokens) -> dict[str, Any]:
+    return {
+        "model": model, "bench": bench, "split": split, "methods": list(methods), "limit": limit,
+        "decoding": decoding, "seed": seed, "world_seed": world_seed, "max_new_tokens": max_new_tokens,
+    }
+
+
+def _check_resume(out: Path, settings: dict[str, Any]) -> None:
+    from mmkit.evals.io import atomic_write_json
+
+    manifest = out / "run.json"
+    if manifest.exists():
+        try:
+            previous = json.loads(manifest.read_text())
+        except json.JSONDecodeError:
+            raise MmkitError(f"{manifest} is not valid JSON; remove the directory or pick another --out") from None
+        if previous != settings:
+            diff = sorted(k for k in settings if previous.get(k) != settings[k])
+            raise MmkitError(
+                f"{out} holds a different run (differs in {', '.join(diff)}); use another --out to start a new one"
+            )
+    else:
+        atomic_write_json(manifest, settings)
+
+
+def _score(bench: str, question, text: str, scene) -> dict[str, Any]:
+    from mmkit.evals.metrics import parse_yes_no, vqa_metrics
+    from mmkit.world.vocab import mentioned_categories
+
+    if bench == "pope":
+        parsed = parse_yes_no(text)
+        return {"parsed": parsed, "correct": parsed == question.answer}
+    if bench == "vqa":
+        return {"correct": vqa_metrics([question.kind], [text], [question.answer])["accuracy"] == 1.0}
+    if bench == "chair":
+        mentions = list(dict.fromkeys(mentioned_categories(text)))
+        truth = sorted(scene.categories())
+        return {"mentions": mentions, "truth": truth, "hallucinated": [m for m in mentions if m not in truth]}
+    raise MmkitError(f"bench {bench!r} is not scored by text answers")
+
+
+def aggregate(bench: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bench metrics from per-sample records (order-independent)."""
+    from mmkit.evals.metrics import chair_metrics, pope_metrics, vqa_metrics
+
+    records = sorted(records, key=lambda r: r["qid"])
+    if bench == "pope":
+        return pope_metrics([r["parsed"] for r in records], [r["answer"] for r in records])
+    if bench == "vqa":
+        return vqa_metrics([r["kind"] for r in records], [r["text"] for r in records], [r["answer"] for r in records])
+    if bench == "chair":
+        return chair_metrics([r["mentions"] for r in records], [set(r["truth"]) for r in records],
+                             [len(r["text"].split()) for r in records])
+    raise MmkitError(f"no aggregation for bench {bench!r}")
+
+
+def efficiency(records: list[dict[str, Any]], hidden: int, intermediate: int, kv_heads: int, head_dim: int,
+               bytes_per_el: int) -> dict[str, Any]:
+    """Mean efficiency over samples: visual tokens in/kept, prefill TFLOPs from the tokens each layer kept,
+    amortised prefill time, and the largest KV cache a sample needed."""
+    from mmkit.evals.flops import kv_cache_bytes, prefill_tflops
+
+    n = max(len(records), 1)
+    tflops = [prefill_tflops(r["tokens_per_layer"], hidden, intermediate) for r in records]
+    kv = [kv_cache_bytes([t + r["new_tokens"] for t in r["tokens_per_layer"]], kv_heads, head_dim, bytes_per_el)
+          for r in records]
+    return {
+        "visual_tokens": sum(r["visual_tokens"] for r in records) / n,
+        "visual_tokens_kept": sum(sum(r["visual_tokens_kept"]) / len(r["visual_tokens_kept"]) for r in records) / n,
+        "tflops_prefill": sum(tflops) / n,
+        "prefill_ms": sum(r["prefill_ms_batch"] / r["batch_size"] for r in records) / n,
+        "peak_kv_bytes": int(max(kv) if kv else 0),
+        "new_tokens": sum(r["new_tokens"] for r in records) / n,
+    }
+
+
+def run_eval(model: str = "reference", bench: str = "pope", split: str | None = None, methods: Sequence = (),
+             limit: int | None = None, batch_size: int = 8, decoding: str = "greedy", seed: int = 0,
+             world_seed: int = 1, out: str | os.PathLike | None = None, max_new_tokens: int | None = None,
+             device=None, dtype=None, session=None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate and return the results dict (also written to `out/results.json` when `out` is given).
+
+    `world_seed` defaults to 1: the reference model was trained on world seed 0, so evaluation is held out.
+    """
+    import torch
+
+    from mmkit.evals.io import ResumableJsonl, atomic_write_json
+
+    spec, split = bench_spec(bench, split)
+    if bench == "ground":
+        raise MmkitError("the ground bench scores grounding masks; it needs the VL-SAM grounding pipeline")
+    if decoding not in ("greedy", "sample"):
+        raise MmkitError(f"--decoding must be greedy or sample, got {decoding!r}")
+    if batch_size < 1:
+        raise MmkitError(f"--batch-size must be >= 1, got {batch_size}")
+    limit = spec.default_limit if limit is None else limit
+    max_new_tokens = max_new_tokens or spec.max_new_tokens
+    if session is None:
+        import mmkit
+
+        session = mmkit.load(model, methods=list(methods), device=device, dtype=dtype)
+    method_specs = [h.spec for h in session.methods]
+    settings = _settings(session.source or model, bench, split, method_specs, limit, decoding, seed, world_seed,
+                         max_new_tokens)
+    questions = select_questions(bench, split, world_seed, limit)
+
+    store = None
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _check_resume(out, settings)
+        store = ResumableJsonl(out / "samples.jsonl")
+    done = set(store.done()) if store is not None else set()
+    records: list[dict[str, Any]] = [] if store is None else list(store.records())
+
+    from mmkit.world.scenes import generate_scene
+    from tqdm import tqdm
+
+    chunks = [questions[i:i + batch_size] for i in range(0, len(questions), batch_size)]
+    bar = tqdm(total=len(questions), initial=len(done), desc=f"{bench}/{split}", unit="q", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
+    for chunk_idx, chunk in enumerate(chunks):
+        todo = [q for q in chunk if q.qid not in done]
+        if not todo:
+            continue
+        # The whole chunk is re-run so that sampled answers depend only on (seed, chunk), not on where a killed
+        # run stopped; only records not already stored are kept.
+        scenes = [generate_scene(world_seed, q.scene_index) for q in chunk]
+        results = session.generate(
+            [s.image for s in scenes], [q.prompt for q in chunk], max_new_tokens=max_new_tokens,
+            do_sample=decoding == "sample", seed=seed * 1_000_003 + chunk_idx,
+        )
+        new_records = []
+        for q, scene, res in zip(chunk, scenes, results):
+            if q.qid in done:
+                continue
+            record = {
+                "qid": q.qid, "scene_index": q.scene_index, "kind": q.kind, "split": q.split, "prompt": q.prompt,
+                "answer": q.answer, "text": res.text, **_score(bench, q, res.text, scene),
+                "visual_tokens": res.stats.visual_tokens, "visual_tokens_kept": res.stats.visual_tokens_kept,
+                "tokens_per_layer": res.stats.tokens_per_layer, "new_tokens": res.stats.new_tokens,
+                "prefill_ms_batch": res.stats.prefill_ms, "batch_size": len(chunk),
+            }
+            new_records.append(record)
+        if store is not None:
+            store.append(new_records)
+        records.extend(new_records)
+        done.update(r["qid"] for r in new_records)
+        bar.update(len(new_records))
+    bar.close()
+
+    adapter = session.adapter
+    bytes_per_el = torch.finfo(session.dtype).bits // 8
+    result = {
+        "version": RESULT_VERSION,
+        **{k: settings[k] for k in ("model", "bench", "split", "methods", "decoding", "seed", "world_seed")},
+        "n": len(records),
+        "batch_size": batch_size,
+        "device": str(session.device),
+        "dtype": str(session.dtype).replace("torch.", ""),
+        "metrics": aggregate(bench, records),
+        "efficiency": efficiency(records, adapter.hidden_size, adapter.intermediate_size, adapter.num_kv_heads,
+                                 adapter.head_dim, bytes_per_el),
+    }
+    if out is not None:
+        atomic_write_json(out / "results.json", result)
+    return result
+
+
+def format_result_row(result: dict[str, Any]) -> str:
+    """A short human-readable summary of one run."""
+    label = ", ".join(result["methods"]) or "baseline"
+    metrics = "  ".join(f"{k}={v:.3f}" for k, v in result["metrics"].items() if isinstance(v, float) and not math.isnan(v))
+    eff = result["efficiency"]
+    return (f"{label} | {result['bench']}/{result['split']} n={result['n']} | {metrics} | visual "
+            f"{eff['visual_tokens']:.0f}->{eff['visual_tokens_kept']:.1f} | {eff['tflops_prefill']:.4f} TFLOPs | "
+            f"prefill {eff['prefill_ms']:.1f} ms/sample")

@@ -1,0 +1,55 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import mmkit
+from conftest import forward_logits
+from mmkit.cli import main
+from mmkit.errors import MmkitError
+
+
+def test_export_reload_reproduces_outputs(tmp_path, images, prompts):
+    session = mmkit.load("tiny-random", methods=["fastv:layer=2,keep=0.25"])
+    inputs = session.prepare(images, prompts)
+    expected = forward_logits(session, inputs)
+    texts = [r.text for r in session.generate(images, prompts, max_new_tokens=5)]
+    session.save_pretrained(tmp_path / "export")
+    manifest = json.loads((tmp_path / "export" / "mmkit_config.json").read_text())
+    assert manifest["methods"] == [{"method": "fastv", "config": {"layer": 2, "keep": 0.25}}]
+
+    reloaded = mmkit.load(str(tmp_path / "export"))
+    assert [h.spec for h in reloaded.methods] == ["fastv:keep=0.25"]
+    assert torch.equal(forward_logits(reloaded, reloaded.prepare(images, prompts)), expected)
+    assert [r.text for r in reloaded.generate(images, prompts, max_new_tokens=5)] == texts
+
+
+def test_export_refuses_non_empty_dir_and_leaves_no_partial(tmp_path):
+    target = tmp_path / "busy"
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    session = mmkit.load("tiny-random")
+    with pytest.raises(MmkitError, match="not empty"):
+        session.save_pretrained(target)
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_broken_export_gets_clear_error(tmp_path):
+    session = mmkit.load("tiny-random")
+    session.save_pretrained(tmp_path / "e")
+    (tmp_path / "e" / "mmkit_config.json").write_text("{not json")
+    with pytest.raises(MmkitError, match="not valid JSON"):
+        mmkit.load(str(tmp_path / "e"))
+    (tmp_path / "e" / "mmkit_config.json").write_text(json.dumps({"format": 1, "methods": [
+        {"method": "fastv", "config": {}, "state": "missing.safetensors"}]}))
+    with pytest.raises(MmkitError, match="incomplete"):
+        mmkit.load(str(tmp_path / "e"))
+
+
+def test_export_cli(tmp_path):
+    result = CliRunner().invoke(main, ["export", "--model", "tiny-random", "--method", "fastv:keep=0.5",
+                                       "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cli" / "mmkit_config.json").is_file()
+    assert (tmp_path / "cli" / "config.json").is_file()
