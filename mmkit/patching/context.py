@@ -46,6 +46,9 @@ class ForwardContext:
     def start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         self.prefill = True
         self.image_mask = input_ids == self.image_token_id
+        # Only a 2-D padding mask tells which positions are padding (static-cache generation passes a 4-D one).
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            attention_mask = None
         self.attention_mask = attention_mask
         batch, n = input_ids.shape
         real = attention_mask.sum(1) if attention_mask is not None else torch.full((batch,), n, device=input_ids.device)

@@ -98,10 +98,10 @@ class TokenDropper:
             hidden = args[0] if args else kwargs["hidden_states"]
             if self.ctx.prefill:
                 hidden = self._prefill_drop(layer_idx, hidden)
-                kwargs = self._slice_prefill_kwargs(kwargs)
+                kwargs = self._slice_prefill_kwargs(kwargs, layer_idx)
                 self._record(layer_idx)
             elif self.index is not None:
-                kwargs = self._slice_decode_kwargs(kwargs, hidden.shape[1])
+                kwargs = self._slice_decode_kwargs(kwargs, hidden.shape[1], layer_idx)
             if args:
                 args = (hidden,) + tuple(args[1:])
             else:
@@ -144,7 +144,7 @@ class TokenDropper:
             tokens = tokens & self.valid
         self.ctx.record_layer(layer_idx, visual.sum(1), tokens.sum(1))
 
-    def _slice_prefill_kwargs(self, kwargs: dict) -> dict:
+    def _slice_prefill_kwargs(self, kwargs: dict, layer_idx: int) -> dict:
         if self.index is None:
             return kwargs
         kwargs = dict(kwargs)
@@ -160,36 +160,58 @@ class TokenDropper:
         if mask is None:
             mask = idx[:, None, :, None] >= idx[:, None, None, :]
         else:
-            mask = _take(_take(mask, idx, 2), idx, 3)
-        mask = _apply_key_valid(mask, self.valid)
+            mask = self._reindex_keys(_take(mask, idx, 2), layer_idx, kwargs)
         if self.valid is not None:
+            mask = _apply_key_valid(mask, _pad_valid(self.valid, mask.shape[-1]))
             # A padded slot may see no valid key; let it see itself so its row never softmaxes to NaN (a NaN value
             # would poison real rows even at zero weight).
-            eye = torch.eye(m, dtype=torch.bool, device=idx.device)[None, None] & ~self.valid[:, None, :, None]
+            eye = torch.eye(m, mask.shape[-1], dtype=torch.bool, device=idx.device)[None, None]
+            eye = eye & ~self.valid[:, None, :, None]
             mask = mask | eye if mask.dtype == torch.bool else mask.masked_fill(eye, 0.0)
         kwargs["attention_mask"] = mask
         return kwargs
 
-    def _slice_decode_kwargs(self, kwargs: dict, q_len: int) -> dict:
+    def _slice_decode_kwargs(self, kwargs: dict, q_len: int, layer_idx: int) -> dict:
         mask = kwargs.get("attention_mask")
         if mask is None and self.valid is None:
             return kwargs
         kwargs = dict(kwargs)
-        idx = self.index
-        batch = idx.shape[0]
         if mask is None:
             # Layer 0 is never pruned and has already cached this step: its length is the full original length.
             kv_full = kwargs["past_key_values"].get_seq_length(0)
-            mask = torch.ones(batch, 1, q_len, kv_full, dtype=torch.bool, device=idx.device)
-        kv_full = mask.shape[-1]
-        tail = torch.arange(self.prefill_len, kv_full, device=idx.device).expand(batch, -1)
-        key_index = torch.cat([idx, tail], dim=1)
-        mask = _take(mask, key_index, 3)
+            mask = torch.ones(self.index.shape[0], 1, q_len, kv_full, dtype=torch.bool, device=self.index.device)
+        mask = self._reindex_keys(mask, layer_idx, kwargs)
         if self.valid is not None:
-            valid = torch.cat([self.valid, torch.ones_like(tail, dtype=torch.bool)], dim=1)
-            mask = _apply_key_valid(mask, valid)
+            mask = _apply_key_valid(mask, _pad_valid(self.valid, mask.shape[-1]))
         kwargs["attention_mask"] = mask
         return kwargs
+
+    def _reindex_keys(self, mask: torch.Tensor, layer_idx: int, kwargs: dict) -> torch.Tensor:
+        """Map the mask's key axis from original positions to this layer's cache layout: the kept prefill tokens,
+        then every token after the prefill. A static cache keeps its fixed length, so the unused tail is masked."""
+        idx = self.index
+        kv_full = mask.shape[-1]
+        tail = torch.arange(self.prefill_len, kv_full, device=idx.device).expand(idx.shape[0], -1)
+        mask = _take(mask, torch.cat([idx, tail], dim=1), 3)
+        if _is_static_layer(kwargs.get("past_key_values"), layer_idx):
+            pad_shape = (*mask.shape[:-1], kv_full - mask.shape[-1])
+            if mask.dtype == torch.bool:
+                pad = torch.zeros(pad_shape, dtype=torch.bool, device=mask.device)
+            else:
+                pad = torch.full(pad_shape, torch.finfo(mask.dtype).min, dtype=mask.dtype, device=mask.device)
+            mask = torch.cat([mask, pad], dim=-1)
+        return mask
+
+
+def _is_static_layer(cache, layer_idx: int) -> bool:
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and hasattr(layers[layer_idx], "max_cache_len")
+
+
+def _pad_valid(valid: torch.Tensor, length: int) -> torch.Tensor:
+    """Extend a (B, m) slot-validity mask to `length` key slots; slots after the prefill are real tokens."""
+    extra = length - valid.shape[1]
+    return torch.cat([valid, valid.new_ones(valid.shape[0], extra)], dim=1) if extra > 0 else valid
 
 
 def _take(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:

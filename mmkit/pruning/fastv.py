@@ -63,7 +63,8 @@ class FastVHandle:
 
     def _observe(self, module, query, key, attention_mask, scaling):
         if self._ctx.prefill:
-            self.scores = last_query_mass(query, key, attention_mask, scaling)
+            # Keys beyond the current sequence are empty slots of a static cache.
+            self.scores = last_query_mass(query, key, attention_mask, scaling)[:, : query.shape[2]]
 
     def _select(self, layer_idx, hidden, image_mask, valid):
         if self.scores is None:

@@ -105,3 +105,16 @@ def test_llava_next_rows_with_different_visual_token_counts():
     single_scores = torch.tensor([session.answer_logprobs([imgs[i]], [prompts[i]]).logprobs[0] for i in range(3)])
     assert torch.allclose(batch_scores, single_scores, atol=1e-4)
     session.close()
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.25])
+def test_static_cache_generation_matches_dynamic(session, images, prompts, keep):
+    """Pruned decoding composes with transformers' static cache: same tokens as the dynamic cache."""
+    session.apply(f"fastv:layer=2,keep={keep}")
+    inputs = session.prepare(images, prompts)
+    pad = session.processor.tokenizer.pad_token_id
+    with torch.inference_mode():
+        dynamic = session.model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=pad)
+        static = session.model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=pad,
+                                        cache_implementation="static")
+    assert torch.equal(dynamic, static)
