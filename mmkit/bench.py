@@ -1,0 +1,280 @@
+"""Speed benchmarks at real model sizes with random weights (speed does not depend on weight values).
+
+Every ratio compares runs made in the same process on the same device: the baseline (HF SDPA with no method, and
+HF eager attention) and the methods, with CUDA-event timing, warm-up and the median of repeats.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from mmkit.errors import MmkitError
+
+logger = logging.getLogger(__name__)
+
+_CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   image_size=336, patch_size=14, projection_dim=768)
+_LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
+# LLaVA-1.5: "<s> system prompt USER:" is 35 tokens before the image; a typical question adds ~40 after it.
+_PREFIX, _SUFFIX = 35, 40
+
+
+@dataclass(frozen=True)
+class Preset:
+    arch: str
+    vision: dict
+    text: dict
+    image_size: int
+    pinpoints: tuple = ()
+
+
+PRESETS = {
+    "llava-1.5-7b": Preset("llava", _CLIP_L_336, _LLAMA_7B, 336),
+    "llava-next-7b": Preset("llava_next", _CLIP_L_336, _LLAMA_7B, 672,
+                            ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))),
+    # For CPU tests of the benchmark code itself.
+    "tiny": Preset("llava", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 image_size=56, patch_size=14, projection_dim=32),
+                   dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=4, vocab_size=512, max_position_embeddings=2048), 56),
+    "tiny-next": Preset("llava_next", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=28, patch_size=14, projection_dim=32),
+                        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=4, vocab_size=512, max_position_embeddings=2048), 56,
+                        ((28, 56), (56, 28), (56, 56))),
+}
+IMAGE_TOKEN_ID = 32000 - 1  # any id inside the vocabulary; the random model has no real tokenizer
+
+
+def build_random_model(preset: str, device, dtype=torch.bfloat16):
+    """A LLaVA / LLaVA-NeXT model of the preset's size with random weights, built directly on `device`."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    if preset not in PRESETS:
+        raise MmkitError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    image_token = min(IMAGE_TOKEN_ID, p.text["vocab_size"] - 1)
+    vision = CLIPVisionConfig(**p.vision)
+    text = LlamaConfig(**p.text)
+    if p.arch == "llava":
+        config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token,
+                             vision_feature_layer=-2, vision_feature_select_strategy="default")
+        cls = LlavaForConditionalGeneration
+    else:
+        config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=image_token,
+                                 vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                 image_grid_pinpoints=[list(x) for x in p.pinpoints])
+        cls = LlavaNextForConditionalGeneration
+    config.text_config._attn_implementation = "sdpa"
+    config.vision_config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = cls._from_config(config, dtype=dtype)
+    model.eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def make_inputs(model, preset: str, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random pixels and a LLaVA-1.5-shaped prompt: 35 text tokens, the image tokens, 40 text tokens."""
+    p = PRESETS[preset]
+    device, dtype = model.device, model.dtype
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    vision = p.vision
+    if p.arch == "llava":
+        pixel_values = torch.randn(batch, 3, p.image_size, p.image_size, generator=g)
+        n_image = (vision["image_size"] // vision["patch_size"]) ** 2
+        extra = {}
+    else:
+        tiles = 1 + (p.image_size // vision["image_size"]) ** 2
+        pixel_values = torch.randn(batch, tiles, 3, vision["image_size"], vision["image_size"], generator=g)
+        image_sizes = torch.tensor([[p.image_size, p.image_size]] * batch)
+        extra = {"image_sizes": image_sizes.to(device)}
+        with torch.inference_mode():
+            feats = model.model.get_image_features(pixel_values[:1].to(device, dtype), image_sizes=image_sizes[:1].to(device))
+        feats = getattr(feats, "pooler_output", feats)
+        n_image = sum(f.shape[0] for f in feats)
+    vocab = model.config.text_config.vocab_size
+    image_token = model.config.image_token_id
+    text = torch.randint(2, image_token, (batch, _PREFIX + _SUFFIX), generator=g)
+    image = torch.full((batch, n_image), image_token)
+    input_ids = torch.cat([text[:, :_PREFIX], image, text[:, _PREFIX:]], dim=1)
+    input_ids[:, 0] = 1
+    assert int(input_ids.max()) < vocab
+    return {"input_ids": input_ids.to(device), "pixel_values": pixel_values.to(device, dtype),
+            "attention_mask": torch.ones_like(input_ids, device=device), **extra}
+
+
+def time_ms(fn: Callable[[], Any], warmup: int = 2, reps: int = 5) -> float:
+    """Median wall time of `fn` in ms (CUDA-synchronised on GPU)."""
+    cuda = torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+@dataclass
+class BenchRow:
+    case: str
+    setting: str
+    ms: float
+    baseline_ms: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float | None:
+        return None if self.baseline_ms is None else self.baseline_ms / self.ms
+
+
+def _session(model):
+    from mmkit.session import Session
+
+    return Session(model, processor=None, source="random")
+
+
+def prefill_case(model, preset: str, batch: int, methods: list[str], reps: int = 5) -> list[BenchRow]:
+    """Prefill time (vision tower + projector + LLM, logits of the last token) with and without methods."""
+    inputs = make_inputs(model, preset, batch)
+    n = inputs["input_ids"].shape[1]
+
+    def run():
+        with torch.inference_mode():
+            model(**inputs, use_cache=True, logits_to_keep=1)
+
+    session = _session(model)
+    rows = []
+    base = time_ms(run, reps=reps)
+    setting = f"b{batch} n={n} {str(model.dtype).replace('torch.', '')}"
+    rows.append(BenchRow("prefill", setting, base, None, "HF SDPA, no method"))
+    previous = model.config.text_config._attn_implementation
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        eager = time_ms(run, reps=max(2, reps // 2))
+    except torch.cuda.OutOfMemoryError:
+        eager = float("nan")
+    finally:
+        model.set_attn_implementation({"text_config": previous})
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    rows.append(BenchRow("prefill", setting, eager, base, "HF eager, no method"))
+    for spec in methods:
+        handle = session.apply(spec)
+        try:
+            ms = time_ms(run, reps=reps)
+            kept = int(session.context.visual_per_layer[-1][0])
+            rows.append(BenchRow("prefill", setting, ms, base, spec, {"visual_tokens_kept_last_layer": kept}))
+        finally:
+            handle.remove()
+    session.close()
+    return rows
+
+
+def generate_case(model, preset: str, methods: list[str], new_tokens: int = 64, reps: int = 3) -> list[BenchRow]:
+    """End-to-end generate at batch 1 with a dynamic and a static cache, with and without methods."""
+    inputs = make_inputs(model, preset, 1)
+    rows = []
+    session = _session(model)
+    for spec in [None, *methods]:
+        handle = session.apply(spec) if spec else None
+        try:
+            for cache in ("dynamic", "static"):
+                kwargs = {"cache_implementation": "static"} if cache == "static" else {}
+
+                def run():
+                    with torch.inference_mode():
+                        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                       do_sample=False, disable_compile=True, **kwargs)
+
+                ms = time_ms(run, warmup=1, reps=reps)
+                rows.append(BenchRow("generate", f"b1 {new_tokens} new tokens, {cache} cache", ms, None,
+                                     spec or "no method"))
+        finally:
+            if handle is not None:
+                handle.remove()
+    session.close()
+    base = {r.setting: r.ms for r in rows if r.note == "no method"}
+    for r in rows:
+        r.baseline_ms = base.get(r.setting)
+    return rows
+
+
+def max_batch_case(model, preset: str, methods: list[str], limit: int = 512) -> list[BenchRow]:
+    """Largest batch whose prefill plus one decode step fits in device memory, with and without methods."""
+    session = _session(model)
+    rows = []
+    for spec in [None, *methods]:
+        handle = session.apply(spec) if spec else None
+        try:
+            def fits(b: int) -> bool:
+                try:
+                    inputs = make_inputs(model, preset, b)
+                    with torch.inference_mode():
+                        model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                                       disable_compile=True)
+                    return True
+                except torch.cuda.OutOfMemoryError:
+                    return False
+                finally:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+
+            lo, hi = 0, 1
+            while hi <= limit and fits(hi):
+                lo, hi = hi, hi * 2
+            hi = min(hi, limit + 1)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+            rows.append(BenchRow("max batch", f"{preset}", float(lo), None, spec or "no method"))
+        finally:
+            if handle is not None:
+                handle.remove()
+    session.close()
+    return rows
+
+
+def flop_bound(model, preset: str, layer: int, keep: float) -> float:
+    """The prefill speed-up bound of dropping (1 - keep) of the image tokens after `layer` (FastV's FLOP ratio)."""
+    from mmkit.evals.flops import prefill_tflops
+
+    inputs = make_inputs(model, preset, 1)
+    n = inputs["input_ids"].shape[1]
+    n_img = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    layers = model.config.text_config.num_hidden_layers
+    d, m = model.config.text_config.hidden_size, model.config.text_config.intermediate_size
+    kept = n - n_img + int(round(n_img * keep))
+    full = prefill_tflops([n] * layers, d, m)
+    pruned = prefill_tflops([n] * layer + [kept] * (layers - layer), d, m)
+    return full / pruned
+
+
+def format_rows(rows: list[BenchRow]) -> str:
+    lines = [f"{'case':<10} {'setting':<36} {'method':<28} {'ms':>10} {'speed-up':>9}"]
+    for r in rows:
+        speed = "" if r.speedup is None else f"{r.speedup:.2f}x"
+        value = f"{r.ms:.0f}" if r.case == "max batch" else f"{r.ms:.2f}"
+        lines.append(f"{r.case:<10} {r.setting:<36} {r.note:<28} {value:>10} {speed:>9}")
+    return "\n".join(lines)
