@@ -1,0 +1,578 @@
+"""Train the reference model from scratch on the reference world, and measure it on a held-out world seed.
+
+Recipe (three phases in one run, one AdamW optimiser, warm-up then cosine decay over all steps):
+
+1. `vision`: the CLIP tower alone learns per-patch category and colour from the scene masks (linear heads on the
+   feature-layer patch states). From-scratch LLaVA trained on answers alone stays at chance; this dense truth is
+   what makes the visual tokens carry objects at all.
+2. `align`: projector and decoder learn on reference captions ("Describe the image in detail."), so the decoder
+   learns the language and the projector the mapping, while the patch loss keeps the tower honest.
+3. `instruct`: the mixed question-and-caption set of `training_examples`, loss on answer tokens only, patch loss
+   kept as an auxiliary term.
+
+The patch heads are training-only: the saved directory is a plain `LlavaForConditionalGeneration`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmkit.world.reference_model import (
+    CLIP_MEAN, CLIP_STD, SPECS, ReferenceSpec, build_model, build_processor, build_tokenizer,
+)
+
+logger = logging.getLogger(__name__)
+
+PHASES = ("vision", "align", "instruct")
+CAPTION_PROMPT = "Describe the image in detail."
+# Scene-index offsets per phase, so phases see different scenes of the training world.
+PHASE_SCENE_OFFSET = {"vision": 0, "align": 1_000_000, "instruct": 2_000_000}
+IGNORE = -100
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run. Steps are optimiser steps per phase."""
+
+    size: str = "reference"
+    seed: int = 0
+    world_seed: int = 0
+    eval_world_seed: int = 1
+    vision_steps: int = 1000
+    align_steps: int = 1000
+    instruct_steps: int = 6000
+    vision_batch: int = 128
+    batch: int = 64
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 200
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    patch_loss_weight: float = 0.5
+    eval_every: int = 1000
+    eval_scenes: int = 100
+    eval_captions: int = 64
+    num_workers: int | None = None
+    max_minutes: float | None = None
+    log_every: int = 50
+    shuffle_buffer: int = 256
+    keep_snapshots: bool = False
+
+    def __post_init__(self) -> None:
+        if self.size not in SPECS:
+            raise ValueError(f"size must be one of {', '.join(SPECS)}, got {self.size!r}")
+        for name in ("vision_steps", "align_steps", "instruct_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.vision_steps + self.align_steps + self.instruct_steps <= 0:
+            raise ValueError("at least one phase needs steps > 0")
+        if self.batch < 1 or self.vision_batch < 1:
+            raise ValueError("batch sizes must be >= 1")
+        if self.world_seed == self.eval_world_seed:
+            raise ValueError("eval_world_seed must differ from world_seed: evaluation is on held-out scenes")
+
+    @property
+    def spec(self) -> ReferenceSpec:
+        return SPECS[self.size]
+
+    @property
+    def total_steps(self) -> int:
+        return self.vision_steps + self.align_steps + self.instruct_steps
+
+
+# About a minute on 2 CPU cores: enough for the losses to fall, not to learn the world.
+TINY_CONFIG = TrainConfig(
+    size="tiny", vision_steps=20, align_steps=20, instruct_steps=40, vision_batch=16, batch=8, lr=3e-3,
+    warmup_steps=5, eval_every=0, eval_scenes=4, eval_captions=4, log_every=10, shuffle_buffer=16,
+)
+
+
+def parse_steps(text: str) -> dict[str, int]:
+    """Parse `--steps`: "V,A,I" (steps of the vision, align and instruct phases) or one total N, split 1:1:6."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"steps must be one integer or three comma-separated integers V,A,I, got {text!r}") from None
+    if len(values) == 1:
+        total = values[0]
+        if total < 3:
+            raise ValueError(f"a total step count must be >= 3, got {total}")
+        v = a = total // 8
+        values = [v, a, total - v - a]
+    if len(values) != 3 or any(v < 0 for v in values):
+        raise ValueError(f"steps must be one integer or three non-negative integers V,A,I, got {text!r}")
+    return dict(zip(("vision_steps", "align_steps", "instruct_steps"), values))
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+
+def _encode_prompt(tokenizer_core, prompt: str, num_image_tokens: int) -> list[int]:
+    """Token ids of the LLaVA-1.5 prompt for `prompt`, exactly as the processor builds them (<s> first, <image>
+    expanded to the visual-token count)."""
+    text = f"USER: {'<image>' * num_image_tokens}\n{prompt} ASSISTANT:"
+    return tokenizer_core.encode(text).ids
+
+
+def _encode_answer(tokenizer_core, answer: str, eos_id: int) -> list[int]:
+    return tokenizer_core.encode(answer, add_special_tokens=False).ids + [eos_id]
+
+
+def _scene_arrays(scene, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pixels = np.ascontiguousarray(np.asarray(scene.image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1))
+    labels = scene.patch_labels(grid)
+    return pixels, np.asarray(labels["category"], dtype=np.int64), np.asarray(labels["colour"], dtype=np.int64)
+
+
+class WorldStream(torch.utils.data.IterableDataset):
+    """An endless, deterministic stream of training items for one phase.
+
+    Worker w of W takes chunks w, w + W, ... of `chunk` consecutive scenes; the DataLoader reads workers in turn,
+    so the batch sequence depends only on the seeds and the worker count. A seeded shuffle buffer mixes the
+    questions of neighbouring scenes.
+    """
+
+    def __init__(self, phase: str, world_seed: int, grid: int, tokenizer_json: str, num_image_tokens: int,
+                 eos_id: int, seed: int, shuffle_buffer: int = 256, chunk: int = 16) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        self.phase, self.world_seed, self.grid = phase, world_seed, grid
+        self.tokenizer_json, self.num_image_tokens, self.eos_id = tokenizer_json, num_image_tokens, eos_id
+        self.seed, self.shuffle_buffer, self.chunk = seed, shuffle_buffer, chunk
+
+    def _items(self, start: int, tokenizer_core) -> Iterator[dict]:
+        from mmkit.world.questions import reference_caption, training_examples
+        from mmkit.world.scenes import generate_scene
+
+        if self.phase == "vision":
+            for index in range(start, start + self.chunk):
+                pixels, cat, col = _scene_arrays(generate_scene(self.world_seed, index), self.grid)
+                yield {"pixels": pixels, "category": cat, "colour": col}
+            return
+        if self.phase == "align":
+            pairs = ((scene, CAPTION_PROMPT, reference_caption(scene))
+                     for scene in (generate_scene(self.world_seed, i) for i in range(start, start + self.chunk)))
+        else:
+            pairs = ((scene, q.prompt, q.answer)
+                     for scene, q in training_examples(self.world_seed, self.chunk, start=start))
+        arrays: dict[int, tuple] = {}
+        for scene, prompt, answer in pairs:
+            if scene.index not in arrays:
+                arrays = {scene.index: _scene_arrays(scene, self.grid)}
+            pixels, cat, col = arrays[scene.index]
+            prompt_ids = _encode_prompt(tokenizer_core, prompt, self.num_image_tokens)
+            answer_ids = _encode_answer(tokenizer_core, answer, self.eos_id)
+            yield {"pixels": pixels, "category": cat, "colour": col,
+                   "ids": np.asarray(prompt_ids + answer_ids, dtype=np.int64), "n_prompt": len(prompt_ids)}
+
+    def __iter__(self) -> Iterator[dict]:
+        from tokenizers import Tokenizer
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        tokenizer_core = Tokenizer.from_str(self.tokenizer_json)
+        rng = random.Random(f"{self.seed}-{self.phase}-{worker}")
+        buffer: list[dict] = []
+        chunk_index = worker
+        while True:
+            start = PHASE_SCENE_OFFSET[self.phase] + chunk_index * self.chunk
+            for item in self._items(start, tokenizer_core):
+                buffer.append(item)
+                if len(buffer) >= self.shuffle_buffer:
+                    yield buffer.pop(rng.randrange(len(buffer)))
+            chunk_index += workers
+
+
+def collate(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack images and patch labels; right-pad token ids and mark answer tokens (targets) for the loss."""
+    batch = {
+        "pixels": torch.from_numpy(np.stack([it["pixels"] for it in items])),
+        "category": torch.from_numpy(np.stack([it["category"] for it in items])),
+        "colour": torch.from_numpy(np.stack([it["colour"] for it in items])),
+    }
+    if "ids" in items[0]:
+        length = max(len(it["ids"]) for it in items)
+        ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+        targets = torch.zeros((len(items), length), dtype=torch.bool)
+        attention = torch.zeros((len(items), length), dtype=torch.long)
+        for row, it in enumerate(items):
+            n = len(it["ids"])
+            ids[row, :n] = torch.from_numpy(it["ids"])
+            targets[row, it["n_prompt"]:n] = True
+            attention[row, :n] = 1
+        batch.update(ids=ids, targets=targets, attention_mask=attention)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+
+
+class PatchHeads(nn.Module):
+    """Linear per-patch classifiers (category, colour; class 0 = background) on the vision feature layer."""
+
+    def __init__(self, hidden: int, n_categories: int, n_colours: int) -> None:
+        super().__init__()
+        self.category = nn.Linear(hidden, n_categories + 1)
+        self.colour = nn.Linear(hidden, n_colours + 1)
+
+    def loss(self, patches: torch.Tensor, category: torch.Tensor, colour: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Mean of both cross-entropies over all patches, and the category accuracy on object patches."""
+        cat_logits = self.category(patches).float().flatten(0, 1)
+        col_logits = self.colour(patches).float().flatten(0, 1)
+        cat, col = category.flatten(), colour.flatten()
+        loss = 0.5 * (nn.functional.cross_entropy(cat_logits, cat) + nn.functional.cross_entropy(col_logits, col))
+        with torch.no_grad():
+            fg = cat > 0
+            acc = (cat_logits.argmax(-1)[fg] == cat[fg]).float().mean().item() if fg.any() else float("nan")
+        return loss, acc
+
+
+def normalise_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> CLIP-normalised float, identical to the processor's output for 336 px images."""
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
+
+
+def _patch_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Feature-layer patch states (CLS dropped), the same tensor `get_image_features` projects."""
+    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+def _lm_loss(model, patches: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy on answer tokens only; the image features fill the <image> positions."""
+    ids, targets = batch["ids"], batch["targets"]
+    image_features = model.model.multi_modal_projector(patches)
+    embeds = model.get_input_embeddings()(ids)
+    image_mask = (ids == model.config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(image_mask, image_features.to(embeds.dtype))
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
+    # The state at t predicts the token at t + 1; only answer tokens are scored, so only their states reach lm_head.
+    select = targets[:, 1:]
+    logits = model.lm_head(hidden[:, :-1][select]).float()
+    return nn.functional.cross_entropy(logits, ids[:, 1:][select])
+
+
+# ----------------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalResult:
+    """Held-out measurements: POPE per split (F1, accuracy, yes-ratio) and caption hallucination."""
+
+    pope: dict[str, dict[str, float]] = field(default_factory=dict)
+    chair_s: float = float("nan")
+    chair_i: float = float("nan")
+    caption_recall: float = float("nan")
+    n_captions: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        pope = " ".join(f"{s}:F1={m['f1']:.3f}/yes={m['yes_ratio']:.2f}" for s, m in self.pope.items())
+        return f"POPE {pope} | CHAIR_S={self.chair_s:.3f} CHAIR_I={self.chair_i:.3f} recall={self.caption_recall:.3f}"
+
+
+def _f1(preds: list[bool], truth: list[bool]) -> dict[str, float]:
+    tp = sum(p and t for p, t in zip(preds, truth))
+    fp = sum(p and not t for p, t in zip(preds, truth))
+    fn = sum(t and not p for p, t in zip(preds, truth))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    acc = sum(p == t for p, t in zip(preds, truth)) / max(len(truth), 1)
+    return {"f1": f1, "accuracy": acc, "precision": precision, "recall": recall,
+            "yes_ratio": sum(preds) / max(len(preds), 1), "n": len(truth)}
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = torch.tensor(r)
+        mask[i, length - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, world_seed: int = 1, n_scenes: int = 100, n_captions: int = 64,
+             batch_size: int = 32, max_new_tokens: int = 48) -> EvalResult:
+    """POPE (random / popular / adversarial) and CHAIR on scenes of `world_seed`, batched and greedy.
+
+    POPE answers compare the "yes" and "no" logits at the first answer position; captions are greedy generations
+    for "Describe the image in detail.", and CHAIR_S is the fraction of captions naming a category that is not in
+    the scene (`mentioned_categories`).
+    """
+    from mmkit.world.questions import pope_questions
+    from mmkit.world.scenes import generate_scene
+    from mmkit.world.vocab import mentioned_categories
+
+    device = next(model.parameters()).device
+    core = tokenizer.backend_tokenizer
+    n_tokens = model.config.image_seq_length
+    was_training = model.training
+    model.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    scenes: dict[int, object] = {}
+
+    def scene(index: int):
+        if index not in scenes:
+            scenes[index] = generate_scene(world_seed, index)
+        return scenes[index]
+
+    def pixels(indices: list[int]) -> torch.Tensor:
+        arr = np.stack([np.asarray(scene(i).image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+                        for i in indices])
+        return normalise_pixels(torch.from_numpy(arr).to(device))
+
+    result = EvalResult()
+    yes_ids = [tokenizer.convert_tokens_to_ids(w) for w in ("yes", "Yes")]
+    no_ids = [tokenizer.convert_tokens_to_ids(w) for w in ("no", "No")]
+    questions = list(pope_questions(world_seed, n_scenes))
+    by_split: dict[str, tuple[list[bool], list[bool]]] = {}
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start:start + batch_size]
+        ids, mask = _left_pad([_encode_prompt(core, q.prompt, n_tokens) for q in chunk], tokenizer.pad_token_id,
+                              device)
+        with autocast:
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels([q.scene_index for q in chunk]),
+                           logits_to_keep=1).logits[:, -1].float()
+        says_yes = (logits[:, yes_ids].max(-1).values > logits[:, no_ids].max(-1).values).tolist()
+        for q, pred in zip(chunk, says_yes):
+            preds, truth = by_split.setdefault(q.split, ([], []))
+            preds.append(bool(pred))
+            truth.append(q.answer.strip().lower().startswith("yes"))
+    result.pope = {split: _f1(p, t) for split, (p, t) in sorted(by_split.items())}
+
+    hallucinated, mentioned_total, absent_total, recalled, present_total = 0, 0, 0, 0, 0
+    prompt_ids = _encode_prompt(core, CAPTION_PROMPT, n_tokens)
+    indices = list(range(n_captions))
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        ids, mask = _left_pad([prompt_ids] * len(chunk), tokenizer.pad_token_id, device)
+        with autocast:
+            out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels(chunk), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        for index, text in zip(chunk, texts):
+            truth = set(scene(index).categories())
+            named = set(mentioned_categories(text))
+            absent = named - truth
+            hallucinated += bool(absent)
+            mentioned_total += len(named)
+            absent_total += len(absent)
+            recalled += len(named & truth)
+            present_total += len(truth)
+            if len(result.examples) < 6:
+                result.examples.append(f"[{', '.join(sorted(truth))}] -> {text}")
+    if indices:
+        result.n_captions = len(indices)
+        result.chair_s = hallucinated / len(indices)
+        result.chair_i = absent_total / max(mentioned_total, 1)
+        result.caption_recall = recalled / max(present_total, 1)
+    model.train(was_training)
+    return result
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -------------------------------------------------------------------------------------------------------- training
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(cfg.total_steps - cfg.warmup_steps, 1)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def _loader(phase: str, cfg: TrainConfig, tokenizer, workers: int, batch_size: int):
+    spec = cfg.spec
+    stream = WorldStream(phase, cfg.world_seed, spec.grid, tokenizer.backend_tokenizer.to_str(),
+                         spec.num_image_tokens, tokenizer.eos_token_id, cfg.seed, cfg.shuffle_buffer)
+    return torch.utils.data.DataLoader(
+        stream, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
+        collate_fn=functools.partial(collate, pad_id=tokenizer.pad_token_id),
+        prefetch_factor=4 if workers else None, persistent_workers=False,
+    )
+
+
+def _default_workers() -> int:
+    return max(0, min(14, (os.cpu_count() or 1) - 2))
+
+
+def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, device: str | None = None,
+          snapshot_dir: str | os.PathLike | None = None) -> tuple[object, object, list[dict]]:
+    """Train the reference model from scratch; returns (model, processor, log) and saves the HF directory to
+    `out_dir` when given (written to a temporary directory, then renamed into place).
+
+    `log` holds one dict per logged step (phase, losses, patch accuracy, lr, samples, seconds) and per evaluation
+    (held-out POPE and CHAIR). With `snapshot_dir`, the weights at every evaluation are also saved there (fp16
+    safetensors), so a run can be cut at the evaluation that fits best.
+    """
+    from mmkit.world.scenes import CATEGORIES, COLOURS
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    spec = cfg.spec
+    tokenizer = build_tokenizer()
+    processor = build_processor(tokenizer, spec)
+    model = build_model(tokenizer, spec, seed=cfg.seed).to(dev)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        heads = PatchHeads(spec.vision_hidden, len(CATEGORIES), len(COLOURS)).to(dev)
+    model.train()
+    params = list(model.parameters()) + list(heads.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimiser = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98), fused=dev.type == "cuda",
+    )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+    workers = _default_workers() if cfg.num_workers is None else cfg.num_workers
+    log: list[dict] = []
+    t0 = time.time()
+    step, samples = 0, 0
+    deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else None
+    stopped_early = False
+    if snapshot_dir is not None:
+        Path(snapshot_dir).mkdir(parents=True, exist_ok=True)
+
+    def run_eval() -> None:
+        res = evaluate(model, tokenizer, cfg.eval_world_seed, cfg.eval_scenes, cfg.eval_captions)
+        entry = {"eval": True, "step": step, "samples": samples, "seconds": round(time.time() - t0, 1),
+                 "pope": res.pope, "chair_s": res.chair_s, "chair_i": res.chair_i,
+                 "caption_recall": res.caption_recall, "examples": res.examples}
+        log.append(entry)
+        logger.info("eval step %d: %s", step, res.summary())
+        if snapshot_dir is not None:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(state, str(Path(snapshot_dir) / f"step{step:06d}.safetensors"))
+
+    for phase in PHASES:
+        n_steps = getattr(cfg, f"{phase}_steps")
+        if n_steps == 0 or stopped_early:
+            continue
+        batch_size = cfg.vision_batch if phase == "vision" else cfg.batch
+        loader = iter(_loader(phase, cfg, tokenizer, workers, batch_size))
+        acc_sum, loss_sum, lm_sum, count = 0.0, 0.0, 0.0, 0
+        for _ in range(n_steps):
+            batch = {k: v.to(dev, non_blocking=True) for k, v in next(loader).items()}
+            lr = _lr_at(step, cfg)
+            for group in optimiser.param_groups:
+                group["lr"] = lr
+            with autocast:
+                patches = _patch_features(model, normalise_pixels(batch["pixels"]))
+                patch_loss, patch_acc = heads.loss(patches, batch["category"], batch["colour"])
+                if phase == "vision":
+                    loss, lm = patch_loss, torch.zeros(())
+                else:
+                    lm = _lm_loss(model, patches, batch)
+                    loss = lm + cfg.patch_loss_weight * patch_loss
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimiser.step()
+            step += 1
+            samples += batch["pixels"].shape[0]
+            loss_sum += loss.item()
+            lm_sum += float(lm.item())
+            acc_sum += patch_acc if not math.isnan(patch_acc) else 0.0
+            count += 1
+            if step % cfg.log_every == 0 or step == cfg.total_steps:
+                entry = {"step": step, "phase": phase, "loss": loss_sum / count, "lm_loss": lm_sum / count,
+                         "patch_acc": acc_sum / count, "lr": lr, "samples": samples,
+                         "seconds": round(time.time() - t0, 1)}
+                log.append(entry)
+                logger.info("step %d %s loss %.4f lm %.4f patch_acc %.3f (%.0fs)", step, phase, entry["loss"],
+                            entry["lm_loss"], entry["patch_acc"], entry["seconds"])
+                acc_sum, loss_sum, lm_sum, count = 0.0, 0.0, 0.0, 0
+            if cfg.eval_every and phase != "vision" and step % cfg.eval_every == 0:
+                run_eval()
+            if deadline is not None and time.time() > deadline:
+                logger.warning("stopping at step %d: the time budget of %.1f min is spent", step, cfg.max_minutes)
+                stopped_early = True
+                break
+        del loader
+    if cfg.eval_scenes and (not log or not log[-1].get("eval")):
+        run_eval()
+    model.eval()
+    log.append({"final": True, "step": step, "samples": samples, "seconds": round(time.time() - t0, 1),
+                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                "stopped_early": stopped_early, "config": asdict(cfg)})
+    if out_dir is not None:
+        save_reference(model, processor, out_dir, log)
+    return model, processor, log
+
+
+def save_reference(model, processor, out_dir: str | os.PathLike, log: list[dict] | None = None) -> Path:
+    """Write the HF directory (fp32 safetensors, processor, tokenizer, chat template, optional training log) to a
+    temporary sibling directory, then move it into place."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.to(torch.float32).save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if log is not None:
+            (tmp / "training_log.json").write_text(json.dumps(log, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_snapshot(state_path: str | os.PathLike, size: str = "reference"):
+    """Rebuild (model, processor) from an fp16 snapshot written during training, in fp32."""
+    from safetensors.torch import load_file
+
+    tokenizer = build_tokenizer()
+    spec = SPECS[size]
+    model = build_model(tokenizer, spec)
+    state = {k: v.to(torch.float32) for k, v in load_file(str(state_path)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # lm_head / embeddings are untied; anything missing means the snapshot is from another spec.
+    if missing or unexpected:
+        raise ValueError(f"snapshot {state_path} does not match the {size!r} model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return model.eval(), build_processor(tokenizer, spec)
+
+
+def config_with_steps(base: TrainConfig, steps: str | None = None, **overrides) -> TrainConfig:
+    """`base` with `--steps` parsed into phase steps and other fields replaced."""
+    fields = dict(overrides)
+    if steps is not None:
+        fields.update(parse_steps(steps))
+    return replace(base, **fields)
