@@ -76,14 +76,18 @@ BASE_SIZE = 336
 SMALL_PROB = 0.2
 SMALL_RANGE = (16.0, 30.0)
 NORMAL_RANGE = (30.0, 105.0)
+# No object's box is thinner than this (at 336 px), so even a small key stays a key rather than a line.
+MIN_SIDE = 9
 # An object must keep this fraction of its drawn pixels visible after occlusion, and this many pixels at 336 px.
-MIN_VISIBLE_FRACTION = 0.35
+MIN_VISIBLE_FRACTION = 0.5
 MIN_VISIBLE_PIXELS = 60
 PLACEMENT_TRIES = 10
 COLOUR_JITTER = 12
 # Objects whose short side reaches this many pixels (at 336 px) get a rim of their colour times RIM_SHADE.
 RIM_MIN_SIDE = 24
 RIM_SHADE = 0.7
+# Background channel values stay in this range: far from black and white objects, and low in saturation.
+BACKGROUND_RANGE = (70.0, 190.0)
 # Amplitude of the fine pixel noise over the whole image, so objects are not perfectly flat.
 PIXEL_NOISE = 4.0
 
@@ -209,7 +213,7 @@ def _star(d: ImageDraw.ImageDraw, w: int, h: int) -> None:
 def _heart(d: ImageDraw.ImageDraw, w: int, h: int) -> None:
     d.ellipse(_box(w, h, 0, 0, 0.54, 0.52), fill=255)
     d.ellipse(_box(w, h, 0.46, 0, 1, 0.52), fill=255)
-    d.polygon(_pts(w, h, [(0.015, 0.34), (0.985, 0.34), (0.5, 1)]), fill=255)
+    d.polygon(_pts(w, h, [(0.0, 0.27), (1.0, 0.27), (0.5, 1)]), fill=255)
 
 
 def _cross(d: ImageDraw.ImageDraw, w: int, h: int) -> None:
@@ -420,13 +424,14 @@ def _crop(field_: np.ndarray, rng: np.random.Generator, h: int, w: int) -> np.nd
 
 def _muted(rng: np.random.Generator) -> np.ndarray:
     grey = rng.uniform(85, 170)
-    return grey + rng.uniform(-18, 18, size=3)
+    return np.clip(grey + rng.uniform(-18, 18, size=3), *BACKGROUND_RANGE)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     kind = int(rng.integers(0, 5))
     a = _muted(rng)
-    b = a + rng.uniform(-30, 30, size=3)
+    # The second tone differs mostly in lightness, so textures stay grey rather than turning into colours.
+    b = np.clip(a + rng.uniform(-32, 32) + rng.uniform(-8, 8, size=3), *BACKGROUND_RANGE)
     if kind == 0:  # plain
         img = np.broadcast_to(a, (size, size, 3)).astype(np.float32)
     elif kind == 1:  # gradient along a random direction
@@ -498,6 +503,9 @@ def generate_scene(world_seed: int, index: int, size: int = BASE_SIZE) -> Scene:
                 longest *= 0.85  # crowded scene: shrink before giving up
             w = max(6, round(longest if aspect >= 1 else longest * aspect))
             h = max(6, round(longest / aspect if aspect >= 1 else longest))
+            short = min(w, h)
+            if short < MIN_SIDE * scale:  # too thin to read: grow to the minimum short side
+                w, h = round(w * MIN_SIDE * scale / short), round(h * MIN_SIDE * scale / short)
             w, h = min(w, size - 4), min(h, size - 4)
             x = int(rng.integers(2, size - w - 1))
             y = int(rng.integers(2, size - h - 1))

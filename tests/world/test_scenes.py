@@ -9,6 +9,7 @@ from mmkit.world.scenes import (
     CATEGORIES,
     COLOURS,
     GROUPS,
+    MIN_VISIBLE_PIXELS,
     Scene,
     category_frequencies,
     cooccurrence,
@@ -52,7 +53,7 @@ def test_truth_consistency(scenes):
         for obj in scene.objects:
             assert obj.category in CATEGORIES and obj.colour in COLOURS
             assert obj.mask.dtype == bool and obj.mask.shape == (336, 336)
-            assert obj.area == obj.mask.sum() > 0
+            assert obj.area == obj.mask.sum() >= MIN_VISIBLE_PIXELS
             x0, y0, x1, y1 = obj.box
             ys, xs = np.nonzero(obj.mask)
             assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x0, y0, x1, y1)
@@ -112,3 +113,13 @@ def test_bad_input():
         generate_scene(-1, 0)
     with pytest.raises(ValueError):
         generate_scene(0, 0, size=10)
+
+
+def test_background_never_looks_like_an_object_colour(scenes):
+    palette = np.array(list(COLOURS.values()), dtype=float)
+    for scene in scenes[:20]:
+        img = np.asarray(scene.image).astype(float)
+        background = ~np.any([o.mask for o in scene.objects], axis=0)
+        pixels = img[background][::7]
+        dist = np.linalg.norm(pixels[:, None] - palette[None], axis=-1).min(axis=1)
+        assert dist.min() > 40, scene.index
