@@ -21,9 +21,17 @@ from mmkit.models.builtin import REFERENCE_DIR
 @click.option("--eval-every", default=None, type=click.IntRange(0), help="Held-out evaluation every N steps (0: end).")
 @click.option("--max-minutes", default=None, type=click.FloatRange(min=0.1),
               help="Stop early (and save) once this much wall time is spent.")
+@click.option("--stop-at", default=None, type=click.IntRange(1), help="Stop after this step (schedule unchanged).")
+@click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
+@click.option("--warmup", default=None, type=click.IntRange(0), help="Linear warm-up steps.")
+@click.option("--init", "init_from", default=None, type=click.Path(exists=True),
+              help="Continue from these weights (HF directory or snapshot .safetensors) instead of from scratch.")
+@click.option("--scene-offset", default=None, type=click.IntRange(0),
+              help="Shift the training scenes (a continued run then sees new scenes).")
 @click.option("--snapshots", default=None, type=click.Path(file_okay=False),
               help="Also save the weights at every evaluation here (fp16 safetensors).")
-def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_every, max_minutes, snapshots):
+def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_every, max_minutes, stop_at, lr, warmup,
+                    init_from, scene_offset, snapshots):
     """Train mmkit's reference LLaVA model from scratch and save it as an HF directory.
 
     Deterministic for a seed on CPU; prints the held-out POPE F1 per split and CHAIR_S at the end.
@@ -36,7 +44,8 @@ def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_eve
     logging.getLogger("mmkit.world.train").setLevel(logging.INFO)
     overrides = {"seed": seed}
     for name, value in (("batch", batch), ("num_workers", workers), ("eval_every", eval_every),
-                        ("max_minutes", max_minutes)):
+                        ("max_minutes", max_minutes), ("stop_at", stop_at), ("lr", lr), ("warmup_steps", warmup),
+                        ("init_from", init_from), ("scene_offset", scene_offset)):
         if value is not None:
             overrides[name] = value
     try:

@@ -69,9 +69,13 @@ class TrainConfig:
     eval_captions: int = 64
     num_workers: int | None = None
     max_minutes: float | None = None
+    # Stop after this many steps while keeping the schedule of the full step count (a cut run, reproducibly).
+    stop_at: int | None = None
     log_every: int = 50
     shuffle_buffer: int = 256
-    keep_snapshots: bool = False
+    init_from: str | None = None
+    # Added to every scene index of the training stream, so a continued run sees new scenes.
+    scene_offset: int = 0
 
     def __post_init__(self) -> None:
         if self.size not in SPECS:
@@ -149,12 +153,13 @@ class WorldStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, phase: str, world_seed: int, grid: int, tokenizer_json: str, num_image_tokens: int,
-                 eos_id: int, seed: int, shuffle_buffer: int = 256, chunk: int = 16) -> None:
+                 eos_id: int, seed: int, shuffle_buffer: int = 256, chunk: int = 16, scene_offset: int = 0) -> None:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         self.phase, self.world_seed, self.grid = phase, world_seed, grid
         self.tokenizer_json, self.num_image_tokens, self.eos_id = tokenizer_json, num_image_tokens, eos_id
         self.seed, self.shuffle_buffer, self.chunk = seed, shuffle_buffer, chunk
+        self.scene_offset = scene_offset
 
     def _items(self, start: int, tokenizer_core) -> Iterator[dict]:
         from mmkit.world.questions import reference_caption, training_examples
@@ -191,7 +196,7 @@ class WorldStream(torch.utils.data.IterableDataset):
         buffer: list[dict] = []
         chunk_index = worker
         while True:
-            start = PHASE_SCENE_OFFSET[self.phase] + chunk_index * self.chunk
+            start = self.scene_offset + PHASE_SCENE_OFFSET[self.phase] + chunk_index * self.chunk
             for item in self._items(start, tokenizer_core):
                 buffer.append(item)
                 if len(buffer) >= self.shuffle_buffer:
@@ -413,7 +418,8 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
 def _loader(phase: str, cfg: TrainConfig, tokenizer, workers: int, batch_size: int):
     spec = cfg.spec
     stream = WorldStream(phase, cfg.world_seed, spec.grid, tokenizer.backend_tokenizer.to_str(),
-                         spec.num_image_tokens, tokenizer.eos_token_id, cfg.seed, cfg.shuffle_buffer)
+                         spec.num_image_tokens, tokenizer.eos_token_id, cfg.seed, cfg.shuffle_buffer,
+                         scene_offset=cfg.scene_offset)
     return torch.utils.data.DataLoader(
         stream, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
         collate_fn=functools.partial(collate, pad_id=tokenizer.pad_token_id),
@@ -443,7 +449,11 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, device: st
     spec = cfg.spec
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer, spec)
-    model = build_model(tokenizer, spec, seed=cfg.seed).to(dev)
+    model = build_model(tokenizer, spec, seed=cfg.seed)
+    if cfg.init_from:
+        # Continue training from earlier weights (an HF directory or a snapshot) instead of a fresh initialisation.
+        _load_weights(model, cfg.init_from)
+    model = model.to(dev)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
         heads = PatchHeads(spec.vision_hidden, len(CATEGORIES), len(COLOURS)).to(dev)
@@ -518,6 +528,10 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, device: st
                 acc_sum, loss_sum, lm_sum, count = 0.0, 0.0, 0.0, 0
             if cfg.eval_every and phase != "vision" and step % cfg.eval_every == 0:
                 run_eval()
+            if cfg.stop_at is not None and step >= cfg.stop_at:
+                logger.info("stopping at step %d (stop_at)", step)
+                stopped_early = True
+                break
             if deadline is not None and time.time() > deadline:
                 logger.warning("stopping at step %d: the time budget of %.1f min is spent", step, cfg.max_minutes)
                 stopped_early = True
@@ -545,6 +559,10 @@ def save_reference(model, processor, out_dir: str | os.PathLike, log: list[dict]
         processor.save_pretrained(tmp)
         if log is not None:
             (tmp / "training_log.json").write_text(json.dumps(log, indent=1))
+        # mkdtemp makes a private directory; the model directory is meant to be shared and shipped.
+        tmp.chmod(0o755)
+        for item in tmp.iterdir():
+            item.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -554,19 +572,30 @@ def save_reference(model, processor, out_dir: str | os.PathLike, log: list[dict]
     return out
 
 
-def load_snapshot(state_path: str | os.PathLike, size: str = "reference"):
-    """Rebuild (model, processor) from an fp16 snapshot written during training, in fp32."""
+def _load_weights(model, source: str | os.PathLike) -> None:
     from safetensors.torch import load_file
 
+    path = Path(source)
+    if path.is_dir():
+        # An HF directory stores keys in the checkpoint layout; from_pretrained maps them to the module names.
+        from transformers import LlavaForConditionalGeneration
+
+        state = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).state_dict()
+    elif path.is_file():
+        state = {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
+    else:
+        raise ValueError(f"cannot initialise from {source}: not an HF model directory or a .safetensors snapshot")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def load_snapshot(state_path: str | os.PathLike, size: str = "reference"):
+    """Rebuild (model, processor) from an fp16 snapshot written during training, in fp32."""
     tokenizer = build_tokenizer()
     spec = SPECS[size]
     model = build_model(tokenizer, spec)
-    state = {k: v.to(torch.float32) for k, v in load_file(str(state_path)).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # lm_head / embeddings are untied; anything missing means the snapshot is from another spec.
-    if missing or unexpected:
-        raise ValueError(f"snapshot {state_path} does not match the {size!r} model: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+    _load_weights(model, state_path)
     return model.eval(), build_processor(tokenizer, spec)
 
 

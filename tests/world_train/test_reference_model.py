@@ -28,9 +28,10 @@ def test_specials_and_round_trip(tokenizer):
     assert tokenizer.pad_token_id == 0 and tokenizer.bos_token_id == 1 and tokenizer.eos_token_id == 2
     ids = tokenizer("yes").input_ids
     assert ids[0] == tokenizer.bos_token_id and tokenizer.decode(ids, skip_special_tokens=True) == "yes"
-    from mmkit.world.scenes import CATEGORIES, COLOURS
+    from mmkit.world.questions import reference_caption
+    from mmkit.world.scenes import generate_scene
 
-    text = f"A {COLOURS[0]} {CATEGORIES[0]} and a {COLOURS[1]} {CATEGORIES[1]}."
+    text = reference_caption(generate_scene(0, 3))
     encoded = tokenizer(text, add_special_tokens=False).input_ids
     assert tokenizer.unk_token_id not in encoded
     assert tokenizer.decode(encoded) == text
@@ -156,3 +157,51 @@ def test_tiny_training_is_deterministic(tmp_path):
     second, _, _ = train(cfg, device="cpu")
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_continued_training_and_stop_at(tmp_path):
+    """`init_from` starts from saved weights (not a fresh init) and `stop_at` cuts the run at that step."""
+    from dataclasses import replace
+
+    from mmkit.world.train import TINY_CONFIG, save_reference, train
+
+    cfg = replace(TINY_CONFIG, vision_steps=1, align_steps=1, instruct_steps=1, eval_scenes=0, num_workers=0,
+                  vision_batch=2, batch=2, shuffle_buffer=2)
+    first, processor, _ = train(cfg, device="cpu")
+    save_reference(first, processor, tmp_path / "first")
+    cut, _, log = train(replace(cfg, instruct_steps=5, stop_at=2), device="cpu")
+    assert log[-1]["step"] == 2 and log[-1]["stopped_early"]
+    # Zero steps of training from the saved weights must give the saved weights back exactly.
+    continued, _, _ = train(replace(cfg, vision_steps=0, align_steps=0, instruct_steps=1, stop_at=None, lr=1e-12,
+                                    init_from=str(tmp_path / "first"), seed=5), device="cpu")
+    fresh = dict(train(replace(cfg, seed=5, vision_steps=0, align_steps=0, lr=1e-12), device="cpu")[0].named_parameters())
+    name, param = next(iter(continued.named_parameters()))
+    torch.testing.assert_close(param, dict(first.named_parameters())[name], atol=1e-6, rtol=0)
+    assert not torch.allclose(param, fresh[name])
+
+
+@pytest.mark.slow
+def test_shipped_reference_model_loads_and_answers():
+    """The shipped directory loads with stock classes and answers held-out POPE questions well above chance."""
+    from pathlib import Path
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from mmkit.models.builtin import REFERENCE_DIR
+    from mmkit.world.train import evaluate
+
+    if not (Path(REFERENCE_DIR) / "model.safetensors").is_file():
+        pytest.skip("reference weights are not installed")
+    model = LlavaForConditionalGeneration.from_pretrained(REFERENCE_DIR).eval()
+    processor = AutoProcessor.from_pretrained(REFERENCE_DIR)
+    from mmkit.world.scenes import generate_scene
+
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a cup?"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(images=[generate_scene(1, 0).image], text=[text], return_tensors="pt")
+    assert int((inputs.input_ids == model.config.image_token_id).sum()) == model.config.image_seq_length == 576
+    result = evaluate(model, processor.tokenizer, world_seed=1, n_scenes=2, n_captions=0, batch_size=16)
+    accuracy = sum(m["accuracy"] * m["n"] for m in result.pope.values()) / sum(m["n"] for m in result.pope.values())
+    assert accuracy >= 0.7, result.summary()
