@@ -4,14 +4,15 @@ import json
 
 import click
 
-from mmkit.models.builtin import REFERENCE_DIR
+# Not the shipped directory: retraining must not silently replace the embedded model; pass --out to do that.
+DEFAULT_OUT = "runs/reference-model"
 
 
 @click.command("train-reference")
-@click.option("--out", "out_dir", default=str(REFERENCE_DIR), show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", default=DEFAULT_OUT, show_default=True, type=click.Path(file_okay=False),
               help="Directory to write the HF model to (replaced if it exists).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of initialisation and data order.")
-@click.option("--tiny", is_flag=True, help="Train a very small model (144 visual tokens) in about a minute on CPU.")
+@click.option("--tiny", is_flag=True, help="Train a very small model (144 visual tokens) in under a minute on CPU.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
               help="Where to train (default: cuda if available).")
 @click.option("--steps", default=None, metavar="V,A,I|N",
