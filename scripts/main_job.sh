@@ -1,25 +1,14 @@
 #!/usr/bin/env bash
-# The main job of `make run`: a generation on the built-in tiny-random model, baseline and FastV side by side.
+# The main job of `make run`: POPE on the embedded reference model, baseline and FastV side by side, then the
+# report table and plot. Runs are resumable: re-running `make run` reuses finished samples in runs/.
 set -euo pipefail
 MMKIT=.venv/bin/mmkit
-PY=.venv/bin/python
-mkdir -p runs
-$PY - <<'PY'
-from PIL import Image, ImageDraw
-img = Image.new("RGB", (336, 336), (40, 60, 80))
-d = ImageDraw.Draw(img)
-d.ellipse((40, 40, 150, 150), fill=(220, 40, 40))
-d.rectangle((190, 180, 300, 290), fill=(40, 200, 60))
-img.save("runs/demo.png")
-PY
-for spec in "" "fastv:layer=2,keep=0.25"; do
-  args=(generate --model tiny-random --image runs/demo.png --prompt "Describe the image in detail." --max-new-tokens 16 --json)
-  [ -n "$spec" ] && args+=(--method "$spec")
-  $MMKIT "${args[@]}"
-done | $PY -c '
-import json, sys
-rows = [json.loads(line) for line in sys.stdin]
-print(f"{\"methods\":<28} {\"visual tokens\":>13} {\"kept (mean/layer)\":>18} {\"prefill ms\":>11}  answer")
-for r in rows:
-    print(f"{\",\".join(r[\"methods\"]) or \"baseline\":<28} {r[\"visual_tokens\"]:>13} {r[\"visual_tokens_kept\"]:>18.1f} {r[\"prefill_ms\"]:>11.1f}  {r[\"text\"]!r}")
-'
+LIMIT=${LIMIT:-300}
+OUT=${OUT:-runs/main}
+mkdir -p "$OUT"
+$MMKIT eval --model reference --bench pope --split random --limit "$LIMIT" --out "$OUT/baseline" >/dev/null
+$MMKIT eval --model reference --bench pope --split random --limit "$LIMIT" \
+       --method fastv:layer=2,keep=0.25 --out "$OUT/fastv-0.25" >/dev/null
+$MMKIT eval --model reference --bench pope --split random --limit "$LIMIT" \
+       --method fastv:layer=2,keep=0.1 --out "$OUT/fastv-0.1" >/dev/null
+$MMKIT report "$OUT/baseline" "$OUT/fastv-0.25" "$OUT/fastv-0.1" --plot "$OUT/pareto.png"

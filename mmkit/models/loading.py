@@ -85,6 +85,8 @@ def _from_pretrained(name: str, torch_dtype):
     import transformers
 
     cls = getattr(transformers, arch)
+    if not logger.isEnabledFor(logging.INFO):
+        transformers.utils.logging.disable_progress_bar()  # per-tensor loading bars are noise in CLI output
     try:
         hf_model = cls.from_pretrained(name, dtype=torch_dtype) if torch_dtype else cls.from_pretrained(name)
         processor = AutoProcessor.from_pretrained(name)
