@@ -1,0 +1,394 @@
+"""Reduce visual tokens before the language model (vision-side pruning and merging, e.g. VisionZip, VFlowOpt).
+
+How it works on LLaVA (no copied forward, no module swaps):
+
+1. Vision side. `VisionLayerCapture` puts scoped forward hooks on one CLIP encoder layer and records, for the
+   latest image encoding (`generate` encodes images before its prefill forward), that layer's q/k projections and its output (the hidden states LLaVA selects as image
+   features when the layer is `vision_feature_layer`). A method ranks/merges tokens from these.
+2. Projector. A forward pre-hook on `multi_modal_projector` hands the image features (I, N, C) about to be
+   projected to the method's `plan_fn`, which returns a `ReductionPlan`: per image, which of its N tokens enter
+   the LLM and in what order, plus optionally edited features (merged tokens are written into the slots they
+   will occupy, so merging happens in the vision feature space, before the projector, as the papers do). The
+   token count is unchanged here, so LLaVA's placeholder check still holds.
+3. Language model. A forward pre-hook on `language_model` receives the `inputs_embeds` with the projected image
+   features already scattered into the image-token positions, and replaces them (with the 2-D attention mask
+   and position ids) by the reduced sequence: every text token, and each image's kept tokens in the plan's
+   order inside that image's span. Rows that keep different numbers of tokens are left padded, so the reduced
+   batch looks like an ordinary left-padded batch to the decoder.
+
+Positions: "contiguous" renumbers the reduced sequence 0..m-1 (what feeding a shorter image to the LLM does,
+VisionZip); "original" keeps each kept token's original position id (VFlowOpt).
+
+Decoding: the generate loop keeps growing the original 2-D mask (prompt length n), while the KV cache holds the
+m reduced prefill tokens. Each decoding step the mask is re-indexed to the reduced prefill mask followed by the
+decoded part, and position ids are shifted by each row's number of removed positions ("contiguous"), so the
+cache, mask and positions agree token for token. Static caches (4-D masks built by `generate`) are refused with
+a clear error.
+
+Context: while the decoder runs on the reduced sequence, `session.context.image_mask` / `.attention_mask` are
+those of the reduced sequence (so LLM-side methods such as `TokenDropper` work in the coordinates they see) and
+the context's per-prefill callbacks are run again; after the language model returns they are restored to the
+prompt's, so statistics compare kept tokens with the prompt's visual tokens. Kept-token counts are recorded for
+every decoder layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from mmkit.patching.context import ForwardContext
+
+Positions = Literal["contiguous", "original"]
+
+
+@dataclass
+class ReductionPlan:
+    """What enters the LLM for each image of the batch (images in feature order).
+
+    order: (I, k) long, indices into each image's N feature tokens, in the order they take in the sequence.
+    valid: (I, k) bool or None; False marks unused slots of images that keep fewer than k tokens.
+    features: (I, N, C) edited pre-projector features (merged tokens written into their slots) or None.
+    """
+
+    order: torch.Tensor
+    valid: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+
+
+# plan_fn(features (I, N, C) about to be projected) -> ReductionPlan
+PlanFn = Callable[[torch.Tensor], ReductionPlan]
+
+
+def check_supported(adapter) -> None:
+    """Raise a clear error for models whose image-token layout the pre-LLM reduction cannot map."""
+    if adapter.architecture != "LlavaForConditionalGeneration":
+        raise ValueError(
+            f"vision-side token reduction supports LlavaForConditionalGeneration (LLaVA-1.5 layout) only; "
+            f"{adapter.architecture} packs tiles and row newlines into its image tokens, use an LLM-side method "
+            f"(fastv, pyramiddrop, sparsevlm) instead"
+        )
+    layer = adapter.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"vision-side token reduction needs a single vision_feature_layer, this model uses {layer}")
+
+
+def vision_encoder_layers(adapter) -> torch.nn.ModuleList:
+    tower = adapter.vision_tower
+    encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+    layers = getattr(encoder, "layers", None)
+    if layers is None or not hasattr(layers[0], "self_attn") or not hasattr(layers[0].self_attn, "k_proj"):
+        raise ValueError(f"vision tower {type(tower).__name__} has no CLIP-style encoder layers with q/k projections")
+    return layers
+
+
+def feature_layer_index(adapter) -> int:
+    """Index of the vision encoder layer whose output LLaVA uses as image features (`vision_feature_layer`).
+
+    `hidden_states[0]` is the embedding output and `hidden_states[i]` the output of layer i-1.
+    """
+    num = len(vision_encoder_layers(adapter))
+    layer = adapter.vision_feature_layer
+    hs_index = layer if layer >= 0 else num + 1 + layer
+    if not 1 <= hs_index <= num:
+        raise ValueError(f"vision_feature_layer={layer} does not select an encoder layer output (encoder has {num})")
+    return hs_index - 1
+
+
+def visual_tokens_per_image(adapter) -> int:
+    """Image tokens one image contributes (patch grid, plus CLS for the "full" feature strategy)."""
+    vc = adapter.config.vision_config
+    n = (int(vc.image_size) // int(vc.patch_size)) ** 2
+    return n if adapter.vision_feature_select_strategy == "default" else n + 1
+
+
+class VisionLayerCapture:
+    """Scoped hooks recording one vision encoder layer's q/k projections and output, and the pixel values, of
+    the latest image encoding. `remove()` detaches them."""
+
+    def __init__(self, adapter, layer_index: int, pixels: bool = False):
+        layers = vision_encoder_layers(adapter)
+        self.layer = layers[layer_index]
+        self.attn = self.layer.self_attn
+        self.num_heads = int(self.attn.num_heads)
+        self.scale = float(self.attn.scale)
+        self.q: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None
+        self.out: torch.Tensor | None = None
+        self.pixel_values: torch.Tensor | None = None
+        self._handles = [
+            self.attn.q_proj.register_forward_hook(self._store("q")),
+            self.attn.k_proj.register_forward_hook(self._store("k")),
+            self.layer.register_forward_hook(self._store("out")),
+        ]
+        if pixels:
+            self._handles.append(adapter.vision_tower.register_forward_pre_hook(self._store_pixels, with_kwargs=True))
+
+    def _store(self, name: str):
+        def hook(module, args, output):
+            setattr(self, name, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    def _store_pixels(self, module, args, kwargs):
+        self.pixel_values = args[0] if args else kwargs.get("pixel_values")
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The captured (q, k, out), each (I, T, C), cleared so a stale capture is never reused."""
+        if self.q is None or self.k is None or self.out is None:
+            raise RuntimeError("the vision layer was not run in this prefill; cannot rank its tokens")
+        q, k, out = self.q, self.k, self.out
+        self.q = self.k = self.out = None
+        return q, k, out
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(I, T, C) -> (I, H, T, D) float32."""
+        i, t, c = x.shape
+        return x.float().view(i, t, self.num_heads, c // self.num_heads).transpose(1, 2)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def query_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention probabilities (I, H, Lq, T) of queries q (I, H, Lq, D) over keys k (I, H, T, D).
+
+    CLIP's vision attention is unmasked, so this is exactly the row the layer computed (in float32).
+    """
+    return torch.softmax(torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale, dim=-1)
+
+
+@dataclass
+class _DecodeState:
+    keep: torch.Tensor       # (B, m) original positions of the reduced sequence
+    mask: torch.Tensor       # (B, m) 2-D padding mask of the reduced prefill
+    prompt_len: int          # n
+    shift: torch.Tensor      # (B,) original position - reduced position of the last prefill token
+
+
+class PreLLMReducer:
+    """Hooks that reduce the image tokens of every prefill per the plans of `plan_fn`; `remove()` detaches them.
+
+    `after_reduce(reducer)` callbacks run once the reduced sequence is known (before the first decoder layer).
+    """
+
+    def __init__(self, session, plan_fn: PlanFn, positions: Positions = "contiguous"):
+        if positions not in ("contiguous", "original"):
+            raise ValueError(f"positions must be 'contiguous' or 'original', got {positions!r}")
+        check_supported(session.adapter)
+        self.ctx: ForwardContext = session.context
+        self.plan_fn = plan_fn
+        self.positions = positions
+        self.num_layers = session.adapter.num_layers
+        self._plan: ReductionPlan | None = None
+        self._tokens_per_image = 0
+        self._decode: _DecodeState | None = None
+        self._saved: tuple | None = None
+        # Per slot of the reduced prefill: image index (-1 for text) and rank in that image's plan order.
+        self.slot_image: torch.Tensor | None = None
+        self.slot_rank: torch.Tensor | None = None
+        self.after_reduce: list[Callable[["PreLLMReducer"], None]] = []
+        model = session.model.model
+        lm = session.adapter.language_model
+        self._handles = [
+            model.multi_modal_projector.register_forward_pre_hook(self._projector_hook),
+            lm.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True),
+            lm.register_forward_hook(self._lm_post_hook, with_kwargs=True),
+        ]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._restore_context()
+
+    # -- projector ---------------------------------------------------------------------------------------------
+    def _projector_hook(self, module, args):
+        # Not gated on `ctx.prefill`: `generate` encodes the images before its prefill forward and passes them in
+        # as `mm_encoder_outputs`. The plan waits for the next prefill of the language model.
+        features = args[0]
+        plan = self.plan_fn(features)
+        if plan.order.dim() != 2 or plan.order.shape[0] != features.shape[0]:
+            raise RuntimeError(f"plan order must be (images, k), got {tuple(plan.order.shape)}")
+        self._plan = plan
+        self._tokens_per_image = int(features.shape[1])
+        if plan.features is not None:
+            return (plan.features.to(features.dtype),) + tuple(args[1:])
+        return None
+
+    # -- language model ------------------------------------------------------------------------------------------
+    def _lm_pre_hook(self, module, args, kwargs):
+        if args:
+            raise RuntimeError("the language model was called with positional inputs; pass inputs_embeds by keyword")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise RuntimeError(
+                "vision-side token reduction does not support static KV caches or 4-D attention masks; "
+                "use the default dynamic cache"
+            )
+        if self.ctx.prefill:
+            self._decode = None
+            plan, self._plan = self._plan, None
+            image_mask = self.ctx.image_mask
+            if image_mask is None or not bool(image_mask.any()):
+                return None
+            if plan is None:
+                raise RuntimeError("image tokens reached the language model without a reduction plan "
+                                   "(their features were not computed by this model's projector)")
+            return args, self._reduce_prefill(kwargs, plan, image_mask)
+        if self._decode is not None:
+            return args, self._decode_kwargs(kwargs)
+        return None
+
+    def _lm_post_hook(self, module, args, kwargs, output):
+        self._restore_context()
+        return None
+
+    def _restore_context(self) -> None:
+        if self._saved is not None:
+            self.ctx.image_mask, self.ctx.attention_mask = self._saved
+            self._saved = None
+
+    def _reduce_prefill(self, kwargs: dict, plan: ReductionPlan, image_mask: torch.Tensor) -> dict:
+        embeds = kwargs["inputs_embeds"]
+        device = embeds.device
+        batch, n, d = embeds.shape
+        image_mask = image_mask.to(device)
+        keep, valid, slot_image, slot_rank = sequence_selection(
+            image_mask, plan.order.to(device), None if plan.valid is None else plan.valid.to(device),
+            self._tokens_per_image,
+        )
+        m = keep.shape[1]
+        mask2d = kwargs.get("attention_mask")
+        had_mask = mask2d is not None
+        full = mask2d.to(device).bool() if had_mask else torch.ones(batch, n, dtype=torch.bool, device=device)
+        new_mask = full.gather(1, keep)
+        if valid is not None:
+            new_mask = new_mask & valid
+        pos = kwargs.get("position_ids")
+        pos = torch.arange(n, device=device)[None].expand(batch, n) if pos is None else pos.to(device).expand(batch, n)
+        kept_pos = pos.gather(1, keep)
+        if self.positions == "original":
+            new_pos = kept_pos
+        else:
+            # Real kept tokens are renumbered consecutively from the row's first real position; padding keeps
+            # whatever it had (it is masked).
+            start = torch.where(full, pos, torch.full_like(pos, torch.iinfo(pos.dtype).max)).min(1).values
+            new_pos = torch.where(new_mask, start[:, None] + new_mask.long().cumsum(1) - 1, kept_pos)
+        kwargs = dict(kwargs)
+        kwargs["inputs_embeds"] = embeds.gather(1, keep[..., None].expand(batch, m, d))
+        # Always pass a 2-D mask: with gaps in the position ids and no mask, transformers would take the rows for
+        # packed sequences. An all-ones mask is turned into SDPA's is_causal path exactly like no mask.
+        kwargs["attention_mask"] = new_mask.to(mask2d.dtype) if had_mask else new_mask.long()
+        kwargs["position_ids"] = new_pos
+        self._decode = _DecodeState(keep=keep, mask=kwargs["attention_mask"], prompt_len=n,
+                                    shift=pos[:, -1] - new_pos[:, -1])
+        self.slot_image, self.slot_rank = slot_image, slot_rank
+        self._update_context(image_mask, keep, new_mask, had_mask or valid is not None)
+        for callback in list(self.after_reduce):
+            callback(self)
+        return kwargs
+
+    def _update_context(self, image_mask, keep, new_mask, has_mask) -> None:
+        ctx = self.ctx
+        self._saved = (ctx.image_mask, ctx.attention_mask)
+        reduced_image = image_mask.gather(1, keep) & new_mask
+        ctx.image_mask = reduced_image
+        ctx.attention_mask = new_mask.long() if has_mask else None
+        # LLM-side methods reset per-prefill state from the sequence they will see: run their callbacks again on
+        # the reduced context.
+        for callback in list(ctx._on_prefill.values()):
+            callback(ctx)
+        visual = reduced_image.sum(1)
+        tokens = new_mask.sum(1)
+        for layer in range(self.num_layers):
+            ctx.record_layer(layer, visual, tokens)
+
+    def _decode_kwargs(self, kwargs: dict) -> dict:
+        state = self._decode
+        kwargs = dict(kwargs)
+        embeds = kwargs.get("inputs_embeds")
+        q = embeds.shape[1]
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if mask.shape[1] != state.prompt_len + past - state.keep.shape[1] + q:
+                raise RuntimeError(f"decoding mask of length {mask.shape[1]} does not extend the {state.prompt_len}-token "
+                                   f"prompt by the cached and new tokens")
+            kwargs["attention_mask"] = torch.cat([state.mask.to(mask.dtype), mask[:, state.prompt_len:]], dim=1)
+        elif not bool(state.mask.bool().all()):
+            extra = past + q - state.mask.shape[1]
+            kwargs["attention_mask"] = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], extra)], 1)
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            # What the unreduced model would have used: the cache holds n - m fewer tokens than it would.
+            removed = state.prompt_len - state.keep.shape[1]
+            pos = (torch.arange(q, device=embeds.device) + past + removed)[None]
+        kwargs["position_ids"] = pos.to(embeds.device) - state.shift[:, None]
+        return kwargs
+
+    # -- helpers for methods ---------------------------------------------------------------------------------------
+    def gather_image_values(self, values: torch.Tensor, fill: float = float("nan")) -> torch.Tensor:
+        """Map per-image values (I, k), aligned with the last plan's order, to the reduced prefill (B, m);
+        text and padding slots get `fill`."""
+        if self.slot_image is None:
+            raise RuntimeError("no reduced prefill yet")
+        img = self.slot_image.clamp(min=0)
+        rank = self.slot_rank.clamp(min=0)
+        out = values.to(img.device)[img, rank].float()
+        return torch.where(self.slot_image >= 0, out, torch.full_like(out, fill))
+
+
+def sequence_selection(image_mask: torch.Tensor, order: torch.Tensor, valid: torch.Tensor | None,
+                       tokens_per_image: int):
+    """Reduced-sequence layout from per-image plans.
+
+    image_mask (B, n): image-token positions (each image is a run of `tokens_per_image` tokens, images in
+    row-major order). Returns keep (B, m) original positions (left padded: padded slots first), valid (B, m) or
+    None, and per slot the image index and plan rank (-1 for non-image slots).
+    """
+    batch, n = image_mask.shape
+    device = image_mask.device
+    n_images, k = order.shape
+    total = int(image_mask.sum())
+    if total != n_images * tokens_per_image:
+        raise RuntimeError(
+            f"{total} image tokens in the prompt but {n_images} images of {tokens_per_image} features; "
+            f"each image must be one run of {tokens_per_image} tokens"
+        )
+    # rank_table[i, j] = slot of token j of image i in the plan order, -1 if dropped.
+    plan_ok = torch.ones_like(order, dtype=torch.bool) if valid is None else valid
+    # Unused plan slots scatter into a spare last column, dropped afterwards.
+    rank_table = torch.full((n_images, tokens_per_image + 1), -1, dtype=torch.long, device=device)
+    ranks = torch.arange(k, device=device).expand(n_images, k)
+    rank_table.scatter_(1, torch.where(plan_ok, order, tokens_per_image), ranks)
+    rank_table = rank_table[:, :tokens_per_image]
+    flat = image_mask.reshape(-1)
+    flat_rank = flat.long().cumsum(0) - 1
+    image_id = torch.where(flat, flat_rank // tokens_per_image, 0).view(batch, n)
+    within = torch.where(flat, flat_rank % tokens_per_image, 0).view(batch, n)
+    rank = torch.where(image_mask, rank_table[image_id, within], -1)
+    pos = torch.arange(n, device=device)[None].expand(batch, n)
+    big = torch.iinfo(torch.long).max
+    # Kept image token: placed at its image's start + its plan rank (inside the image's span, so text order and
+    # the image's place in the prompt are kept).
+    sort_key = torch.where(image_mask, torch.where(rank >= 0, pos - within + rank, big), pos)
+    order_idx = torch.sort(sort_key, dim=1, stable=True).indices
+    per_row = (sort_key != big).sum(1)
+    m = int(per_row.max())  # one host read per prefill: the reduced length sets tensor shapes
+    chosen = order_idx[:, :m]
+    slot_ok = torch.arange(m, device=device)[None, :] < per_row[:, None]
+    # Padded slots first, like left padding: the last slot stays each row's last real token.
+    perm = torch.sort(torch.where(slot_ok, torch.arange(m, device=device), torch.arange(m, device=device) - m),
+                      dim=1).indices
+    keep = chosen.gather(1, perm)
+    slot_ok = slot_ok.gather(1, perm)
+    is_image = image_mask.gather(1, keep) & slot_ok
+    slot_image = torch.where(is_image, image_id.gather(1, keep), -1)
+    slot_rank = torch.where(is_image, rank.gather(1, keep), -1)
+    return keep, (None if bool(slot_ok.all()) else slot_ok), slot_image, slot_rank
