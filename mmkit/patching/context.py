@@ -20,6 +20,7 @@ class ForwardContext:
     image_token_id: int
     prefill: bool = False
     image_mask: torch.Tensor | None = None          # (B, n) bool, positions of image tokens in the prefill
+    image_counts: list[int] = field(default_factory=list)  # image tokens per row, on the host
     attention_mask: torch.Tensor | None = None      # (B, n) 2-D padding mask of the prefill, if any
     prefill_ms: float | None = None
     # Per decoder layer: visual tokens and all tokens each row carried through that layer in the last prefill.
@@ -53,6 +54,8 @@ class ForwardContext:
         batch, n = input_ids.shape
         real = attention_mask.sum(1) if attention_mask is not None else torch.full((batch,), n, device=input_ids.device)
         visual = self.image_mask.sum(1)
+        # Read once here, before any model work is queued, so methods can size tensors without stalling the GPU.
+        self.image_counts = visual.tolist()
         self.visual_per_layer = [visual] * self.num_layers
         self.tokens_per_layer = [real] * self.num_layers
         for callback in list(self._on_prefill.values()):

@@ -14,7 +14,7 @@ positions followed by the decoded ones, so the cache stays consistent token for 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -36,10 +36,12 @@ Selector = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], Se
 
 
 def keep_top_visual(scores: torch.Tensor, image_mask: torch.Tensor, keep_counts: torch.Tensor,
-                    valid: torch.Tensor | None = None) -> Selection:
+                    valid: torch.Tensor | None = None, host_per_row: Sequence[int] | None = None) -> Selection:
     """Keep every non-image token and the `keep_counts[b]` highest-scoring image tokens of each row.
 
-    Ties are broken towards the earlier position (stable sort), so selection is deterministic.
+    Ties are broken towards the earlier position (stable sort), so selection is deterministic. `host_per_row`, the
+    number of tokens each row keeps, if the caller already knows it on the host, spares the one device-to-host read
+    that sizes the result (which would stall the GPU queue in the middle of the prefill).
     """
     batch, n = scores.shape
     is_image = image_mask if valid is None else image_mask & valid
@@ -47,9 +49,16 @@ def keep_top_visual(scores: torch.Tensor, image_mask: torch.Tensor, keep_counts:
     rank_key = torch.where(is_image, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
     rank_key = torch.where(other, torch.full_like(rank_key, float("inf")), rank_key)
     order = torch.sort(rank_key, dim=1, descending=True, stable=True).indices
-    per_row = other.sum(1) + torch.minimum(keep_counts, is_image.sum(1))
-    m = int(per_row.max())  # one host read per prefill: the kept length sets tensor shapes
+    if host_per_row is not None:
+        m, uniform = max(host_per_row), min(host_per_row) == max(host_per_row)
+        per_row = torch.tensor(list(host_per_row), device=scores.device)
+    else:
+        per_row = other.sum(1) + torch.minimum(keep_counts, is_image.sum(1))
+        m = int(per_row.max())  # the kept length sets tensor shapes
+        uniform = None
     chosen = order[:, :m]
+    if uniform:
+        return Selection(keep=chosen.sort(dim=1).values, valid=None)
     slot_ok = torch.arange(m, device=scores.device)[None, :] < per_row[:, None]
     # Padded slots point at dropped positions. Put them first, like left padding: kept tokens stay in order and
     # the last position is still each row's last real token, whose logits generation reads.
@@ -57,7 +66,9 @@ def keep_top_visual(scores: torch.Tensor, image_mask: torch.Tensor, keep_counts:
     perm = torch.sort(sort_key, dim=1).indices
     keep = chosen.gather(1, perm)
     slot_ok = slot_ok.gather(1, perm)
-    return Selection(keep=keep, valid=None if bool(slot_ok.all()) else slot_ok)
+    if uniform is None:
+        uniform = bool(slot_ok.all())
+    return Selection(keep=keep, valid=None if uniform else slot_ok)
 
 
 class TokenDropper:

@@ -69,9 +69,12 @@ class FastVHandle:
     def _select(self, layer_idx, hidden, image_mask, valid):
         if self.scores is None:
             raise RuntimeError("fastv: no attention scores were recorded before the drop layer")
-        n_image = image_mask.sum(1)
-        keep_counts = torch.ceil(n_image.float() * self.config.keep).long()
-        selection = keep_top_visual(self.scores, image_mask, keep_counts, valid)
+        # FastV drops once, on the prompt as it came in, so per-row counts are known on the host.
+        n = image_mask.shape[1]
+        counts = [min(math.ceil(c * self.config.keep), c) for c in self._ctx.image_counts]
+        keep_counts = torch.tensor(counts, device=image_mask.device)
+        host_per_row = [n - c + k for c, k in zip(self._ctx.image_counts, counts)]
+        selection = keep_top_visual(self.scores, image_mask, keep_counts, valid, host_per_row=host_per_row)
         self.scores = None
         return selection
 
