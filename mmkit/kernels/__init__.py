@@ -1,5 +1,11 @@
-"""Kernels with a torch reference each; Triton on CUDA, the reference elsewhere. Importing never needs CUDA."""
+"""mmkit kernels: each op has a torch reference and, where it pays, a Triton kernel picked on CUDA.
 
-from mmkit.kernels.attention_mass.ref import subset_attention_mass_ref as subset_attention_mass
+Importing this package never imports triton and never touches CUDA; `dispatch.choose_backend` decides per call
+(`MMKIT_KERNEL_BACKEND=torch|triton` overrides it).
+"""
 
-__all__ = ["subset_attention_mass"]
+from mmkit.kernels.attention_mass.op import subset_attention_mass
+from mmkit.kernels.compaction.op import Compaction, gather_tokens, kept_count, topk_compact
+from mmkit.kernels.dispatch import choose_backend
+
+__all__ = ["Compaction", "choose_backend", "gather_tokens", "kept_count", "subset_attention_mass", "topk_compact"]
