@@ -28,6 +28,8 @@ def eval_command(model, bench, split, methods, limit, batch_size, decoding, seed
     result = run_eval(model=model, bench=bench, split=split, methods=methods, limit=limit, batch_size=batch_size,
                       decoding=decoding, seed=seed, world_seed=world_seed, out=out, max_new_tokens=max_new_tokens,
                       device=device, dtype=dtype, progress=not no_progress)
+    if not result:
+        return  # a non-zero rank of a multi-process run: rank 0 merges and reports
     click.echo(report_table([result]))
     if out:
         click.echo(f"wrote {out}/results.json", err=True)

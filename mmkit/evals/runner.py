@@ -121,22 +121,36 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
         raise MmkitError(f"--batch-size must be >= 1, got {batch_size}")
     limit = spec.default_limit if limit is None else limit
     max_new_tokens = max_new_tokens or spec.max_new_tokens
+    rank, world, state = _process_shard()
     if session is None:
         import mmkit
 
+        if state is not None and device is None:
+            device = state.device  # one GPU per process under accelerate launch
         session = mmkit.load(model, methods=list(methods), device=device, dtype=dtype)
     method_specs = [h.spec for h in session.methods]
     settings = _settings(session.source or model, bench, split, method_specs, limit, decoding, seed, world_seed,
                          max_new_tokens)
     questions = select_questions(bench, split, world_seed, limit)
 
+    if world > 1 and out is None:
+        raise MmkitError("a multi-process evaluation needs --out: the processes merge their samples there")
     store = None
+    done: set[str] = set()
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        _check_resume(out, settings)
-        store = ResumableJsonl(out / "samples.jsonl")
-    done = set(store.done()) if store is not None else set()
+        if rank == 0:
+            _check_resume(out, settings)
+        if state is not None:
+            state.wait_for_everyone()
+        if rank != 0:
+            _check_resume(out, settings)
+        # Every process skips what any process already finished (a resume may use another process count), but
+        # each appends only to its own file.
+        store = ResumableJsonl(out / _samples_name(rank, world))
+        for other in sorted(out.glob("samples*.jsonl")):
+            done |= store.done() if other.name == store.path.name else ResumableJsonl(other).done()
     records: list[dict[str, Any]] = [] if store is None else list(store.records())
 
     from mmkit.world.scenes import generate_scene
@@ -146,6 +160,8 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
     bar = tqdm(total=len(questions), initial=len(done), desc=f"{bench}/{split}", unit="q", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
     for chunk_idx, chunk in enumerate(chunks):
+        if chunk_idx % world != rank:
+            continue  # another process's shard; chunks (and so batches and seeds) are the same for any count
         todo = [q for q in chunk if q.qid not in done]
         if not todo:
             continue
@@ -175,6 +191,12 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
         bar.update(len(new_records))
     bar.close()
 
+    if world > 1:
+        state.wait_for_everyone()
+        if rank != 0:
+            return {}
+    if out is not None:
+        records = _merged_records(out, questions)
     adapter = session.adapter
     bytes_per_el = torch.finfo(session.dtype).bits // 8
     result = {
@@ -191,6 +213,50 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
     if out is not None:
         atomic_write_json(out / "results.json", result)
     return result
+
+
+class _Group:
+    """The process group of a `torchrun` / `accelerate launch` evaluation (gloo on CPU, nccl on GPUs)."""
+
+    def __init__(self):
+        import torch
+        import torch.distributed as dist
+
+        self.dist = dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+
+    def wait_for_everyone(self) -> None:
+        self.dist.barrier()
+
+
+def _process_shard():
+    """(rank, world size, group) under `torchrun` / `accelerate launch`; (0, 1, None) in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    group = _Group()
+    return group.rank, group.world, group
+
+
+def _samples_name(rank: int, world: int) -> str:
+    return "samples.jsonl" if world == 1 else f"samples.rank{rank}.jsonl"
+
+
+def _merged_records(out: Path, questions) -> list[dict[str, Any]]:
+    """All processes' records, one per question, in question order."""
+    from mmkit.evals.io import ResumableJsonl
+
+    by_qid: dict[str, dict[str, Any]] = {}
+    for path in sorted(out.glob("samples*.jsonl")):
+        for record in ResumableJsonl(path).records():
+            by_qid.setdefault(record["qid"], record)
+    missing = [q.qid for q in questions if q.qid not in by_qid]
+    if missing:
+        raise MmkitError(f"{len(missing)} samples are missing after the run (first: {missing[0]}); run it again")
+    return [by_qid[q.qid] for q in questions]
 
 
 def format_result_row(result: dict[str, Any]) -> str:
