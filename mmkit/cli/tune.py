@@ -1,0 +1,46 @@
+"""`mmkit tune`: calibrate methods whose hyper-parameters are searched per model and token budget."""
+
+import click
+
+from mmkit.cli.options import device_option, dtype_option, model_option
+
+
+@click.group("tune")
+def tune():
+    """Search a method's hyper-parameters on calibration data and save them."""
+
+
+@tune.command("vflowopt")
+@model_option
+@click.option("--budget", type=float, required=True,
+              help="Mean share of visual tokens per decoder layer, e.g. 0.25.")
+@click.option("--out", "out", required=True, help="JSON file to write; load it with --method vflowopt:config=PATH.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Search seed (same seed, same result).")
+@click.option("--samples", type=int, default=16, show_default=True, help="Calibration samples.")
+@click.option("--trials", type=int, default=32, show_default=True, help="Configurations evaluated.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@device_option
+@dtype_option
+def vflowopt(model, budget, out, seed, samples, trials, batch_size, device, dtype):
+    """Tune VFlowOpt for a token budget by minimising the change of the last prompt token's final hidden state."""
+    import mmkit
+    from mmkit.errors import MmkitError
+    from mmkit.pruning.vflowopt import save_config, tune_vflowopt
+
+    session = mmkit.load(model, device=device, dtype=dtype)
+
+    def progress(trial, distance, best):
+        click.echo(f"trial {trial + 1}/{trials}: distance {distance:.5f} (best {best:.5f})", err=True)
+
+    try:
+        config, record = tune_vflowopt(session, budget, samples=samples, trials=trials, seed=seed,
+                                       batch_size=batch_size, progress=progress)
+    except ValueError as err:
+        raise MmkitError(str(err)) from None
+    save_config(out, config, record, model)
+    keep = "/".join(f"{k:.4f}" for k in config.llm_keep)
+    click.echo(f"vflowopt for budget {budget}: vision_keep={config.vision_keep:.4f} threshold={config.threshold:.2f} "
+               f"merge_cell={config.merge_cell:.3f} entropy_weight={config.entropy_weight:.3f} "
+               f"llm_layers={'/'.join(map(str, config.llm_layers))} llm_keep={keep}; "
+               f"distance {record['distance']:.5f}")
+    click.echo(f"wrote {out}; use --method vflowopt:config={out}", err=True)

@@ -1,0 +1,464 @@
+"""VFlowOpt (ICCV 2025): importance-guided visual-token pruning and recycling, with hyper-parameters tuned by the
+flow of visual information.
+
+1. Importance, at the CLIP layer LLaVA takes its features from: average the layer's attention over heads; the
+   "global" tokens are the CLS token plus every token whose received attention exceeds `threshold` times the mean
+   (sink-like tokens); a patch's context relevance is how much the global tokens attend to it (mean over them).
+   Plus `entropy_weight` x softmax(patch entropy), the entropy of the patch's 256-bin grey-level histogram.
+2. Before the LLM: keep the highest-scoring `vision_keep` share of each image's tokens; the dropped tokens are
+   recycled: per `merge_cell` x `merge_cell` cell of the patch grid, one importance-weighted mean placed at the
+   cell's most important dropped token. Kept tokens keep their original position ids.
+3. Inside the LLM, at `llm_layers`, drop the lowest-scoring image tokens again, keeping `llm_keep[i]` of the
+   survivors, ranked by the same ViT scores (no LLM attention needed; `TokenDropper`).
+4. `tune_vflowopt` searches (vision_keep, first-stage keep, threshold, merge_cell, entropy_weight) for a token
+   budget (mean visual-token share over decoder layers; the last stage's keep is solved to meet it), minimising
+   the cosine distance between the last prompt token's final hidden state with and without pruning over a
+   calibration set. Seeded, so a rerun gives the same configuration. `mmkit tune vflowopt` writes it as JSON and
+   `vflowopt:config=PATH` loads it.
+
+Differences from the official code (LLaVA-OneVision/SigLIP): CLIP has a CLS token, which is always a global token;
+patch entropy is computed from the pixels rescaled per image to 0..255 (the official code casts normalised values
+to uint8); the search is a seeded random search with local refinement instead of scikit-optimize.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+
+from mmkit.patching.pre_llm import (
+    PreLLMReducer,
+    ReductionPlan,
+    VisionLayerCapture,
+    check_supported,
+    feature_layer_index,
+    query_attention,
+    visual_tokens_per_image,
+)
+from mmkit.patching.token_drop import keep_top_visual
+# Multi-stage drops need each layer's own kept set while decoding (the base TokenDropper uses the last one).
+from mmkit.pruning.pyramiddrop import StagedTokenDropper
+from mmkit.registry import register_method
+
+logger = logging.getLogger(__name__)
+
+# Fields a tuned configuration file sets.
+_TUNED_FIELDS = ("vision_keep", "threshold", "merge_cell", "entropy_weight", "llm_layers", "llm_keep")
+
+
+@dataclass
+class VFlowOptConfig:
+    """VFlowOpt: ViT-importance pruning with recycling before the LLM, then staged drops inside it.
+
+    Defaults: the released LLaVA-OneVision-7B setting for a 25% budget (merge cell 15.58 of 27 patches).
+    """
+
+    vision_keep: float = field(default=0.265, metadata={"help": "share of each image's tokens entering the LLM "
+                                                                "(merged tokens included)"})
+    threshold: float = field(default=34.76, metadata={"help": "global tokens: received attention > threshold x mean"})
+    merge_cell: float = field(default=0.58, metadata={"help": "recycling cell side as a share of the patch-grid "
+                                                              "side (0: drop without recycling)"})
+    entropy_weight: float = field(default=0.0, metadata={"help": "weight of softmax(patch entropy) in the score"})
+    llm_layers: tuple[int, ...] = field(default=(), metadata={"help": "decoder layers of the LLM-side drops "
+                                                                      "(empty: evenly spaced, 9 and 18 of 28)"})
+    llm_keep: tuple[float, ...] = field(default=(0.983, 0.877), metadata={"help": "share of surviving image tokens "
+                                                                                  "kept at each LLM stage"})
+    positions: Literal["original", "contiguous"] = field(default="original",
+                                                         metadata={"help": "position ids of the kept tokens"})
+    config: str = field(default="", metadata={"help": "JSON file written by `mmkit tune vflowopt` (sets the tuned "
+                                                      "fields)"})
+
+    def __post_init__(self):
+        if self.config:
+            self._load(self.config)
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("vision_keep", "threshold", "merge_cell", "entropy_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            setattr(self, name, float(value))
+        if not 0.0 < self.vision_keep <= 1.0:
+            raise ValueError(f"vision_keep must be in (0, 1], got {self.vision_keep}")
+        if self.threshold < 0:
+            raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+        if not 0.0 <= self.merge_cell <= 1.0:
+            raise ValueError(f"merge_cell must be in [0, 1], got {self.merge_cell}")
+        self.llm_layers = tuple(self.llm_layers)
+        self.llm_keep = tuple(float(k) for k in self.llm_keep)
+        if any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in self.llm_layers):
+            raise ValueError(f"llm_layers must be integers >= 1, got {self.llm_layers}")
+        if list(self.llm_layers) != sorted(set(self.llm_layers)):
+            raise ValueError(f"llm_layers must be strictly increasing, got {self.llm_layers}")
+        if any(not 0.0 < k <= 1.0 for k in self.llm_keep):
+            raise ValueError(f"llm_keep values must be in (0, 1], got {self.llm_keep}")
+        if self.llm_layers and len(self.llm_layers) != len(self.llm_keep):
+            raise ValueError(f"llm_layers {self.llm_layers} and llm_keep {self.llm_keep} must have the same length")
+        if self.positions not in ("original", "contiguous"):
+            raise ValueError(f"positions must be original or contiguous, got {self.positions!r}")
+
+    def _load(self, path: str) -> None:
+        file = Path(path)
+        if not file.is_file():
+            raise ValueError(f"vflowopt config file {path!r} does not exist; create it with `mmkit tune vflowopt`")
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"vflowopt config file {path!r} is not valid JSON ({err})") from None
+        if not isinstance(data, dict) or data.get("method") != "vflowopt" or not isinstance(data.get("config"), dict):
+            raise ValueError(f"{path!r} is not a vflowopt config (expected {{'method': 'vflowopt', 'config': {{...}}}})")
+        values = data["config"]
+        unknown = sorted(set(values) - set(_TUNED_FIELDS) - {"positions", "config"})
+        if unknown:
+            raise ValueError(f"{path!r} has unknown vflowopt fields: {', '.join(unknown)}")
+        defaults = VFlowOptConfig()
+        for name in _TUNED_FIELDS + ("positions",):
+            if name not in values:
+                continue
+            value = tuple(values[name]) if isinstance(values[name], list) else values[name]
+            mine = getattr(self, name)
+            if mine != getattr(defaults, name) and mine != value:
+                raise ValueError(f"{name}={mine} conflicts with {value} from {path!r}; set one or the other")
+            setattr(self, name, value)
+
+    def stage_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The decoder layers of the LLM-side drops for a decoder of `num_layers` layers."""
+        if self.llm_layers:
+            if self.llm_layers[-1] >= num_layers:
+                raise ValueError(f"llm_layers {self.llm_layers} go past the last decoder layer ({num_layers - 1})")
+            return self.llm_layers
+        stages = len(self.llm_keep)
+        layers = tuple(max(1, num_layers * (i + 1) // (stages + 1)) for i in range(stages))
+        if len(set(layers)) != stages or (layers and layers[-1] >= num_layers):
+            raise ValueError(f"{stages} LLM stages do not fit a {num_layers}-layer decoder; set llm_layers")
+        return layers
+
+
+# -- scores -----------------------------------------------------------------------------------------------------
+def patch_entropy(pixel_values: torch.Tensor, patch: int) -> torch.Tensor:
+    """Entropy (bits) of each patch's 256-bin grey-level histogram: (I, 3, H, W) -> (I, (H/p) * (W/p))."""
+    grey = pixel_values.float().mean(1)
+    lo = grey.flatten(1).min(1).values[:, None, None]
+    hi = grey.flatten(1).max(1).values[:, None, None]
+    levels = ((grey - lo) / (hi - lo).clamp_min(1e-12) * 255).round().long().clamp(0, 255)
+    n_img, h, w = levels.shape
+    tiles = levels.view(n_img, h // patch, patch, w // patch, patch).permute(0, 1, 3, 2, 4).reshape(n_img, -1, patch * patch)
+    counts = torch.zeros(n_img, tiles.shape[1], 256, device=levels.device)
+    counts.scatter_add_(2, tiles, torch.ones_like(tiles, dtype=counts.dtype))
+    p = counts / (patch * patch)
+    return -(p * torch.log2(p.clamp_min(1e-12))).sum(-1)
+
+
+def importance_scores(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: float, threshold: float) -> torch.Tensor:
+    """Context relevance (I, T) of every token: mean attention it receives from the global tokens (CLS, token 0,
+    plus tokens whose received attention exceeds `threshold` x mean), attention averaged over heads."""
+    n_img, t, c = q.shape
+    d = c // num_heads
+    qh = q.float().view(n_img, t, num_heads, d).transpose(1, 2)
+    kh = k.float().view(n_img, t, num_heads, d).transpose(1, 2)
+    attn = torch.zeros(n_img, t, t, device=q.device)
+    for h in range(num_heads):  # one head at a time: T x T per image, not H x T x T
+        attn += query_attention(qh[:, h:h + 1], kh[:, h:h + 1], scale)[:, 0]
+    attn /= num_heads
+    received = attn.mean(1)                                                    # (I, T)
+    is_global = received > threshold * received.mean(1, keepdim=True)
+    is_global[:, 0] = True
+    weights = is_global.float() / is_global.sum(1, keepdim=True)
+    return torch.bmm(weights[:, None, :], attn)[:, 0]                         # (I, T)
+
+
+def vflowopt_plan(features: torch.Tensor, scores: torch.Tensor, grid: int, vision_keep: float, merge_cell: float,
+                  cls_in_features: bool) -> tuple[ReductionPlan, torch.Tensor]:
+    """Prune + recycle one batch of images. features (I, N, C); scores (I, N) per feature token.
+
+    Returns the plan (kept tokens in image order, merged tokens written into their slots) and the score of each
+    plan slot (I, k) for the LLM-side stages.
+    """
+    n_img, n_feat, _ = features.shape
+    device = features.device
+    budget = min(n_feat, max(1, round(vision_keep * n_feat)))
+    order_all = torch.arange(n_feat, device=device).expand(n_img, n_feat)
+    if budget >= n_feat:
+        return ReductionPlan(order=order_all), scores
+    offset = 1 if cls_in_features else 0
+    cell = max(1, round(merge_cell * grid)) if merge_cell > 0 else 0
+    per_side = math.ceil(grid / cell) if cell else 0
+    n_cells = per_side * per_side
+    n_top = max(0, budget - n_cells)
+    rank_scores = scores.clone()
+    if cls_in_features:
+        rank_scores[:, 0] = float("inf")
+        n_top = max(n_top, 1)
+    keep = torch.zeros(n_img, n_feat, dtype=torch.bool, device=device)
+    keep.scatter_(1, torch.topk(rank_scores, n_top, dim=1).indices, True)
+    edited = None
+    if cell:
+        dropped = ~keep
+        if cls_in_features:
+            dropped[:, 0] = False
+        patch = torch.arange(n_feat - offset, device=device)
+        cell_id = (patch // grid // cell) * per_side + (patch % grid) // cell
+        member = torch.zeros(n_cells, n_feat, dtype=torch.bool, device=device)
+        member[cell_id, patch + offset] = True
+        in_cell = member[None] & dropped[:, None, :]                             # (I, cells, N)
+        nonempty = in_cell.any(-1)
+        masked = torch.where(in_cell, scores[:, None, :].float(), torch.tensor(float("-inf"), device=device))
+        place = masked.argmax(-1)                                                # most important dropped token
+        weight = torch.where(in_cell, scores[:, None, :].float().clamp_min(0) + 1e-6, torch.zeros((), device=device))
+        merged = torch.bmm(weight, features.float()) / weight.sum(-1, keepdim=True).clamp_min(1e-12)
+        edited = features.clone()
+        rows = torch.arange(n_img, device=device)[:, None].expand_as(place)
+        ok = nonempty
+        edited[rows[ok], place[ok]] = merged[ok].to(edited.dtype)
+        keep[rows[ok], place[ok]] = True
+    counts = keep.sum(1)
+    k_max = int(counts.max())
+    order = torch.sort(torch.where(keep, order_all, order_all + n_feat), dim=1).values[:, :k_max]
+    valid = torch.arange(k_max, device=device)[None] < counts[:, None]
+    order = torch.where(valid, order, 0)
+    plan = ReductionPlan(order=order, valid=None if bool(valid.all()) else valid, features=edited)
+    return plan, scores.gather(1, order)
+
+
+def visual_share(vision_keep: float, stage_layers: Sequence[int], llm_keep: Sequence[float], num_layers: int) -> float:
+    """Mean share of the visual tokens each decoder layer processes (the token budget)."""
+    share, total, last = vision_keep, 0.0, 0
+    for layer, keep in zip(stage_layers, llm_keep):
+        total += (layer - last) * share
+        share *= keep
+        last = layer
+    return (total + (num_layers - last) * share) / num_layers
+
+
+# -- method ---------------------------------------------------------------------------------------------------
+class VFlowOptHandle:
+    def __init__(self, session, config: VFlowOptConfig):
+        adapter = session.adapter
+        check_supported(adapter)
+        self.config = config
+        self.tokens_per_image = visual_tokens_per_image(adapter)
+        vc = adapter.config.vision_config
+        self.patch = int(vc.patch_size)
+        self.grid = int(vc.image_size) // self.patch
+        self._cls_in_features = adapter.vision_feature_select_strategy != "default"
+        self.stage_layers = config.stage_layers(adapter.num_layers)
+        self._stage_keep = dict(zip(self.stage_layers, config.llm_keep))
+        self._slot_scores: torch.Tensor | None = None
+        self._seq_scores: torch.Tensor | None = None
+        self._capture = VisionLayerCapture(adapter, feature_layer_index(adapter), pixels=config.entropy_weight != 0)
+        self._dropper = None
+        self._reducer = None
+        try:
+            self._reducer = PreLLMReducer(session, self._plan, positions=config.positions)
+            self._reducer.after_reduce.append(self._on_reduce)
+            if self.stage_layers:
+                self._dropper = StagedTokenDropper(session.context, adapter.decoder_layers,
+                                             {layer: self._select for layer in self.stage_layers})
+        except Exception:
+            self.remove()
+            raise
+
+    def _scores(self, features: torch.Tensor) -> torch.Tensor:
+        q, k, _ = self._capture.take()
+        cfg = self.config
+        relevance = importance_scores(q, k, self._capture.num_heads, self._capture.scale, cfg.threshold)
+        offset = 0 if self._cls_in_features else 1
+        scores = relevance[:, offset:offset + features.shape[1]]
+        if cfg.entropy_weight:
+            pixels = self._capture.pixel_values
+            if pixels is None:
+                raise RuntimeError("vflowopt: no pixel values were captured for the entropy term")
+            entropy = torch.softmax(patch_entropy(pixels, self.patch).to(scores.device), dim=-1)
+            if self._cls_in_features:
+                entropy = torch.cat([entropy.new_zeros(entropy.shape[0], 1), entropy], 1)
+            scores = scores + cfg.entropy_weight * entropy
+        return scores
+
+    def _plan(self, features: torch.Tensor) -> ReductionPlan:
+        plan, self._slot_scores = vflowopt_plan(features, self._scores(features), self.grid, self.config.vision_keep,
+                                                self.config.merge_cell, self._cls_in_features)
+        return plan
+
+    def _on_reduce(self, reducer: PreLLMReducer) -> None:
+        self._seq_scores = reducer.gather_image_values(self._slot_scores)
+
+    def _select(self, layer_idx, hidden, image_mask, valid):
+        if self._seq_scores is None:
+            raise RuntimeError("vflowopt: no ViT scores for this prefill")
+        scores = self._seq_scores.to(hidden.device)
+        if self._dropper.index is not None:
+            scores = scores.gather(1, self._dropper.index)
+        current = (image_mask if valid is None else image_mask & valid).sum(1)
+        keep = torch.round(current.float() * self._stage_keep[layer_idx]).long().clamp_min(1)
+        return keep_top_visual(torch.nan_to_num(scores, nan=float("-inf")), image_mask, keep, valid)
+
+    def remove(self) -> None:
+        if self._dropper is not None:
+            self._dropper.remove()
+            self._dropper = None
+        if self._reducer is not None:
+            self._reducer.remove()
+            self._reducer = None
+        self._capture.remove()
+
+
+def apply_vflowopt(session, config: VFlowOptConfig) -> VFlowOptHandle:
+    """Attach VFlowOpt to a session; `remove()` on the result restores the model exactly."""
+    return VFlowOptHandle(session, config)
+
+
+register_method(
+    "vflowopt", VFlowOptConfig, apply_vflowopt, kind="pruning",
+    description="ViT-importance pruning with recycling before the LLM, staged drops inside it, tuned by visual "
+                "information flow (ICCV'25).",
+    slots=("pre_llm_token_drop", "llm_token_drop"),
+)
+
+
+# -- tuning -----------------------------------------------------------------------------------------------------
+def calibration_set(samples: int, world_seed: int = 2) -> tuple[list, list[str]]:
+    """Images and prompts from the reference world (a seed neither trained on nor evaluated): half POPE
+    questions, half VQA questions, scene by scene."""
+    from mmkit.evals.benches import select_questions
+    from mmkit.world.scenes import generate_scene
+
+    half = (samples + 1) // 2
+    questions = select_questions("pope", "random", world_seed, half) + select_questions("vqa", "all", world_seed,
+                                                                                        samples - half)
+    scenes = {}
+    images = []
+    for q in questions:
+        if q.scene_index not in scenes:
+            scenes[q.scene_index] = generate_scene(world_seed, q.scene_index).image
+        images.append(scenes[q.scene_index])
+    return images, [q.prompt for q in questions]
+
+
+def _last_hidden(session, batches) -> torch.Tensor:
+    """Final hidden state of each row's last prompt token (the first answer step), float32."""
+    captured = []
+    lm = session.adapter.language_model
+
+    def hook(module, args, kwargs, output):
+        captured.append(output.last_hidden_state[:, -1].float())
+
+    handle = lm.register_forward_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for inputs in batches:
+                session.model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+def _search_space(budget: float) -> dict[str, tuple[float, float]]:
+    return {
+        "vision_keep": (budget, min(1.0, 1.5 * budget)),
+        "first_keep": (0.5, 1.0),
+        "threshold": (0.0, 50.0),
+        "merge_cell": (0.1, 1.0),
+        "entropy_weight": (-1.0, 1.0),
+    }
+
+
+def _to_config(point: dict[str, float], budget: float, stage_layers: tuple[int, ...], num_layers: int,
+               positions: str) -> VFlowOptConfig | None:
+    """The configuration for a search point, the last stage's keep solved to meet the budget (None: infeasible)."""
+    keeps = [point["first_keep"]] * (len(stage_layers) - 1)
+    base = visual_share(point["vision_keep"], stage_layers, keeps + [1.0], num_layers)
+    after = num_layers - stage_layers[-1]
+    share_before_last = point["vision_keep"] * math.prod(keeps)
+    last = 1.0 - (base - budget) * num_layers / (after * share_before_last)
+    if not 0.02 <= last <= 1.0:
+        return None
+    return VFlowOptConfig(vision_keep=point["vision_keep"], threshold=point["threshold"],
+                          merge_cell=point["merge_cell"], entropy_weight=point["entropy_weight"],
+                          llm_layers=stage_layers, llm_keep=tuple(keeps + [last]), positions=positions)
+
+
+def tune_vflowopt(session, budget: float, samples: int = 16, trials: int = 32, seed: int = 0, batch_size: int = 8,
+                  stages: int = 2, calibration: tuple[list, list[str]] | None = None, progress=None
+                  ) -> tuple[VFlowOptConfig, dict[str, Any]]:
+    """Search VFlowOpt's hyper-parameters for `budget` (mean visual-token share over decoder layers).
+
+    Objective: mean cosine distance between the last prompt token's final hidden state with and without
+    pruning, over the calibration set. A third of the trials sample the space uniformly; the rest perturb the
+    best point so far with a shrinking step. Deterministic for a seed. Returns the best configuration and a
+    record of the search.
+    """
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    if samples < 1 or trials < 1 or batch_size < 1 or stages < 1:
+        raise ValueError("samples, trials, batch_size and stages must be >= 1")
+    if session.methods:
+        raise ValueError("tune on a session without methods applied")
+    num_layers = session.adapter.num_layers
+    stage_layers = VFlowOptConfig(llm_keep=(1.0,) * stages).stage_layers(num_layers)
+    images, prompts = calibration if calibration is not None else calibration_set(samples)
+    batches = [session.prepare(images[i:i + batch_size], prompts[i:i + batch_size])
+               for i in range(0, len(prompts), batch_size)]
+    reference = _last_hidden(session, batches)
+    space = _search_space(budget)
+    rng = random.Random(seed)
+    n_init = max(1, trials // 3)
+    history: list[dict[str, Any]] = []
+    best: tuple[float, dict[str, float], VFlowOptConfig] | None = None
+    for trial in range(trials):
+        config = None
+        for _ in range(200):  # rejection sampling of infeasible points
+            if best is None or trial < n_init:
+                point = {k: rng.uniform(lo, hi) for k, (lo, hi) in space.items()}
+            else:
+                step = 0.25 * (1.0 - (trial - n_init) / max(1, trials - n_init)) + 0.02
+                point = {k: min(hi, max(lo, best[1][k] + rng.gauss(0.0, step * (hi - lo))))
+                         for k, (lo, hi) in space.items()}
+            config = _to_config(point, budget, stage_layers, num_layers, "original")
+            if config is not None:
+                break
+        if config is None:
+            raise ValueError(f"no feasible vflowopt setting reaches budget {budget} on this model")
+        handle = session.apply(config)
+        try:
+            pruned = _last_hidden(session, batches)
+        finally:
+            handle.remove()
+        distance = float((1.0 - torch.nn.functional.cosine_similarity(pruned, reference, dim=-1)).mean())
+        history.append({"trial": trial, "distance": distance, **{k: round(v, 6) for k, v in point.items()},
+                        "llm_keep": list(config.llm_keep)})
+        if best is None or distance < best[0]:
+            best = (distance, point, config)
+        if progress is not None:
+            progress(trial, distance, best[0])
+    distance, _, config = best
+    record = {"budget": budget, "objective": "mean cosine distance of the last prompt token's final hidden state",
+              "distance": distance, "samples": len(prompts), "trials": trials, "seed": seed,
+              "achieved_share": visual_share(config.vision_keep, config.llm_layers, config.llm_keep, num_layers),
+              "history": history}
+    return config, record
+
+
+def config_document(config: VFlowOptConfig, record: dict[str, Any], model: str) -> dict[str, Any]:
+    """The JSON document `vflowopt:config=PATH` reads."""
+    values = {name: getattr(config, name) for name in _TUNED_FIELDS + ("positions",)}
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    return {"method": "vflowopt", "config": values, "model": model, "tuning": record}
+
+
+def save_config(path, config: VFlowOptConfig, record: dict[str, Any], model: str) -> None:
+    """Write the tuned configuration atomically (temporary file, then rename)."""
+    from mmkit.evals.io import atomic_write_json
+
+    atomic_write_json(path, config_document(config, record, model))
+
+
+__all__ = ["VFlowOptConfig", "apply_vflowopt", "tune_vflowopt", "save_config", "patch_entropy",
+           "importance_scores", "vflowopt_plan", "visual_share", "calibration_set"]

@@ -1,0 +1,186 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import forward_logits
+from mmkit.errors import MmkitError
+from mmkit.pruning.vflowopt import (
+    VFlowOptConfig,
+    importance_scores,
+    patch_entropy,
+    save_config,
+    tune_vflowopt,
+    vflowopt_plan,
+    visual_share,
+)
+
+N = 64
+
+
+def test_keeping_every_token_is_identical_to_baseline(session, images, prompts):
+    inputs = session.prepare(images, prompts)
+    base = forward_logits(session, inputs)
+    handle = session.apply("vflowopt:vision_keep=1.0,llm_keep=1.0/1.0")
+    try:
+        assert torch.equal(forward_logits(session, inputs), base)
+    finally:
+        handle.remove()
+
+
+def test_pruning_changes_logits_and_remove_restores_exactly(session, images, prompts):
+    inputs = session.prepare(images, prompts)
+    base = forward_logits(session, inputs)
+    handle = session.apply("vflowopt:vision_keep=0.5,merge_cell=0.5,threshold=2,llm_keep=0.5/0.5")
+    pruned = forward_logits(session, inputs)
+    assert pruned.shape[1] == base.shape[1] - (N - 8)  # 64 -> 32 (vision) -> 16 -> 8 (layers 1 and 2)
+    assert not torch.allclose(pruned[:, -1], base[:, -1])
+    handle.remove()
+    assert torch.equal(forward_logits(session, inputs), base)
+    assert session.model.config.text_config._attn_implementation == "sdpa"
+    assert not any(layer._forward_pre_hooks for layer in session.adapter.decoder_layers)
+
+
+def test_stats_follow_the_vision_and_llm_stages(session, images, prompts):
+    session.apply("vflowopt:vision_keep=0.5,merge_cell=0,llm_keep=0.5/0.5,entropy_weight=0.5")
+    for r in session.generate(images, prompts, max_new_tokens=4):
+        assert r.stats.visual_tokens == N
+        assert r.stats.visual_tokens_kept == [32, 16, 8, 8]  # stages at layers 1 and 2 of 4
+
+
+def test_batch_of_different_prompts_equals_single_runs(session, images, prompts):
+    session.apply("vflowopt:vision_keep=0.4,merge_cell=0.3,threshold=1.5,llm_keep=0.7/0.6,entropy_weight=0.3")
+    batched = session.generate(images, prompts, max_new_tokens=8)
+    batch_scores = session.answer_logprobs(images, prompts).logprobs
+    for i in range(3):
+        assert session.generate([images[i]], [prompts[i]], max_new_tokens=8)[0].text == batched[i].text
+        single = session.answer_logprobs([images[i]], [prompts[i]]).logprobs[0]
+        assert torch.allclose(torch.tensor(single), torch.tensor(batch_scores[i]), atol=1e-4)
+
+
+def test_prune_and_recycle_plan():
+    torch.manual_seed(0)
+    grid, n = 4, 16
+    features = torch.randn(1, n, 3)
+    scores = torch.rand(1, n)
+    plan, slot_scores = vflowopt_plan(features, scores, grid, vision_keep=0.5, merge_cell=0.5, cls_in_features=False)
+    # Budget 8 = 4 top tokens + one merged token per 2 x 2 cell.
+    top = set(torch.topk(scores[0], 4).indices.tolist())
+    order = plan.order[0].tolist()
+    assert order == sorted(order) and top <= set(order) and len(order) == 8
+    for cell in range(4):
+        members = [j for j in range(n) if (j // grid // 2) * 2 + (j % grid) // 2 == cell and j not in top]
+        place = max(members, key=lambda j: float(scores[0, j]))
+        assert place in order
+        w = scores[0, members] + 1e-6
+        expected = (w[:, None] * features[0, members]).sum(0) / w.sum()
+        assert torch.allclose(plan.features[0, place], expected, atol=1e-6)
+    assert torch.equal(slot_scores[0], scores[0, order])
+
+
+def test_importance_matches_eager_attention(session, images, prompts):
+    from mmkit.patching.pre_llm import VisionLayerCapture, feature_layer_index
+
+    inputs = session.prepare(images, prompts)
+    layer = feature_layer_index(session.adapter)
+    capture = VisionLayerCapture(session.adapter, layer)
+    tower = session.adapter.vision_tower
+    original = tower.config._attn_implementation
+    try:
+        tower.set_attn_implementation("eager")  # reference only
+        with torch.inference_mode():
+            attn = tower(inputs["pixel_values"], output_attentions=True).attentions[layer].mean(1)
+        q, k, _ = capture.take()
+    finally:
+        tower.set_attn_implementation(original)
+        capture.remove()
+    got = importance_scores(q, k, capture.num_heads, capture.scale, threshold=1.5)
+    for i in range(3):
+        received = attn[i].mean(0)
+        glob = (received > 1.5 * received.mean()).nonzero().flatten().tolist()
+        glob = sorted(set(glob) | {0})
+        assert torch.allclose(got[i], attn[i][glob].mean(0), atol=1e-5)
+
+
+def test_patch_entropy():
+    pixels = torch.zeros(1, 3, 4, 4)
+    pixels[0, :, :2, 2:] = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # top-right patch: half dark, half bright
+    pixels[0, :, 2:, :2] = 1.0                                       # bottom-left patch: flat
+    entropy = patch_entropy(pixels, 2)
+    assert torch.allclose(entropy, torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+
+
+def test_budget_accounting():
+    assert visual_share(0.265, (9, 18), (0.983, 0.877), 28) == pytest.approx(0.25, abs=0.002)
+    assert visual_share(0.5, (1, 2), (0.5, 0.5), 4) == pytest.approx((0.5 + 0.25 + 2 * 0.125) / 4)
+
+
+def test_config_validation(session):
+    with pytest.raises(MmkitError, match="vision_keep"):
+        session.apply("vflowopt:vision_keep=0")
+    with pytest.raises(MmkitError, match="same length"):
+        session.apply("vflowopt:llm_layers=1/2,llm_keep=0.5")
+    with pytest.raises(MmkitError, match="strictly increasing"):
+        session.apply("vflowopt:llm_layers=2/1")
+    with pytest.raises(MmkitError, match="past the last decoder layer"):
+        session.apply("vflowopt:llm_layers=1/4")
+    with pytest.raises(MmkitError, match="do not fit"):
+        session.apply("vflowopt:llm_keep=0.9/0.9/0.9/0.9")
+    with pytest.raises(MmkitError, match="cannot combine"):
+        session.apply("vflowopt")
+        session.apply("fastv")
+
+
+def test_config_file_errors(session, tmp_path):
+    with pytest.raises(MmkitError, match="does not exist"):
+        session.apply(f"vflowopt:config={tmp_path / 'missing.json'}")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(MmkitError, match="not valid JSON"):
+        session.apply(f"vflowopt:config={bad}")
+    bad.write_text(json.dumps({"method": "visionzip", "config": {}}))
+    with pytest.raises(MmkitError, match="not a vflowopt config"):
+        session.apply(f"vflowopt:config={bad}")
+    bad.write_text(json.dumps({"method": "vflowopt", "config": {"ratio": 1}}))
+    with pytest.raises(MmkitError, match="unknown vflowopt fields: ratio"):
+        session.apply(f"vflowopt:config={bad}")
+    bad.write_text(json.dumps({"method": "vflowopt", "config": {"vision_keep": 2.0}}))
+    with pytest.raises(MmkitError, match="vision_keep must be in"):
+        session.apply(f"vflowopt:config={bad}")
+
+
+def test_tuning_is_reproducible_meets_the_budget_and_round_trips(session, images, prompts, tmp_path):
+    calibration = (images, prompts)
+    config, record = tune_vflowopt(session, 0.3, trials=4, seed=3, calibration=calibration)
+    again, _ = tune_vflowopt(session, 0.3, trials=4, seed=3, calibration=calibration)
+    assert config == again
+    assert record["achieved_share"] == pytest.approx(0.3, abs=1e-6)
+    assert len(record["history"]) == 4 and record["distance"] == min(h["distance"] for h in record["history"])
+    assert not session.methods
+    path = tmp_path / "vflowopt.json"
+    save_config(path, config, record, "tiny-random")
+    handle = session.apply(f"vflowopt:config={path}")
+    loaded = handle.config
+    for name in ("vision_keep", "threshold", "merge_cell", "entropy_weight", "llm_layers"):
+        assert getattr(loaded, name) == getattr(config, name)
+    assert loaded.llm_keep == pytest.approx(config.llm_keep)
+    # The tuned setting reaches the recorded distance again.
+    handle.remove()
+    with pytest.raises(MmkitError, match="conflicts"):
+        session.apply(f"vflowopt:config={path},vision_keep=0.99")
+
+
+def test_tune_cli_writes_a_loadable_config(tmp_path):
+    from mmkit.cli import main
+
+    out = tmp_path / "cfg.json"
+    result = CliRunner().invoke(main, ["tune", "vflowopt", "--model", "tiny-random", "--budget", "0.25", "--out",
+                                       str(out), "--samples", "2", "--trials", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["method"] == "vflowopt" and data["tuning"]["budget"] == 0.25
+    assert VFlowOptConfig(config=str(out)).vision_keep == data["config"]["vision_keep"]
+    bad = CliRunner().invoke(main, ["tune", "vflowopt", "--model", "tiny-random", "--budget", "1.5", "--out",
+                                    str(out), "--samples", "2", "--trials", "1", "--device", "cpu"])
+    assert bad.exit_code == 2 and "budget must be in (0, 1]" in bad.output
