@@ -1,0 +1,385 @@
+"""AGLA: Assembly of Global and Local Attention (An et al., arXiv 2406.12718).
+
+Each prompt runs in two views, one batch: the original image (global view, logits z) and an augmented image in
+which the regions irrelevant to the prompt are masked out (local view, logits z_a). The next token is chosen from
+
+    z + alpha * z_a     on the tokens with p_global >= beta * max p_global, -inf elsewhere,
+
+as in the official `eval/sample.py` (an ensemble: AGLA adds the local view, where VCD subtracts its contrast view).
+
+Building the local view (official `eval/augmentation.py`): a prompt-relevance map over the image is upsampled to
+pixels, Gaussian-blurred (sigma = 0.02 x side) and min-max normalised; the top `keep` fraction of pixels stays and
+the rest is blacked out. The official keep fraction is 1 - ITC/2 (ITC = image-text cosine of the matcher), so a
+better-matching prompt masks more. Two matchers:
+
+* ``attention`` (default, no extra model): the LVLM's own text-to-image attention. A scoring pass runs the model on
+  the original inputs up to the last scoring layer (then stops); at each scoring layer the attention mass from the
+  prompt's text tokens after the image to each image token is taken (exact softmax, `subset_attention_mass`),
+  averaged over heads, text tokens and layers. This matcher has no ITC score, so `keep` defaults to 0.8 (the
+  paper's typical masked share is 15-25 %).
+* ``clip``: a local CLIP checkpoint (`clip_model=PATH`, loaded with transformers' `CLIPModel`/`CLIPProcessor`).
+  The map is Grad-CAM of the image-text cosine w.r.t. the input of CLIP's last vision layer (channel weights =
+  patch-averaged gradients), the stand-in for the official BLIP-ITM Grad-CAM; ITC = that cosine.
+
+Difference from the official code: the mask is applied to the processed pixel tensor (the crop the vision tower
+sees, after resize and normalisation) instead of a 384 px copy that is then re-processed; masked pixels get the
+normalised value of black (or the image's mean colour with fill=mean). No re-processing is needed and the mask is
+aligned with the model's own patch grid.
+
+alpha = 0 is a no-op: the local view is not built or run and logits pass through unchanged.
+Supported: LLaVA-1.5-layout models (one image tile per row); LLaVA-NeXT anyres tiles are refused at apply time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from mmkit.hallucination.common import (
+    check_float,
+    image_normalisation,
+    restrict_to_plausible,
+    split_branches,
+    stack_branches,
+)
+from mmkit.registry import register_method
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ATTENTION_KEEP = 0.8
+MAX_KEEP = 1.0 - 1e-5  # official cap on 1 - ITC/2
+
+
+@dataclass
+class AGLAConfig:
+    """AGLA: ensemble the logits of the image and of a prompt-masked local view of it."""
+
+    alpha: float = field(default=2.0, metadata={"help": "weight of the local view: z + alpha * z_local; 0 = off"})
+    beta: float = field(
+        default=0.5,
+        metadata={"help": "plausibility cutoff on the global view: keep tokens with p >= beta * max p; 0 = keep all"},
+    )
+    matcher: Literal["attention", "clip"] = field(
+        default="attention",
+        metadata={"help": "prompt-image matcher: the LVLM's text-to-image attention, or a local CLIP (clip_model)"},
+    )
+    clip_model: str | None = field(
+        default=None, metadata={"help": "directory of a CLIP checkpoint (CLIPModel + CLIPProcessor) for matcher=clip"}
+    )
+    keep: float | None = field(
+        default=None,
+        metadata={"help": "fraction of pixels kept in the local view; None = 1 - ITC/2 with clip, 0.8 with attention"},
+    )
+    layers: tuple[int, ...] | None = field(
+        default=None,
+        metadata={"help": "decoder layers whose attention scores the image (attention matcher); None = L/4 .. L/2"},
+    )
+    fill: Literal["black", "mean"] = field(
+        default="black", metadata={"help": "value of masked pixels: black (official) or the image's mean colour"}
+    )
+    blur: float = field(
+        default=0.02, metadata={"help": "Gaussian blur sigma of the relevance map, as a fraction of the image side"}
+    )
+
+    def __post_init__(self):
+        self.alpha = check_float("alpha", self.alpha, low=0.0)
+        self.beta = check_float("beta", self.beta, low=0.0, high=1.0)
+        self.blur = check_float("blur", self.blur, low=0.0, high=1.0)
+        if self.matcher not in ("attention", "clip"):
+            raise ValueError(f"matcher must be 'attention' or 'clip', got {self.matcher!r}")
+        if self.fill not in ("black", "mean"):
+            raise ValueError(f"fill must be 'black' or 'mean', got {self.fill!r}")
+        if self.matcher == "clip" and not self.clip_model:
+            raise ValueError("matcher=clip needs clip_model=PATH (a local CLIPModel/CLIPProcessor directory)")
+        if self.matcher == "attention" and self.clip_model:
+            raise ValueError("clip_model is only used with matcher=clip; add matcher=clip or drop clip_model")
+        if self.keep is not None:
+            self.keep = check_float("keep", self.keep, low=0.0, high=1.0, low_open=True)
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            if not layers:
+                raise ValueError("layers must name at least one decoder layer (or be None for L/4 .. L/2)")
+            if any(isinstance(l, bool) or not isinstance(l, int) or l < 0 for l in layers):
+                raise ValueError(f"layers must be integers >= 0, got {self.layers!r}")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"layers must not repeat, got {self.layers!r}")
+            self.layers = tuple(sorted(layers))
+
+
+# -- relevance map -> masked image -------------------------------------------------------------------------------
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, H, W) maps (reflect padding, kernel truncated at 4 sigma like scipy)."""
+    if sigma <= 0:
+        return maps
+    radius = max(1, int(4.0 * sigma + 0.5))
+    radius = min(radius, maps.shape[-1] - 1, maps.shape[-2] - 1)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=maps.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    x = maps[:, None].float()
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def pixel_saliency(grid_maps: torch.Tensor, size: tuple[int, int], blur: float) -> torch.Tensor:
+    """(B, g, g') patch relevance -> (B, H, W) pixel saliency in [0, 1]: bicubic upsampling, Gaussian blur with
+    sigma = blur * max(H, W), per-image min-max normalisation (official `getAttMap`)."""
+    maps = F.interpolate(grid_maps[:, None].float(), size=size, mode="bicubic", align_corners=False)[:, 0]
+    maps = gaussian_blur(maps, blur * max(size))
+    low = maps.flatten(1).min(1).values.view(-1, 1, 1)
+    high = maps.flatten(1).max(1).values.view(-1, 1, 1)
+    return (maps - low) / (high - low).clamp_min(1e-12)
+
+
+def keep_mask(saliency: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Bool (B, H, W): the int(keep * H * W) most salient pixels of each map (at least one).
+
+    The official rule keeps the pixels at or above the value ranked int(N * ratio); ranking instead of
+    thresholding gives the same set except on ties, where it still keeps exactly the asked share (flat regions of
+    an upsampled map are otherwise kept or dropped wholesale)."""
+    flat = saliency.flatten(1)
+    n = flat.shape[1]
+    order = flat.argsort(dim=1, descending=True, stable=True)
+    counts = (keep.float() * n).long().clamp(1, n)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=flat.device).expand_as(order))
+    return (ranks < counts[:, None]).view_as(saliency)
+
+
+def mask_pixels(pixel_values: torch.Tensor, keep: torch.Tensor, fill: str,
+                mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Processed pixels (B, 3, H, W) with the pixels outside `keep` (B, H, W) replaced by black (in normalised
+    units) or by each image's mean colour."""
+    if fill == "black":
+        value = ((0.0 - mean) / std).to(pixel_values.device)[None]  # (1, 3, 1, 1)
+    else:
+        value = pixel_values.float().mean(dim=(2, 3), keepdim=True)
+    out = torch.where(keep[:, None], pixel_values.float(), value.expand_as(pixel_values.float()))
+    return out.to(pixel_values.dtype)
+
+
+# -- matchers ------------------------------------------------------------------------------------------------------
+class _ScoringDone(Exception):
+    """Raised after the last scoring layer to end the scoring pass early."""
+
+
+class AttentionMatcher:
+    """Prompt-image relevance from the LVLM's text-to-image attention at a few layers (one partial forward)."""
+
+    def __init__(self, session, layers: tuple[int, ...]):
+        from mmkit.patching.attention import observe_attention
+
+        self.session = session
+        self.layers = layers
+        self._ctx = session.context
+        self._scoring = False
+        self._mass: list[torch.Tensor] = []
+        session.text_attention.acquire()
+        self._attention = session.text_attention
+        decoder = session.adapter.decoder_layers
+        self._observers = [observe_attention(decoder[l].self_attn, self._observe) for l in layers]
+        self._stop = decoder[layers[-1]].register_forward_hook(self._stop_after)
+
+    def _observe(self, module, query, key, attention_mask, scaling):
+        if not self._scoring:
+            return
+        from mmkit.kernels import subset_attention_mass
+
+        n = query.shape[2]
+        key = key[:, :, :n]
+        image = self._ctx.image_mask
+        real = self._ctx.attention_mask
+        real = torch.ones_like(image) if real is None else real.bool()
+        positions = torch.arange(n, device=query.device)
+        last_image = torch.where(image, positions, -1).max(1).values  # (B,)
+        text_rows = (n - 1 - last_image).clamp_min(1)  # tokens after the image (prompt + answer header)
+        rows = int(text_rows.max())
+        row_pos = positions[n - rows:]  # (R,)
+        row_valid = row_pos[None, :] > last_image[:, None]  # (B, R)
+        key_mask = (positions[None, None, :] <= row_pos[None, :, None]) & real[:, None, :] & row_valid[:, :, None]
+        mass = subset_attention_mass(query[:, :, n - rows:], key, scaling=scaling, key_mask=key_mask, reduce="sum")
+        heads = query.shape[1]
+        self._mass.append(mass / (heads * text_rows[:, None].float()))
+
+    def _stop_after(self, module, args, output):
+        if self._scoring:
+            raise _ScoringDone
+
+    def relevance(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, None]:
+        """(B, g, g) relevance of each image patch to the prompt (and no ITC score)."""
+        self._mass = []
+        self._scoring = True
+        try:
+            self.session.model(**inputs, use_cache=False, logits_to_keep=1)
+        except _ScoringDone:
+            pass
+        finally:
+            self._scoring = False
+            # The aborted forward never reached the session's post-hook.
+            self._ctx.prefill = False
+        if len(self._mass) != len(self.layers):
+            raise RuntimeError(f"agla: scored {len(self._mass)} of {len(self.layers)} layers")
+        mass = torch.stack(self._mass).mean(0)  # (B, n)
+        image = inputs["input_ids"] == self.session.adapter.image_token_id
+        counts = image.sum(1)
+        if not bool((counts == counts[0]).all()):
+            raise ValueError("agla: rows carry different numbers of image tokens; one image tile per row is needed")
+        per_image = mass[image].view(image.shape[0], -1).float()
+        return _to_grid(per_image, self.session), None
+
+    def remove(self) -> None:
+        for observer in self._observers:
+            observer.remove()
+        self._stop.remove()
+        self._attention.release()
+
+
+def _to_grid(per_image: torch.Tensor, session) -> torch.Tensor:
+    vision = session.model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    n = per_image.shape[1]
+    if n == side * side + 1:  # "full" feature selection keeps CLS first
+        per_image = per_image[:, 1:]
+    elif n != side * side:
+        raise ValueError(f"agla: {n} image tokens do not form the {side}x{side} patch grid of the vision tower")
+    return per_image.view(-1, side, side)
+
+
+class ClipMatcher:
+    """Prompt-image relevance by Grad-CAM of a CLIP image-text cosine; the cosine is the ITC score."""
+
+    def __init__(self, session, path: str):
+        try:
+            from transformers import CLIPModel, CLIPProcessor
+
+            self.model = CLIPModel.from_pretrained(path).to(session.device).eval()
+            self.processor = CLIPProcessor.from_pretrained(path)
+        except Exception as err:  # any load failure: missing dir, wrong checkpoint type, missing tokenizer files
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"agla: could not load a CLIP model and processor from clip_model={path!r}: {reason}") from None
+        self.session = session
+        self.model.requires_grad_(False)
+        template = session.chat_prompt("\x00")
+        self._suffix = template.split("\x00", 1)[1].strip()
+
+    def prompts(self, input_ids: torch.Tensor) -> list[str]:
+        """The user prompt of each row: the text after the image, without the chat template's answer header."""
+        tokenizer = self.session.processor.tokenizer
+        image = input_ids == self.session.adapter.image_token_id
+        texts = []
+        for row, mask in zip(input_ids, image):
+            start = int(mask.nonzero().max()) + 1 if bool(mask.any()) else 0
+            text = tokenizer.decode(row[start:].tolist(), skip_special_tokens=True).strip()
+            if self._suffix and text.endswith(self._suffix):
+                text = text[: -len(self._suffix)].strip()
+            texts.append(text)
+        return texts
+
+    def relevance(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, std = image_normalisation(self.session)
+        pixels = inputs["pixel_values"].float().cpu() * std + mean
+        images = [(img.clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy() for img in pixels]
+        texts = self.prompts(inputs["input_ids"])
+        device = self.session.device
+        with torch.inference_mode(False), torch.enable_grad():
+            enc = self.processor(text=texts, images=images, return_tensors="pt", padding=True, truncation=True)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            # The weights are frozen; gradients flow from the pixels so the activations get a graph.
+            enc["pixel_values"] = enc["pixel_values"].float().requires_grad_(True)
+            vision = self.model.vision_model(pixel_values=enc["pixel_values"], output_hidden_states=True)
+            # The last layer's input: its patch tokens still feed the class token through that layer's attention.
+            acts = vision.hidden_states[-2]
+            image_emb = F.normalize(self.model.visual_projection(vision.pooler_output), dim=-1)
+            text_out = self.model.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            text_emb = F.normalize(self.model.text_projection(text_out.pooler_output), dim=-1)
+            itc = (image_emb * text_emb).sum(-1)  # (B,) cosine
+            (grad,) = torch.autograd.grad(itc.sum(), acts)
+        weights = grad[:, 1:].mean(1, keepdim=True)  # (B, 1, C): Grad-CAM channel weights
+        cam = F.relu((weights * acts[:, 1:]).sum(-1)).detach()  # (B, P)
+        side = int(math.isqrt(cam.shape[1]))
+        if side * side != cam.shape[1]:
+            raise ValueError(f"agla: CLIP's {cam.shape[1]} patches do not form a square grid")
+        return cam.view(-1, side, side), itc.detach()
+
+    def remove(self) -> None:
+        self.model = None
+
+
+# -- the method ----------------------------------------------------------------------------------------------------
+class AGLAHandle:
+    """Two-view decoder: branch 0 = the image, branch 1 = its prompt-masked local view."""
+
+    def __init__(self, session, config: AGLAConfig):
+        if session.adapter.architecture != "LlavaForConditionalGeneration":
+            raise ValueError(
+                f"agla supports LLaVA-1.5-layout models (one image tile per row), not {session.adapter.architecture}"
+            )
+        self.config = config
+        self._branches = 1
+        self._mean, self._std = image_normalisation(session)
+        # Last call's local-view mask (B, H, W) and keep fractions, for inspection.
+        self.last_mask: torch.Tensor | None = None
+        self.last_keep: torch.Tensor | None = None
+        num_layers = session.adapter.num_layers
+        if config.matcher == "clip":
+            self.matcher = ClipMatcher(session, config.clip_model)
+        else:
+            layers = config.layers or tuple(range(num_layers // 4, num_layers // 2 + 1))
+            if layers[-1] >= num_layers:
+                raise ValueError(f"agla layers={layers} go past the last decoder layer; this model has {num_layers}")
+            self.matcher = AttentionMatcher(session, layers)
+
+    def local_view(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """pixel_values of the masked (local) view of each row's image."""
+        pixel_values = inputs["pixel_values"]
+        if pixel_values.dim() != 4:
+            raise ValueError(f"agla expects pixel_values (B, 3, H, W), got shape {tuple(pixel_values.shape)}")
+        grid, itc = self.matcher.relevance(inputs)
+        saliency = pixel_saliency(grid.to(pixel_values.device), tuple(pixel_values.shape[-2:]), self.config.blur)
+        batch = pixel_values.shape[0]
+        if self.config.keep is not None:
+            keep = torch.full((batch,), self.config.keep, device=pixel_values.device)
+        elif itc is not None:
+            keep = (1.0 - itc.to(pixel_values.device).float() / 2.0).clamp(max=MAX_KEEP)
+        else:
+            keep = torch.full((batch,), DEFAULT_ATTENTION_KEEP, device=pixel_values.device)
+        mask = keep_mask(saliency, keep)
+        self.last_mask, self.last_keep = mask, keep
+        return mask_pixels(pixel_values, mask, self.config.fill, self._mean, self._std)
+
+    def expand_inputs(self, session, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.config.alpha == 0.0:
+            self._branches = 1
+            return inputs
+        if "pixel_values" not in inputs:
+            raise ValueError("agla needs image inputs (pixel_values); got a text-only batch")
+        local = self.local_view(inputs)
+        self._branches = 2
+        return stack_branches(inputs, pixel_values=local)
+
+    def combine_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        if self._branches == 1:
+            return logits
+        global_view, local_view = split_branches(logits, 2)
+        return restrict_to_plausible(global_view + self.config.alpha * local_view, global_view, self.config.beta)
+
+    def remove(self) -> None:
+        self.matcher.remove()
+        self._branches = 1
+
+
+def apply_agla(session, config: AGLAConfig) -> AGLAHandle:
+    """Attach AGLA to `session`: generation and scoring ensemble each image with its prompt-masked local view."""
+    return AGLAHandle(session, config)
+
+
+register_method(
+    "agla", AGLAConfig, apply_agla, kind="hallucination",
+    description="Ensemble logits with a prompt-masked local view of the image, with a plausibility cutoff (arXiv'24).",
+    slots=("logit_branches",),
+)
