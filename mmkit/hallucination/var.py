@@ -1,0 +1,298 @@
+"""VAR: Visual Attention Redistribution ("See What You Are Told: Visual Attention Sink in Large Multimodal
+Models", ICLR 2025).
+
+Some tokens soak up attention without carrying much information ("sinks"). They are recognised by massive
+activations: token t is a sink at layer l when |RMSNorm_l(h_t)| exceeds tau on one of the model's
+massive-activation dimensions (the input of layer l's attention, i.e. the output of its `input_layernorm`). VAR
+takes the attention such heads waste on sinks and gives it back to the image:
+
+1. Image-centric heads, per layer l in [start_layer, end_layer) and per query row: the row's attention to image
+   tokens is >= `min_visual`, and the share of it that goes to visual sink tokens is <= `rho`.
+2. In those heads and rows, the probability of every sink key (visual and text) is multiplied by `p`; the freed
+   (1 - p) mass is added to the non-sink image tokens in proportion to their attention. Rows keep summing to 1.
+
+Massive-activation dimensions: LLaMA-2-7B has fixed ones ({1415, 2533}); give them with `dims=1415/2533`. With
+`dims` empty they are found per call, per sample and per layer: the `num_dims` hidden dimensions with the largest
+|RMSNorm(h)| over the prompt's tokens (a massive activation dominates its dimension, so these are the outlier
+dimensions when the model has them; when it has none, tau decides that no token is a sink and VAR leaves that
+row alone). Decoded tokens are tested on the dimensions found for their prompt.
+
+Rows edited: `rows="text"` every text row after the image (prompt and generated tokens), `rows="last"` only the
+current token. The edit is post-softmax, so the edited layers run the `mmkit` attention backend with an override
+that computes those rows' probabilities exactly (float32, chunks of query rows, one chunk's probabilities in
+memory at a time); rows before the first edited one run plain SDPA. p = 1 is a no-op: nothing is installed and
+the logits are bit-identical to the baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from mmkit.hallucination.common import check_float
+from mmkit.registry import register_method
+
+logger = logging.getLogger(__name__)
+
+# Largest probability chunk (elements) held per layer call: bounds prefill memory on long prompts.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class VARConfig:
+    """VAR: move attention from sink tokens to the image in image-centric heads."""
+
+    p: float = field(default=0.6, metadata={"help": "factor kept on sink attention in image-centric heads; 1 = off"})
+    tau: float = field(default=20.0, metadata={"help": "sink threshold on |RMSNorm(h)| at the massive dims"})
+    rho: float = field(default=0.5, metadata={"help": "image-centric heads give at most this share of their image "
+                                                      "attention to visual sinks"})
+    min_visual: float = field(default=0.2, metadata={"help": "image-centric heads give the image at least this "
+                                                             "attention"})
+    start_layer: int = field(default=2, metadata={"help": "first decoder layer edited"})
+    end_layer: int | None = field(default=None, metadata={"help": "decoder layer to stop before; None = all but "
+                                                                  "the last layer"})
+    dims: tuple[int, ...] = field(default=(), metadata={"help": "massive-activation hidden dims (e.g. 1415/2533 for "
+                                                                "LLaMA-2-7B); empty = detect per call"})
+    num_dims: int = field(default=2, metadata={"help": "dims detected per call when dims is empty"})
+    rows: Literal["text", "last"] = field(
+        default="text", metadata={"help": "query rows edited: every text/generated row after the image, or only "
+                                          "the current (last) token"})
+
+    def __post_init__(self):
+        self.p = check_float("p", self.p, low=0.0, high=1.0)
+        self.tau = check_float("tau", self.tau, low=0.0)
+        self.rho = check_float("rho", self.rho, low=0.0, high=1.0, high_open=True)
+        self.min_visual = check_float("min_visual", self.min_visual, low=0.0, high=1.0, low_open=True)
+        for name in ("start_layer", "num_dims"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.num_dims < 1:
+            raise ValueError("num_dims must be >= 1")
+        if self.end_layer is not None:
+            if isinstance(self.end_layer, bool) or not isinstance(self.end_layer, int):
+                raise ValueError(f"end_layer must be an integer or None, got {self.end_layer!r}")
+            if self.end_layer <= self.start_layer:
+                raise ValueError(f"end_layer ({self.end_layer}) must be greater than start_layer ({self.start_layer})")
+        dims = tuple(self.dims)
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in dims):
+            raise ValueError(f"dims must be hidden dimensions (integers >= 0), got {self.dims!r}")
+        if len(set(dims)) != len(dims):
+            raise ValueError(f"dims must not repeat, got {self.dims!r}")
+        self.dims = dims
+        if self.rows not in ("text", "last"):
+            raise ValueError(f"rows must be text or last, got {self.rows!r}")
+
+
+def detect_massive_dims(normed: torch.Tensor, valid: torch.Tensor | None, k: int) -> torch.Tensor:
+    """(B, k) per row: the hidden dims with the largest |normed| (B, n, d) over the row's valid tokens."""
+    mag = normed.abs().float()
+    if valid is not None:
+        mag = mag * valid[..., None].to(mag.dtype)
+    return torch.topk(mag.amax(dim=1), min(k, mag.shape[-1]), dim=-1).indices
+
+
+def sink_flags(normed: torch.Tensor, dims: torch.Tensor, tau: float) -> torch.Tensor:
+    """Bool (B, q): tokens whose |normed| exceeds tau on any of their row's dims (B, k)."""
+    picked = normed.abs().float().gather(2, dims[:, None, :].expand(-1, normed.shape[1], -1))
+    return picked.amax(-1) > tau
+
+
+def redistribute(probs: torch.Tensor, image: torch.Tensor, sink: torch.Tensor, row_mask: torch.Tensor | None,
+                 p: float, rho: float, min_visual: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAR on attention probabilities (B, H, R, Lk) float32; image/sink (B, Lk) bool; row_mask (B, R) or None.
+
+    Returns the edited probabilities and the bool (B, H, R) of image-centric (edited) head rows.
+    """
+    img = image[:, None, None, :].to(probs.dtype)
+    snk = sink[:, None, None, :].to(probs.dtype)
+    visual = (probs * img).sum(-1)
+    visual_sink = (probs * img * snk).sum(-1)
+    centric = (visual >= min_visual) & (visual_sink <= rho * visual)
+    if row_mask is not None:
+        centric &= row_mask[:, None, :]
+    free_visual = img * (1.0 - snk)
+    sink_mass = (probs * snk).sum(-1, keepdim=True)
+    free_mass = (probs * free_visual).sum(-1, keepdim=True)
+    # rho < 1 and visual >= min_visual > 0 make free_mass > 0 in every centric row.
+    gain = (1.0 - p) * sink_mass / free_mass.clamp(min=torch.finfo(probs.dtype).tiny)
+    edited = probs * (1.0 - (1.0 - p) * snk) + probs * free_visual * gain
+    return torch.where(centric[..., None], edited, probs), centric
+
+
+@dataclass
+class _LayerSinks:
+    dims: torch.Tensor           # (B, k) massive dims of each row
+    flags: list                  # bool (B, q) chunks, in cache order
+
+
+class VARHandle:
+    def __init__(self, session, config: VARConfig, force_override: bool = False):
+        from mmkit.patching.attention import override_attention
+
+        self.config = config
+        adapter = session.adapter
+        num_layers = adapter.num_layers
+        end = max(num_layers - 1, config.start_layer + 1) if config.end_layer is None else config.end_layer
+        if config.start_layer >= num_layers or end > num_layers:
+            raise ValueError(f"var layers [{config.start_layer}, {end}) do not fit this model's {num_layers} "
+                             f"decoder layers")
+        if config.dims and max(config.dims) >= adapter.hidden_size:
+            raise ValueError(f"var dims {config.dims} exceed this model's hidden size {adapter.hidden_size}")
+        self.layers = list(range(config.start_layer, end))
+        self._session = session
+        self._ctx = session.context
+        self._handles: list = []
+        self._sinks: dict[int, _LayerSinks] = {}
+        self._rows: torch.Tensor | None = None
+        self._first_row = 0
+        # Image-centric (row, head) pairs edited since the last prefill, per layer (for inspection and tests).
+        self.edited: dict[int, torch.Tensor] = {}
+        self._acquired = False
+        if config.p == 1.0 and not force_override:
+            logger.info("var with p = 1 is a no-op; the model is left unchanged")
+            return
+        session.text_attention.acquire()
+        self._acquired = True
+        try:
+            for layer in self.layers:
+                block = adapter.decoder_layers[layer]
+                self._handles.append(block.input_layernorm.register_forward_hook(self._norm_hook(layer)))
+                self._handles.append(override_attention(block.self_attn, self._attend))
+        except Exception:
+            self.remove()
+            raise
+        self._ctx.on_prefill(id(self), self._reset)
+
+    def _reset(self, ctx) -> None:
+        self._sinks = {}
+        self.edited = {}
+        image = ctx.image_mask
+        self._rows = None
+        if image is None:
+            return
+        if self.config.rows == "text":
+            rows = ~image & (image.long().cumsum(1) > 0)
+        else:
+            rows = torch.zeros_like(image)
+            rows[:, -1] = True
+        has = rows.any(1)
+        n = image.shape[1]
+        first = torch.where(has, rows.long().argmax(1), torch.full_like(has, n, dtype=torch.long))
+        self._rows = rows
+        self._first_row = int(first.min())  # one host read per prefill
+
+    def _norm_hook(self, layer: int):
+        def hook(module, args, output):
+            ctx = self._ctx
+            if ctx.prefill:
+                valid = None if ctx.attention_mask is None else ctx.attention_mask.to(output.device).bool()
+                if self.config.dims:
+                    dims = torch.tensor(self.config.dims, device=output.device).expand(output.shape[0], -1)
+                else:
+                    dims = detect_massive_dims(output, valid, self.config.num_dims)
+                flags = sink_flags(output, dims, self.config.tau)
+                if valid is not None and valid.shape == flags.shape:
+                    flags &= valid
+                self._sinks[layer] = _LayerSinks(dims, [flags])
+            elif layer in self._sinks:
+                state = self._sinks[layer]
+                state.flags.append(sink_flags(output, state.dims, self.config.tau))
+            return None
+
+        return hook
+
+    def _attend(self, module, query, key, value, attention_mask, **kwargs):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        ctx = self._ctx
+        layer = module.layer_idx
+        state = self._sinks.get(layer)
+        image = ctx.image_mask
+        if state is None or image is None or not any(ctx.image_counts):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        n = image.shape[1]
+        q_len, k_len = query.shape[2], key.shape[2]
+        if ctx.prefill and q_len != n:
+            raise RuntimeError(f"var: the prefill reached layer {layer} with {q_len} of its {n} tokens; var cannot "
+                               f"be combined with methods that drop tokens inside the LLM")
+        sink = torch.cat(state.flags, dim=1)
+        if sink.shape[1] > k_len or k_len < n:
+            raise RuntimeError(f"var: layer {layer} sees {k_len} keys but tracked {sink.shape[1]} tokens")
+        device = query.device
+        image_keys = torch.zeros(image.shape[0], k_len, dtype=torch.bool, device=device)
+        image_keys[:, :n] = image.to(device)
+        sink_keys = torch.zeros_like(image_keys)
+        sink_keys[:, : sink.shape[1]] = sink
+        if ctx.prefill:
+            first = self._first_row
+            if first >= q_len:
+                return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            rows = self._rows.to(device)
+        else:
+            first, rows = 0, None
+        parts = []
+        if first > 0:
+            parts.append(sdpa_attention_forward(module, query[:, :, :first], key, value,
+                                                _rows_of(attention_mask, q_len, k_len, 0, first, device), **kwargs)[0])
+        edited = None
+        batch, heads = query.shape[:2]
+        groups = heads // key.shape[1]
+        k_f = key.float().repeat_interleave(groups, dim=1) if groups > 1 else key.float()
+        v_f = value.float().repeat_interleave(groups, dim=1) if groups > 1 else value.float()
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * k_len))
+        for start in range(first, q_len, chunk):
+            stop = min(q_len, start + chunk)
+            scores = torch.matmul(query[:, :, start:stop].float(), k_f.transpose(-1, -2)) * scaling
+            allowed = _rows_of(attention_mask, q_len, k_len, start, stop, device, bool_only=True)
+            if allowed is not None:
+                scores = scores.masked_fill(~allowed, float("-inf"))
+            probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+            row_mask = None if rows is None else rows[:, start:stop]
+            probs, centric = redistribute(probs, image_keys, sink_keys, row_mask, self.config.p, self.config.rho,
+                                          self.config.min_visual)
+            count = centric.sum()
+            edited = count if edited is None else edited + count
+            parts.append(torch.matmul(probs, v_f).transpose(1, 2).to(query.dtype))
+        self.edited[layer] = self.edited.get(layer, 0) + edited
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return out.contiguous(), None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._ctx.drop_callback(id(self))
+        if self._acquired:
+            self._session.text_attention.release()
+            self._acquired = False
+        self._sinks = {}
+
+
+def _rows_of(attention_mask, q_len: int, k_len: int, start: int, stop: int, device: torch.device,
+             bool_only: bool = False):
+    """Rows [start, stop) of the layer's 4-D mask; None (causal) becomes an explicit causal slice with the queries
+    at the end of the keys. bool_only: a float mask becomes bool (allowed = above the dtype's minimum / 2)."""
+    if attention_mask is None:
+        rows = torch.arange(start, stop, device=device)[:, None] + (k_len - q_len)
+        return (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
+    part = attention_mask[:, :, start:stop]
+    if bool_only and part.dtype != torch.bool:
+        part = part > torch.finfo(part.dtype).min / 2
+    return part
+
+
+def apply_var(session, config: VARConfig) -> VARHandle:
+    """Attach VAR to a session; `remove()` on the result restores the model exactly."""
+    return VARHandle(session, config)
+
+
+register_method(
+    "var", VARConfig, apply_var, kind="hallucination",
+    description="Redistribute sink-token attention to the image in image-centric heads (ICLR'25).",
+    slots=("attention_scores",),
+)

@@ -1,0 +1,163 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import forward_logits
+from mmkit.errors import MmkitError
+from mmkit.hallucination.var import VARConfig, VARHandle, detect_massive_dims, redistribute, sink_flags
+
+# Random tiny weights have no massive activations; a low tau makes some tokens sinks so the edit has work to do.
+ON = "var:start_layer=1,tau=2"
+
+
+def test_p_one_installs_nothing_and_keeps_logits_identical(session, images, prompts):
+    inputs = session.prepare(images, prompts)
+    base = forward_logits(session, inputs)
+    session.apply("var:start_layer=1,tau=2,p=1")
+    assert session.model.config.text_config._attn_implementation == "sdpa"
+    assert torch.equal(forward_logits(session, inputs), base)
+
+
+def test_exact_probabilities_reproduce_sdpa_when_nothing_moves(session, images, prompts):
+    """The override's explicit softmax (p = 1 forced through it) matches SDPA, padding rows included."""
+    inputs = session.prepare(images, prompts)
+    base = forward_logits(session, inputs)
+    impl = VARHandle(session, VARConfig(start_layer=1, end_layer=4, tau=2.0, p=1.0), force_override=True)
+    try:
+        same = forward_logits(session, inputs)
+        assert sum(int(v) for v in impl.edited.values()) > 0  # heads were image-centric, the edit was a no-op
+    finally:
+        impl.remove()
+    assert torch.allclose(same, base, atol=1e-5)
+
+
+def test_redistribution_changes_logits_and_remove_restores_exactly(session, images, prompts):
+    inputs = session.prepare(images, prompts)
+    base = forward_logits(session, inputs)
+    handle = session.apply(ON)
+    out = forward_logits(session, inputs)
+    assert set(handle.impl.edited) == {1, 2}  # layers 1 .. L-2 by default
+    assert all(int(v) > 0 for v in handle.impl.edited.values())
+    assert not torch.allclose(out[:, -1], base[:, -1], atol=1e-4)
+    handle.remove()
+    assert torch.equal(forward_logits(session, inputs), base)
+    assert session.model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_no_sinks_means_no_change(session, images, prompts):
+    """A tau no activation reaches finds no sinks: nothing moves (up to the explicit softmax's rounding)."""
+    inputs = session.prepare(images, prompts)
+    base = forward_logits(session, inputs)
+    session.apply("var:start_layer=1,tau=1000")
+    assert torch.allclose(forward_logits(session, inputs), base, atol=1e-5)
+
+
+def test_last_row_mode_leaves_earlier_positions_alone(session, images, prompts):
+    inputs = session.prepare(images, prompts)
+    base = forward_logits(session, inputs)
+    session.apply(ON + ",rows=last")
+    out = forward_logits(session, inputs)
+    assert torch.allclose(out[:, :-1], base[:, :-1], atol=1e-5)
+    assert not torch.allclose(out[:, -1], base[:, -1], atol=1e-4)
+
+
+def test_batch_of_different_prompts_equals_single_runs(session, images, prompts):
+    session.apply(ON)
+    batched = session.generate(images, prompts, max_new_tokens=6)
+    batch_scores = torch.tensor(session.answer_logprobs(images, prompts).logprobs)
+    for i in range(3):
+        assert session.generate([images[i]], [prompts[i]], max_new_tokens=6)[0].text == batched[i].text
+        single = torch.tensor(session.answer_logprobs([images[i]], [prompts[i]]).logprobs[0])
+        assert torch.allclose(single, batch_scores[i], atol=1e-4)
+
+
+def test_sampled_decoding_is_seeded_and_static_cache_matches_dynamic(session, images, prompts):
+    handle = session.apply(ON)
+    first = [r.text for r in session.generate(images, prompts, max_new_tokens=6, do_sample=True, seed=5)]
+    again = [r.text for r in session.generate(images, prompts, max_new_tokens=6, do_sample=True, seed=5)]
+    assert first == again
+    inputs = session.prepare(images, prompts)
+    pad = session.processor.tokenizer.pad_token_id
+    with torch.inference_mode():
+        dynamic = session.model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=pad)
+        static = session.model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=pad,
+                                        cache_implementation="static")
+    assert torch.equal(dynamic, static)
+    # Decoded tokens are tracked as sink candidates too: prompt + 4 fed-back tokens.
+    assert torch.cat(handle.impl._sinks[1].flags, 1).shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+def test_fixed_dims(session, images, prompts):
+    inputs = session.prepare(images, prompts)
+    base = forward_logits(session, inputs)
+    handle = session.apply("var:start_layer=1,tau=1.5,dims=3/17")
+    out = forward_logits(session, inputs)
+    assert handle.impl._sinks[1].dims.tolist() == [[3, 17]] * 3
+    assert not torch.allclose(out[:, -1], base[:, -1], atol=1e-4)
+
+
+def test_redistribute_moves_sink_mass_to_non_sink_image_tokens():
+    # keys: 0 text sink, 1 text, 2 image sink, 3 image, 4 image
+    image = torch.tensor([[False, False, True, True, True]])
+    sink = torch.tensor([[True, False, True, False, False]])
+    probs = torch.tensor([[[[0.3, 0.1, 0.1, 0.3, 0.2],       # image 0.6, visual-sink share 1/6: centric
+                            [0.6, 0.3, 0.05, 0.03, 0.02],    # image 0.1 < 0.2: left alone
+                            [0.1, 0.1, 0.5, 0.2, 0.1]]]])    # visual-sink share 0.625 > 0.5: left alone
+    out, centric = redistribute(probs, image, sink, None, p=0.6, rho=0.5, min_visual=0.2)
+    assert centric.tolist() == [[[True, False, False]]]
+    row = out[0, 0, 0]
+    assert torch.allclose(row[[0, 2]], torch.tensor([0.18, 0.06]))      # sinks x 0.6
+    assert torch.isclose(row[1], torch.tensor(0.1))                     # text non-sink untouched
+    freed = 0.4 * 0.4
+    assert torch.allclose(row[[3, 4]], torch.tensor([0.3 + freed * 0.6, 0.2 + freed * 0.4]))
+    assert torch.allclose(out.sum(-1), torch.ones(1, 1, 3))
+    assert torch.equal(out[0, 0, 1:], probs[0, 0, 1:])
+    rows = torch.tensor([[False, True, True]])
+    out, centric = redistribute(probs, image, sink, rows, p=0.6, rho=0.5, min_visual=0.2)
+    assert not bool(centric.any()) and torch.equal(out, probs)
+
+
+def test_massive_dims_are_detected():
+    normed = torch.randn(2, 6, 16)
+    normed[0, 2, 5] = 80.0
+    normed[0, 0, 11] = -60.0
+    normed[1, 4, 9] = 50.0
+    normed[1, 5, 1] = 300.0  # a padded position: ignored
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, 5] = False
+    dims = detect_massive_dims(normed, valid, 2)
+    assert set(dims[0].tolist()) == {5, 11} and dims[1, 0].item() == 9
+    flags = sink_flags(normed, dims, 20.0)
+    assert flags[0].tolist() == [True, False, True, False, False, False]
+    assert flags[1, 4].item()
+
+
+def test_llava_next_rows_with_different_visual_token_counts():
+    import mmkit
+
+    session = mmkit.load("tiny-random-next", device="cpu")
+    rng = np.random.default_rng(2)
+    imgs = [(rng.random(shape) * 255).astype("uint8") for shape in [(28, 56, 3), (56, 56, 3), (28, 28, 3)]]
+    prompts = ["hi", "describe this image", "what?"]
+    base = session.answer_logprobs(imgs, prompts).logprobs
+    session.apply(ON)
+    batch_scores = torch.tensor(session.answer_logprobs(imgs, prompts).logprobs)
+    assert not torch.allclose(batch_scores, torch.tensor(base), atol=1e-4)
+    single_scores = torch.tensor([session.answer_logprobs([imgs[i]], [prompts[i]]).logprobs[0] for i in range(3)])
+    assert torch.allclose(batch_scores, single_scores, atol=1e-4)
+    session.close()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("var:p=1.5", "p must be in"),
+    ("var:rho=1", "rho must be in"),
+    ("var:min_visual=0", "min_visual must be in"),
+    ("var:num_dims=0", "num_dims"),
+    ("var:dims=3/3", "must not repeat"),
+    ("var:start_layer=2,end_layer=2", "end_layer"),
+    ("var:start_layer=4", "do not fit"),
+    ("var:dims=4096", "hidden size"),
+])
+def test_bad_settings_are_refused(session, spec, message):
+    with pytest.raises(MmkitError, match=message):
+        session.apply(spec)
