@@ -26,7 +26,8 @@ def make_inputs(case, dtype, device="cpu", seed=0):
         mask[-1, r - 1] = False              # a row with no allowed key
         mask = mask.to(device)
     elif kind == "shared":
-        mask = (torch.arange(lk)[None, None, :] < torch.tensor([lk, lk - 7])[:, None, None]).to(device)
+        lengths = lk - 7 * torch.arange(b)  # right padding, a different length per batch row
+        mask = (torch.arange(lk)[None, None, :] < lengths[:, None, None]).to(device)
     return q, k, mask, d ** -0.5
 
 
@@ -37,7 +38,7 @@ def check_close(out, q, k, mask, scaling, **kw):
     assert out.dtype == torch.float32 and out.shape == exact.shape
     assert torch.isfinite(out).all()
     err = (out.double().cpu() - exact.cpu()).abs().max().item()
-    torch_err = (same.double() - exact.cpu()).abs().max().item()
+    torch_err = (same.double().cpu() - exact.cpu()).abs().max().item()
     assert err <= 2 * torch_err + ATOL, (err, torch_err)
 
 

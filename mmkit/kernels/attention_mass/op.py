@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mmkit.kernels.attention_mass.ref import check_inputs, reduce_per_head, subset_attention_mass_ref
+from mmkit.kernels.attention_mass.ref import check_inputs, subset_attention_mass_ref
 from mmkit.kernels.dispatch import choose_backend
 
 OP_NAME = "subset_attention_mass"
@@ -39,5 +39,7 @@ def subset_attention_mass(q_rows: torch.Tensor, k: torch.Tensor, *, scaling: flo
                                          per_head=per_head)
     from mmkit.kernels.attention_mass import triton_impl
 
-    sums = triton_impl.per_head_row_sums(q_rows, k, scaling, key_mask)
-    return reduce_per_head(sums, q_rows.shape[2], reduce, per_head)
+    batch, heads, rows, _ = q_rows.shape
+    count = (rows if per_head else heads * rows) if reduce == "mean" else 1
+    masses = triton_impl.per_head_row_sums(q_rows, k, scaling, key_mask, out_scale=1.0 / max(count, 1))
+    return masses if per_head else masses.sum(1)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 # Finite "minus infinity" for masked logits: -inf would make the running-max update exp2(-inf - -inf) = NaN.
-_NEG = -1.0e30
+_NEG: tl.constexpr = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def _row_lse_kernel(Q, K, MASK, LSE,
 @triton.jit
 def _key_mass_kernel(Q, K, MASK, LSE, OUT,
                      sq_b, sq_h, sq_r, sq_d, sk_b, sk_h, sk_n, sk_d, sm_b, sm_r, sm_n,
-                     H, GROUP, R, LK, D, scale_log2,
+                     H, GROUP, R, LK, D, scale_log2, out_scale,
                      HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_bh = tl.program_id(0)
@@ -89,7 +89,7 @@ def _key_mass_kernel(Q, K, MASK, LSE, OUT,
             allowed = tl.load(MASK + b * sm_b + offs_r[:, None] * sm_r + n[None, :] * sm_n, mask=ok, other=0)
             ok = ok & (allowed != 0)
         acc += tl.sum(tl.where(ok, tl.exp2(s - lse[:, None]), 0.0), 0)
-    tl.store(OUT + pid_bh * LK + n, acc, mask=key_ok)
+    tl.store(OUT + pid_bh * LK + n, acc * out_scale, mask=key_ok)
 
 
 def _block_r(rows: int) -> int:
@@ -98,8 +98,11 @@ def _block_r(rows: int) -> int:
 
 
 def per_head_row_sums(q_rows: torch.Tensor, k: torch.Tensor, scaling: float,
-                      key_mask: torch.Tensor | None) -> torch.Tensor:
-    """(B, H, Lk) float32: per head, the attention probability each key gets, summed over the rows."""
+                      key_mask: torch.Tensor | None, out_scale: float = 1.0) -> torch.Tensor:
+    """(B, H, Lk) float32: per head, the attention probability each key gets, summed over the rows.
+
+    `out_scale` multiplies the result inside the kernel (a mean's 1/count costs no extra launch).
+    """
     batch, heads, rows, dim = q_rows.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     if q_rows.dtype != k.dtype:
@@ -124,5 +127,6 @@ def per_head_row_sums(q_rows: torch.Tensor, k: torch.Tensor, scaling: float,
                                                                   num_warps=4, **common)
     block_n = 64
     _key_mass_kernel[(batch * heads, triton.cdiv(n_keys, block_n))](q_rows, k, mask_arg, lse, out, *args,
-                                                                     BLOCK_N=block_n, num_warps=4, **common)
+                                                                     float(out_scale), BLOCK_N=block_n,
+                                                                     num_warps=4, **common)
     return out

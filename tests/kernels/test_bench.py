@@ -1,0 +1,11 @@
+"""bench_kernels runs end to end on CPU (tiny cases) and reports every column."""
+
+from mmkit.kernels.bench import bench_kernels
+
+
+def test_bench_kernels_cpu_tiny():
+    rows = bench_kernels("cpu", cases=[(1, 2, 16, 40, 2)], reps=2)
+    attn, compaction = rows[0], rows[-1]
+    assert attn["B"] == 1 and attn["Lk"] == 40 and attn["R"] == 2
+    assert attn["sdpa_ms"] > 0 and attn["torch_ms"] > 0 and attn["overhead_torch"] > 1
+    assert compaction["op"] == "topk_compact+gather" and compaction["ms"] > 0
