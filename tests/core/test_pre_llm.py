@@ -199,3 +199,28 @@ def test_static_cache_and_llava_next_are_refused(session, images, prompts):
     with pytest.raises(ValueError, match="LLaVA-1.5 layout"):
         PreLLMReducer(nxt, _fixed_plan([[0]]))
     nxt.close()
+
+
+def test_composes_with_llm_side_token_dropping(session, images, prompts):
+    """FastV on top of a pre-LLM reduction ranks and drops in the reduced sequence; decoding stays consistent."""
+    orders = [list(range(0, 64, 4)), list(range(16)), list(range(48, 64))]
+    reducer = PreLLMReducer(session, _fixed_plan(orders))
+    session.apply("fastv:layer=2,keep=0.5")
+    pad = session.processor.tokenizer.pad_token_id
+    try:
+        results = session.generate(images, prompts, max_new_tokens=5)
+        assert [r.stats.visual_tokens_kept for r in results] == [[16, 16, 8, 8]] * 3
+        assert [r.stats.visual_tokens for r in results] == [N] * 3
+        inputs = session.prepare(images, prompts)
+        with torch.inference_mode():
+            out = session.model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                         pad_token_id=pad)
+            n = inputs["input_ids"].shape[1]
+            for t in range(4):
+                mask = torch.cat([inputs["attention_mask"], torch.ones_like(out[:, n:n + t])], 1)
+                logits = session.model(input_ids=out[:, : n + t], attention_mask=mask,
+                                       pixel_values=inputs["pixel_values"], use_cache=False).logits[:, -1]
+                assert torch.equal(logits.argmax(-1), out[:, n + t])
+    finally:
+        session.remove_all()
+        reducer.remove()
