@@ -171,6 +171,7 @@ def test_tuning_is_reproducible_meets_the_budget_and_round_trips(session, images
         session.apply(f"vflowopt:config={path},vision_keep=0.99")
 
 
+@pytest.mark.slow  # loads a model and renders calibration scenes
 def test_tune_cli_writes_a_loadable_config(tmp_path):
     from mmkit.cli import main
 
