@@ -7,5 +7,7 @@ Importing this package never imports triton and never touches CUDA; `dispatch.ch
 from mmkit.kernels.attention_mass.op import subset_attention_mass
 from mmkit.kernels.compaction.op import Compaction, gather_tokens, kept_count, topk_compact
 from mmkit.kernels.dispatch import choose_backend
+from mmkit.kernels.score_mod.op import scaled_attention
 
-__all__ = ["Compaction", "choose_backend", "gather_tokens", "kept_count", "subset_attention_mass", "topk_compact"]
+__all__ = ["Compaction", "choose_backend", "gather_tokens", "kept_count", "scaled_attention",
+           "subset_attention_mass", "topk_compact"]

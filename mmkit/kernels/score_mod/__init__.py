@@ -1,0 +1,1 @@
+"""Attention with per-head logit boosts on selected (query row, key) pairs (PAINT/VAR-style head modulation)."""

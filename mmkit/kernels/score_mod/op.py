@@ -1,0 +1,49 @@
+"""Public `scaled_attention`: FlexAttention (fused Triton kernel) on CUDA, the explicit torch reference elsewhere."""
+
+from __future__ import annotations
+
+import torch
+
+from mmkit.kernels.dispatch import choose_backend
+from mmkit.kernels.score_mod.ref import check_and_prepare, scaled_attention_ref
+
+OP_NAME = "scaled_attention"
+
+
+def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float,
+                     attn_mask: torch.Tensor | None = None, row_mask: torch.Tensor | None = None,
+                     key_mask: torch.Tensor | None = None,
+                     head_scale: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Attention whose selected (query row, key) logits get + log(alpha_h), i.e. their weight times alpha_h.
+
+    This is PAINT-style head modulation: for query rows in `row_mask` and keys in `key_mask`, head h's
+    unnormalised attention exp(q·k·scaling) is multiplied by `head_scale[h]` before the softmax normalises.
+
+    Args:
+        q: (B, H, Lq, D) queries (rotary already applied); k, v: (B, Hkv, Lk, D), H % Hkv == 0 (GQA).
+        scaling: logit scale, usually D ** -0.5.
+        attn_mask: None = causal with the queries as the last Lq positions of the Lk keys; else a
+            (B or 1, 1, Lq, Lk) bool mask (True = may attend) or an additive float mask (0 / -inf or dtype min).
+        row_mask: (B, Lq) bool, the query rows to modulate; None = all rows.
+        key_mask: (B, Lk) bool, the keys to boost (e.g. chosen visual tokens); None = all keys.
+        head_scale: alpha per head, an (H,) tensor or one float, alpha > 0 (0 removes the pairs; a negative
+            alpha gives NaN); None = plain attention.
+
+    Returns:
+        (B, H, Lq, D) in q's dtype. Rows with no allowed key give zeros. On CUDA (Triton backend) this is a
+        compiled FlexAttention kernel that never stores the (Lq, Lk) scores; the first call per shape compiles.
+    """
+    allowed, log_scale = check_and_prepare(q, k, v, attn_mask, row_mask, key_mask, head_scale)
+    if choose_backend(q, OP_NAME) == "triton" and q.is_cuda:
+        from mmkit.kernels.score_mod.flex_impl import scaled_attention_flex
+
+        batch, _, q_len, _ = q.shape
+        boost = None
+        if log_scale is not None:
+            boost = (row_mask if row_mask is not None else torch.ones(batch, q_len, dtype=torch.bool, device=q.device),
+                     key_mask if key_mask is not None else torch.ones(batch, k.shape[2], dtype=torch.bool,
+                                                                      device=q.device))
+        return scaled_attention_flex(q, k, v, scaling=scaling, allowed=allowed, boost=boost, log_scale=log_scale)
+    # CPU (also under TRITON_INTERPRET=1: compiling FlexAttention for CPU takes minutes) and the torch override.
+    return scaled_attention_ref(q, k, v, scaling=scaling, attn_mask=attn_mask, row_mask=row_mask,
+                                key_mask=key_mask, head_scale=head_scale)

@@ -1,0 +1,80 @@
+"""Torch reference for `scaled_attention`: explicit softmax, materialises (Lq, Lk) per head: small shapes only."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_and_prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                      row_mask: torch.Tensor | None, key_mask: torch.Tensor | None,
+                      head_scale: torch.Tensor | float | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Validate shapes; return (allowed (B|1, 1, Lq, Lk) bool or None for causal, log head scale (H,) or None)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    batch, heads, q_len, _ = q.shape
+    if k.shape[:3] != v.shape[:3] or k.shape[0] != batch or k.shape[3] != q.shape[3]:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
+    if heads % k.shape[1]:
+        raise ValueError(f"{heads} query heads are not a multiple of {k.shape[1]} key heads")
+    k_len = k.shape[2]
+    if q_len > k_len and attn_mask is None:
+        raise ValueError(f"causal attention needs Lq <= Lk; got Lq={q_len}, Lk={k_len} (pass attn_mask)")
+    allowed = None
+    if attn_mask is not None:
+        if attn_mask.dim() != 4 or attn_mask.shape[0] not in (1, batch) or attn_mask.shape[1] != 1 \
+                or attn_mask.shape[2:] != (q_len, k_len):
+            raise ValueError(f"attn_mask must be (B or 1, 1, Lq, Lk) = ({batch}, 1, {q_len}, {k_len}); "
+                             f"got {tuple(attn_mask.shape)}")
+        if attn_mask.dtype == torch.bool:
+            allowed = attn_mask
+        elif attn_mask.is_floating_point():  # additive mask: 0 where allowed, -inf or dtype-min where not
+            allowed = attn_mask > torch.finfo(attn_mask.dtype).min / 2
+        else:
+            raise ValueError(f"attn_mask must be bool (True = may attend) or an additive float mask; "
+                             f"got {attn_mask.dtype}")
+    for name, mask, length in (("row_mask", row_mask, q_len), ("key_mask", key_mask, k_len)):
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != (batch, length)):
+            raise ValueError(f"{name} must be bool ({batch}, {length}); got {mask.dtype} {tuple(mask.shape)}")
+    log_scale = None
+    if head_scale is not None:
+        scale = torch.as_tensor(head_scale, dtype=torch.float32, device=q.device)
+        if scale.dim() == 0:
+            scale = scale.expand(heads)
+        if scale.shape != (heads,):
+            raise ValueError(f"head_scale must be a float or an (H,) = ({heads},) tensor; got {tuple(scale.shape)}")
+        log_scale = scale.log()  # alpha = 0 gives -inf: those (row, key) pairs are removed
+    return allowed, log_scale
+
+
+def boost_mask(q_len: int, k_len: int, batch: int, device, row_mask, key_mask) -> torch.Tensor:
+    """(B, Lq, Lk) bool: the (row, key) pairs whose logits get log(alpha_h)."""
+    rows = row_mask if row_mask is not None else torch.ones(batch, q_len, dtype=torch.bool, device=device)
+    keys = key_mask if key_mask is not None else torch.ones(batch, k_len, dtype=torch.bool, device=device)
+    return rows[:, :, None] & keys[:, None, :]
+
+
+def scaled_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float,
+                         attn_mask: torch.Tensor | None = None, row_mask: torch.Tensor | None = None,
+                         key_mask: torch.Tensor | None = None, head_scale: torch.Tensor | float | None = None,
+                         compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Reference: softmax(q kᵀ · scaling + log(alpha_h) on boosted pairs, masked) · v, in `compute_dtype`.
+
+    Same arguments as `scaled_attention`; rows with no allowed key give zeros.
+    """
+    allowed, log_scale = check_and_prepare(q, k, v, attn_mask, row_mask, key_mask, head_scale)
+    batch, heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    group = heads // k.shape[1]
+    kf = k.to(compute_dtype).repeat_interleave(group, dim=1)
+    vf = v.to(compute_dtype).repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.to(compute_dtype), kf.transpose(-1, -2)) * scaling
+    scores = scores.to(torch.promote_types(compute_dtype, torch.float32))
+    if log_scale is not None:
+        boost = boost_mask(q_len, k_len, batch, q.device, row_mask, key_mask)[:, None]
+        scores = scores + torch.where(boost, log_scale.to(scores.dtype)[None, :, None, None], 0.0)
+    if allowed is None:  # causal, bottom-right aligned (query i sits at position Lk - Lq + i)
+        allowed = (torch.arange(k_len, device=q.device)[None, :]
+                   <= torch.arange(k_len - q_len, k_len, device=q.device)[:, None])[None, None]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+    return torch.matmul(probs.to(vf.dtype), vf).to(q.dtype)
