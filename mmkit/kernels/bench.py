@@ -110,18 +110,21 @@ def bench_kernels(device: str = "cuda", cases: list[tuple[int, int, int, int, in
                            dev, reps, inner)
         torch_ms = _time_ms(lambda: subset_attention_mass_ref(q_rows, k, scaling=scaling, key_mask=mask),
                             dev, reps, inner)
-        triton_ms = None
+        triton_ms, graph_extra = None, {}
         if can_run_triton(k):
-            from mmkit.kernels.attention_mass.triton_impl import per_head_row_sums
+            from mmkit.kernels.attention_mass.triton_impl import SINGLE_READ_MAX_ROWS, per_head_row_sums
 
             def run_triton():  # what subset_attention_mass runs on CUDA, minus argument checks and dispatch
                 return per_head_row_sums(q_rows, k, scaling, mask, out_scale=1.0 / (heads * rows)).sum(1)
 
             diff = (run_triton() - subset_attention_mass_ref(q_rows, k, scaling=scaling, key_mask=mask)).abs().max()
             triton_ms = _time_ms(run_triton, dev, reps, inner)
+            if dev.type == "cuda" and rows <= SINGLE_READ_MAX_ROWS:  # the path "auto" does not take, for comparison
+                graph_extra["triton_two_pass_graph_ms"] = _graph_ms(
+                    lambda: per_head_row_sums(q_rows, k, scaling, mask, method="two_pass").sum(1), dev, reps, inner)
         else:
             diff = None
-        graph = {}
+        graph = dict(graph_extra)
         if dev.type == "cuda":  # GPU time alone: the calls replayed from a CUDA graph, no Python launch cost
             graph["sdpa_graph_ms"] = _graph_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=True), dev, reps, inner)

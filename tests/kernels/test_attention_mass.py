@@ -86,3 +86,9 @@ def test_gpu_triton_matches_reference(monkeypatch, case, dtype):
     assert torch.equal(first, subset_attention_mass(q, k, scaling=scaling, key_mask=mask))
     ref = subset_attention_mass_ref(q, k, scaling=scaling, key_mask=mask)
     assert torch.allclose(first, ref, atol=1e-4)
+    from mmkit.kernels.attention_mass import triton_impl
+
+    methods = ("two_pass", "single_read") if case[3] <= triton_impl.SINGLE_READ_MAX_ROWS else ("two_pass",)
+    for method in methods:
+        sums = triton_impl.per_head_row_sums(q, k, scaling, mask, method=method)
+        check_close(sums, q, k, mask, scaling, reduce="sum", per_head=True)
