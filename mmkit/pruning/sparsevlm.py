@@ -277,10 +277,11 @@ class SparseVLMHandle:
             members = dropped[:pool]
             x = hidden[b, members].float()
             centres, assign = density_peak_clusters(x, groups)
-            sums = torch.zeros(groups, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, assign, x)
-            counts = torch.bincount(assign, minlength=groups).clamp(min=1)
+            # Group means as a (groups, M) averaging matrix: one small matmul, no scatter.
+            onehot = (assign[None, :] == torch.arange(groups, device=x.device)[:, None]).float()
+            means = (onehot / onehot.sum(1, keepdim=True).clamp(min=1)) @ x
             carriers.append(members[centres])
-            merged.append((sums / counts[:, None]).to(hidden.dtype))
+            merged.append(means.to(hidden.dtype))
         n_groups = torch.tensor([c.numel() for c in carriers], device=hidden.device)
         if int(n_groups.max()) == 0:
             return keep_top_visual(scores, image_mask, keep, valid)
