@@ -213,3 +213,22 @@ def test_cannot_combine_with_another_score_method(session):
     session.apply(ON)
     with pytest.raises(MmkitError, match="cannot combine"):
         session.apply("var:start_layer=1")
+
+
+def test_export_keeps_the_calibrated_sensitivities(session, images, prompts, tmp_path):
+    import mmkit
+
+    mass = torch.tensor([[0.4, 0.1, 0.2, 0.3]] * 4)
+    path = head_sensitivity.save(mass, tmp_path / "s.safetensors")
+    session.apply(f"paint:start_layer=1,alpha=3,sensitivity={path}")
+    inputs = session.prepare(images, prompts)
+    expected = forward_logits(session, inputs)
+    session.save_pretrained(tmp_path / "export")
+    head_sensitivity.save(torch.ones(4, 4), path)  # the export carries its own copy of the sensitivities
+    reloaded = mmkit.load(str(tmp_path / "export"), device="cpu")
+    try:
+        (handle,) = reloaded.methods
+        assert torch.equal(handle.impl.mass, mass)
+        assert torch.allclose(forward_logits(reloaded, reloaded.prepare(images, prompts)), expected, atol=1e-5)
+    finally:
+        reloaded.close()
