@@ -1,0 +1,460 @@
+"""VL-SAM: open-ended grounding from an LVLM's attention, with Segment Anything turning maps into masks.
+
+Pipeline per batch of images (each step batched over images, views, questions and objects):
+1. Object words: the LVLM describes each view ("Describe the image in detail."; several questions form an
+   ensemble) and the categories it mentions are parsed, or a given query is grounded ("Where is the {x}?").
+2. Maps: one forward over prompt + answer captures the attention rows of the text after the image at every layer
+   and head (`attention_maps.capture_rows`); `flow.object_maps` weights heads (MeanMax), regularises columns and
+   rolls the attention out into a grid map per object.
+3. Prompts: the thresholded map's largest region gives positive points at its maxima and negative ones at the
+   minima outside (`prompts.prompts_from_map`); counted mentions ("two cups") prompt several regions.
+4. SAM: every image is embedded once; all prompts are decoded in one call per round. Refinement feeds the mask
+   back as a mask prompt, then restricts the map to the mask and resamples the points.
+5. Multi-scale views (the full image plus four corner crops) and the question ensemble vote; NMS merges all.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+
+from mmkit.errors import MmkitError
+
+logger = logging.getLogger(__name__)
+
+DESCRIBE_PROMPT = "Describe the image in detail."
+QUERY_PROMPT = "Where is the {category}?"
+
+
+@dataclass
+class VLSAMConfig:
+    """Settings of the VL-SAM grounding pipeline."""
+
+    describe_prompts: tuple[str, ...] = field(default=(DESCRIBE_PROMPT,), metadata={
+        "help": "Questions that make the LVLM list the objects; several form VL-SAM's question ensemble."})
+    query_prompt: str = field(default=QUERY_PROMPT, metadata={
+        "help": "Prompt for a given query; must contain {category}, whose mention token is mapped."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Answer length for the object-listing questions."})
+    token: Literal["mention", "previous"] = field(default="mention", metadata={
+        "help": "Row mapped per object: the mention token itself (VL-SAM) or the position that predicted it."})
+    layers: tuple[int, ...] = field(default=(), metadata={
+        "help": "Decoder layers whose attention enters the flow (empty: all layers, as VL-SAM; negative ok)."})
+    head_weighting: bool = field(default=True, metadata={"help": "MeanMax head weights (else a plain mean)."})
+    column_reg: bool = field(default=True, metadata={"help": "Column regularisation against causal collapse."})
+    residual: float = field(default=0.5, metadata={"help": "Identity weight of the rollout: A = (1-r) S + r I."})
+    upsample: int = field(default=4, metadata={"help": "Bilinear upsampling of the token-grid map before prompts."})
+    threshold: float = field(default=0.5, metadata={"help": "Region threshold on the [0, 1]-normalised map."})
+    num_positive: int = field(default=1, metadata={"help": "Positive points per region (at the maxima)."})
+    num_negative: int = field(default=1, metadata={"help": "Negative points per prompt (at the minima outside)."})
+    max_instances: int = field(default=3, metadata={"help": "Most regions prompted for a counted mention."})
+    refine_steps: int = field(default=2, metadata={
+        "help": "0: points only; 1: + the mask fed back as a mask prompt; 2: + points resampled inside the mask."})
+    multi_scale: bool = field(default=False, metadata={"help": "Also map the four half-size corner crops."})
+    crop_fraction: float = field(default=0.5, metadata={"help": "Side of the corner crops, as a fraction."})
+    nms_iou: float = field(default=0.5, metadata={"help": "Box IoU above which a same-label detection is dropped."})
+    min_score: float = field(default=0.0, metadata={"help": "Detections scoring below this are dropped."})
+    batch_size: int = field(default=8, metadata={"help": "LVLM rows (views x questions) per forward."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.describe_prompts, str):
+            self.describe_prompts = (self.describe_prompts,)
+        self.describe_prompts = tuple(self.describe_prompts)
+        self.layers = (self.layers,) if isinstance(self.layers, int) else tuple(int(v) for v in self.layers)
+        if not self.describe_prompts or not all(isinstance(p, str) and p.strip() for p in self.describe_prompts):
+            raise ValueError("describe_prompts must be one or more non-empty questions")
+        if "{category}" not in self.query_prompt:
+            raise ValueError(f"query_prompt must contain {{category}}, got {self.query_prompt!r}")
+        if self.token not in ("mention", "previous"):
+            raise ValueError(f"token must be 'mention' or 'previous', got {self.token!r}")
+        for name, lo in (("max_new_tokens", 1), ("upsample", 1), ("num_positive", 1), ("num_negative", 0),
+                         ("max_instances", 1), ("refine_steps", 0), ("batch_size", 1)):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {getattr(self, name)!r}")
+        if self.refine_steps > 2:
+            raise ValueError(f"refine_steps must be 0, 1 or 2, got {self.refine_steps}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if not 0.0 <= self.residual < 1.0:
+            raise ValueError(f"residual must be in [0, 1), got {self.residual}")
+        if not 0.1 <= self.crop_fraction < 1.0:
+            raise ValueError(f"crop_fraction must be in [0.1, 1), got {self.crop_fraction}")
+        if not 0.0 < self.nms_iou <= 1.0:
+            raise ValueError(f"nms_iou must be in (0, 1], got {self.nms_iou}")
+
+
+@dataclass
+class Detection:
+    """One grounded object: label, tight box (x0, y0, x1, y1; exclusive), bool mask, score and the prompt."""
+
+    label: str
+    box: tuple[int, int, int, int]
+    mask: np.ndarray = field(repr=False)
+    score: float
+    points: list[tuple[float, float]] = field(default_factory=list)
+    point_labels: list[int] = field(default_factory=list)
+
+
+@dataclass
+class GroundingResult:
+    """Detections of one image, its full-view attention map per label (token grid), the LVLM answers and the
+    per-image cost (calls are shared by the images of a batch and counted as a share)."""
+
+    size: tuple[int, int]
+    detections: list[Detection]
+    maps: dict[str, np.ndarray]
+    answers: list[str]
+    stats: dict[str, float]
+
+
+@dataclass
+class _View:
+    image_index: int
+    box: tuple[int, int, int, int]   # crop in image pixels
+    image: Any                       # PIL
+
+
+@dataclass
+class _Row:
+    view: int
+    prompt: str
+    answer: str
+    labels: list[str]                # labels to map in this row
+    counts: dict[str, int]           # instances suggested by the text
+    surface: dict[str, list[str]]    # label -> words that mention it
+    in_prompt: bool                  # mentions are searched in the prompt (query) or in the answer
+
+
+def _views(images, cfg: VLSAMConfig) -> list[_View]:
+    views = []
+    for i, img in enumerate(images):
+        w, h = img.size
+        views.append(_View(i, (0, 0, w, h), img))
+        if cfg.multi_scale:
+            cw, ch = round(w * cfg.crop_fraction), round(h * cfg.crop_fraction)
+            for x0, y0 in ((0, 0), (w - cw, 0), (0, h - ch), (w - cw, h - ch)):
+                box = (x0, y0, x0 + cw, y0 + ch)
+                views.append(_View(i, box, img.crop(box)))
+    return views
+
+
+def _query_label(query: str) -> tuple[str, list[str]]:
+    """(label, mention words) of a query: a reference-world category when the text names one, else the text."""
+    from mmkit.world.vocab import mentioned_categories
+
+    query = query.strip()
+    if not query:
+        raise MmkitError("the query is empty; pass the object to ground, e.g. --query cup")
+    cats = mentioned_categories(query)
+    if cats:
+        return cats[0], _category_words(cats[0])
+    return query, [query.split()[-1]]
+
+
+def _category_words(category: str) -> list[str]:
+    from mmkit.world.vocab import SYNONYMS, plural
+
+    words = [category, plural(category)] + [w for s, c in SYNONYMS.items() if c == category for w in (s, plural(s))]
+    if category == "fish":
+        words.append("fishes")
+    return list(dict.fromkeys(words))
+
+
+_COUNT = {w: i for i, w in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                                      "nine", "ten"))}
+
+
+def _mention_counts(text: str, words_of: dict[str, list[str]]) -> dict[str, int]:
+    """Instances per label suggested by count words ("two blue cups" -> 2; "a cup and a cup" -> 2)."""
+    tokens = re.findall(r"[a-z0-9]+", text.lower())
+    counts: dict[str, int] = {}
+    for label, words in words_of.items():
+        total = 0
+        for i, tok in enumerate(tokens):
+            if tok in words:
+                n = 1
+                for back in tokens[max(0, i - 3):i][::-1]:
+                    if back in _COUNT or back.isdigit():
+                        n = _COUNT.get(back) or int(back)
+                        break
+                total += max(1, n)
+        counts[label] = max(1, total)
+    return counts
+
+
+def _word_ids(tokenizer, words: Sequence[str]) -> list[list[int]]:
+    seqs = []
+    for w in words:
+        for text in (" " + w, w, " " + w.capitalize(), w.capitalize()):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if ids and ids not in seqs:
+                seqs.append(ids)
+    return seqs
+
+
+def _find(ids: list[int], start: int, end: int, seqs: list[list[int]]) -> list[int]:
+    found = set()
+    for seq in seqs:
+        n = len(seq)
+        for p in range(start, end - n + 1):
+            if ids[p:p + n] == seq:
+                found.add(p + n - 1)
+    return sorted(found)
+
+
+class _Counter:
+    def __init__(self):
+        self.generate_calls = 0
+        self.forward_calls = 0
+        self.sequences = 0
+
+
+def _describe(session, views: list[_View], cfg: VLSAMConfig, counter: _Counter) -> list[_Row]:
+    from mmkit.world.vocab import mentioned_categories
+
+    jobs = [(v, q) for v in range(len(views)) for q in cfg.describe_prompts]
+    rows = []
+    for start in range(0, len(jobs), cfg.batch_size):
+        chunk = jobs[start:start + cfg.batch_size]
+        results = session.generate([views[v].image for v, _ in chunk], [q for _, q in chunk],
+                                   max_new_tokens=cfg.max_new_tokens)
+        counter.generate_calls += 1
+        counter.sequences += len(chunk)
+        for (v, q), res in zip(chunk, results):
+            labels = mentioned_categories(res.text)
+            surface = {c: _category_words(c) for c in labels}
+            rows.append(_Row(v, q, res.text, labels, _mention_counts(res.text, surface), surface, False))
+    return rows
+
+
+def _map_rows(session, views: list[_View], rows: list[_Row], cfg: VLSAMConfig,
+              counter: _Counter) -> list[dict[str, np.ndarray]]:
+    """Per row, label -> attention map on the view's token grid."""
+    from mmkit.grounding.attention_maps import build_inputs, capture_rows
+    from mmkit.grounding.flow import object_maps
+
+    tokenizer = session.processor.tokenizer
+    out: list[dict[str, np.ndarray]] = [{} for _ in rows]
+    todo = [i for i, r in enumerate(rows) if r.labels]
+    for start in range(0, len(todo), cfg.batch_size):
+        chunk = todo[start:start + cfg.batch_size]
+        inputs, answer_starts = build_inputs(session, [views[rows[i].view].image for i in chunk],
+                                             [rows[i].prompt for i in chunk], [rows[i].answer for i in chunk])
+        ids = inputs["input_ids"]
+        image_mask = session.adapter.image_mask(ids)
+        seq_len = ids.shape[1]
+        per_row_rows, per_row_objects = [], []
+        for b, i in enumerate(chunk):
+            row = rows[i]
+            img_pos = image_mask[b].nonzero().flatten()
+            if img_pos.numel() == 0:
+                raise MmkitError("the prompt holds no image tokens; grounding needs an image")
+            first_text = int(img_pos[-1]) + 1
+            lo, hi = (first_text, answer_starts[b]) if row.in_prompt else (answer_starts[b], seq_len)
+            objects = {}
+            id_list = ids[b].tolist()
+            for label in row.labels:
+                pos = _find(id_list, lo, hi, _word_ids(tokenizer, row.surface[label]))
+                if cfg.token == "previous":
+                    pos = [p - 1 for p in pos if p - 1 >= first_text]
+                if pos:
+                    objects[label] = pos
+            last = max((max(p) for p in objects.values()), default=first_text)
+            per_row_rows.append(list(range(first_text, last + 1)))
+            per_row_objects.append(objects)
+        width = max(len(r) for r in per_row_rows)
+        positions = torch.tensor([r + [r[-1]] * (width - len(r)) for r in per_row_rows], dtype=torch.long)
+        valid = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in per_row_rows])
+        cap = capture_rows(session, inputs, positions, valid)
+        counter.forward_calls += 1
+        counter.sequences += len(chunk)
+        for b, i in enumerate(chunk):
+            objects = per_row_objects[b]
+            if not objects:
+                continue
+            first = per_row_rows[b][0]
+            labels = list(objects)
+            maps = object_maps(
+                [p[b] for p in cap.probs], cap.rows[b], cap.valid[b], cap.image_mask[b].nonzero().flatten(),
+                cap.key_counts[b], [[p - first for p in objects[label]] for label in labels],
+                head_weighting=cfg.head_weighting, column_reg=cfg.column_reg, residual=cfg.residual,
+                layers=cfg.layers,
+            )
+            out[i] = {label: m.cpu().numpy() for label, m in zip(labels, maps)}
+    return out
+
+
+def _grid_mask(mask: np.ndarray, box: tuple[int, int, int, int], grid: tuple[int, int]) -> np.ndarray:
+    """A full-image mask cropped to a view and pooled to the map grid (cell inside when half covered)."""
+    from PIL import Image
+
+    x0, y0, x1, y1 = box
+    sub = Image.fromarray(mask[y0:y1, x0:x1].astype(np.uint8) * 255)
+    small = np.asarray(sub.resize((grid[1], grid[0]), Image.Resampling.BOX), dtype=np.float32) / 255.0
+    return small >= 0.5
+
+
+def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = None,
+           config: VLSAMConfig | None = None) -> list[GroundingResult]:
+    """Ground objects in images with VL-SAM.
+
+    Args:
+        session: an mmkit Session (LLaVA-1.5 single-grid layout).
+        sam: a `SamBackend` (see `sam_backend.load_sam`).
+        images: PIL images, arrays or paths.
+        query: None to ground every object the LVLM lists, a category/phrase to ground in every image, or one
+            query per image.
+        config: VLSAMConfig (defaults if None).
+
+    Returns:
+        One GroundingResult per image.
+    """
+    from mmkit.grounding.prompts import mask_to_box, nms, prompts_from_map, resample_prompt, upsample_map
+    from mmkit.images import load_image
+
+    cfg = config or VLSAMConfig()
+    pil = [load_image(img) for img in images]
+    if not pil:
+        raise MmkitError("ground needs at least one image")
+    if isinstance(query, str) or query is None:
+        queries = [query] * len(pil)
+    else:
+        queries = list(query)
+        if len(queries) != len(pil):
+            raise MmkitError(f"got {len(queries)} queries for {len(pil)} images; pass one per image")
+    t0 = time.perf_counter()
+    counter = _Counter()
+    sam_before = dict(sam.stats.as_dict())
+    views = _views(pil, cfg)
+
+    rows: list[_Row] = []
+    describe_views = [v for v, view in enumerate(views) if queries[view.image_index] is None]
+    if describe_views:
+        sub = _describe(session, [views[v] for v in describe_views], cfg, counter)
+        for r in sub:
+            r.view = describe_views[r.view]
+        rows.extend(sub)
+    for v, view in enumerate(views):
+        q = queries[view.image_index]
+        if q is not None:
+            label, words = _query_label(q)
+            prompt = cfg.query_prompt.format(category=words[0] if label in words else q.strip())
+            rows.append(_Row(v, prompt, "", [label], {label: 1}, {label: words}, True))
+    maps = _map_rows(session, views, rows, cfg, counter)
+
+    # Votes: in how many rows (views x questions) of its image a label was mentioned.
+    rows_per_image = np.bincount([views[r.view].image_index for r in rows], minlength=len(pil))
+    votes: dict[tuple[int, str], int] = {}
+    for r, m in zip(rows, maps):
+        for label in m:
+            key = (views[r.view].image_index, label)
+            votes[key] = votes.get(key, 0) + 1
+
+    # Prompts (in full-image pixels) for every (row, label, region).
+    prompts = []  # (image index, label, PointPrompt, row index, score prior)
+    for ri, (r, m) in enumerate(zip(rows, maps)):
+        view = views[r.view]
+        x0, y0, x1, y1 = view.box
+        for label, attn in m.items():
+            up = upsample_map(attn, cfg.upsample)
+            instances = min(cfg.max_instances, r.counts.get(label, 1))
+            for p in prompts_from_map(up, (x1 - x0, y1 - y0), cfg.threshold, cfg.num_positive, cfg.num_negative,
+                                      instances, min_point_distance=2.0 * cfg.upsample):
+                p.points = [(x + x0, y + y0) for x, y in p.points]
+                vote = votes[(view.image_index, label)] / max(1, rows_per_image[view.image_index])
+                prompts.append((view.image_index, label, p, ri, vote * p.peak))
+
+    results_masks: list[np.ndarray] = []
+    results_scores = np.zeros(0)
+    if prompts:
+        emb = sam.embed(pil)
+        idx = [p[0] for p in prompts]
+        pts = [p[2].points for p in prompts]
+        labs = [p[2].labels for p in prompts]
+        pred = sam.predict(emb, idx, pts, labs)
+        if cfg.refine_steps >= 1:
+            pred = sam.predict(emb, idx, pts, labs, mask_inputs=pred.low_res_logits)
+        if cfg.refine_steps >= 2:
+            # Restrict each map to its mask and resample the points there, keeping the mask prompt.
+            for k, (_, label, p, ri, _) in enumerate(prompts):
+                view = views[rows[ri].view]
+                up = upsample_map(maps[ri][label], cfg.upsample)
+                grid_mask = _grid_mask(pred.masks[k], view.box, up.shape)
+                x0, y0, x1, y1 = view.box
+                new = resample_prompt(up, grid_mask, (x1 - x0, y1 - y0), cfg.num_positive, cfg.num_negative,
+                                      min_point_distance=2.0 * cfg.upsample)
+                if new is not None:
+                    pts[k] = [(x + x0, y + y0) for x, y in new.points]
+                    labs[k] = new.labels
+            pred = sam.predict(emb, idx, pts, labs, mask_inputs=pred.low_res_logits)
+        results_masks, results_scores = pred.masks, pred.scores
+
+    per_image: list[list[Detection]] = [[] for _ in pil]
+    for k, (i, label, p, _, prior) in enumerate(prompts):
+        mask = results_masks[k]
+        box = mask_to_box(mask)
+        score = float(np.clip(results_scores[k], 0.0, 1.0)) * prior
+        if box is None or score < cfg.min_score:
+            continue
+        per_image[i].append(Detection(label, box, mask, score, pts[k], labs[k]))
+    for i, dets in enumerate(per_image):
+        keep = nms([d.box for d in dets], [d.score for d in dets], [d.label for d in dets], cfg.nms_iou)
+        per_image[i] = [dets[j] for j in keep]
+
+    n = len(pil)
+    sam_after = sam.stats.as_dict()
+    seconds = time.perf_counter() - t0
+    stats = {
+        "lvlm_calls": (counter.generate_calls + counter.forward_calls) / n,
+        "lvlm_generate_calls": counter.generate_calls / n,
+        "lvlm_forward_calls": counter.forward_calls / n,
+        "lvlm_sequences": counter.sequences / n,
+        "sam_calls": (sam_after["image_calls"] - sam_before["image_calls"]
+                      + sam_after["decode_calls"] - sam_before["decode_calls"]) / n,
+        "sam_image_calls": (sam_after["image_calls"] - sam_before["image_calls"]) / n,
+        "sam_decode_calls": (sam_after["decode_calls"] - sam_before["decode_calls"]) / n,
+        "sam_prompts": (sam_after["prompts"] - sam_before["prompts"]) / n,
+        "seconds": seconds / n,
+    }
+    results = []
+    for i, img in enumerate(pil):
+        full_maps: dict[str, np.ndarray] = {}
+        answers = []
+        for r, m in zip(rows, maps):
+            view = views[r.view]
+            if view.image_index != i:
+                continue
+            if r.answer:
+                answers.append(r.answer)
+            if view.box == (0, 0, *img.size):
+                for label, attn in m.items():
+                    full_maps.setdefault(label, attn)
+        results.append(GroundingResult(img.size, per_image[i], full_maps, answers, dict(stats)))
+    return results
+
+
+_SAM_CACHE: dict[tuple[str, str], Any] = {}
+
+
+def default_sam(source: str | None, device) -> Any:
+    """A SAM backend for `source` on `device`, loaded once per process (None = the shipped small SAM)."""
+    from mmkit.grounding.sam_backend import SHIPPED_NAME, load_sam
+
+    key = (source or SHIPPED_NAME, str(device))
+    if key not in _SAM_CACHE:
+        _SAM_CACHE[key] = load_sam(source, device=device)
+    return _SAM_CACHE[key]
+
+
+def ground_image(session, image, query: str | None = None, sam=None,
+                 config: VLSAMConfig | None = None) -> GroundingResult:
+    """Ground one image (every listed object, or `query`) with `session`'s LVLM and a SAM backend: `sam` may be a
+    `SamBackend`, a checkpoint directory / hub id, or None for the shipped small SAM."""
+    if sam is None or isinstance(sam, str):
+        sam = default_sam(sam, session.device)
+    return ground(session, sam, [image], query=query, config=config)[0]

@@ -1,0 +1,130 @@
+"""VL-SAM pipeline on tiny-random: captured rows equal eager attention, config validation, end-to-end ground,
+the CLI and the bench."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from mmkit.errors import MmkitError
+from mmkit.grounding.attention_maps import build_inputs, capture_rows
+from mmkit.grounding.sam_backend import load_sam, shipped_sam_dir
+from mmkit.grounding.sam_train import SamTrainConfig, build_small_sam, save_sam
+from mmkit.grounding.vlsam import VLSAMConfig, ground
+
+
+@pytest.fixture(scope="module")
+def tiny_sam(tmp_path_factory):
+    cfg = SamTrainConfig(image_size=64, patch_size=16, vision_hidden=32, vision_layers=1, vision_heads=2,
+                         channels=16, decoder_mlp=32)
+    model, processor = build_small_sam(cfg)
+    out = tmp_path_factory.mktemp("sam") / "tiny-sam"
+    save_sam(model.eval(), processor, out)
+    return load_sam(str(out), device="cpu")
+
+
+def test_captured_rows_equal_eager_attention(session, images):
+    prompts = ["Where is the cup?", "Describe it."]
+    inputs, starts = build_inputs(session, images[:2], prompts, ["", "A red cup."])
+    assert inputs["attention_mask"][0, 0] == 0  # rows of different lengths: left padding is exercised
+    rows = torch.tensor([[starts[0] - 3, starts[0] - 1], [starts[1] + 1, starts[1] + 2]])
+    valid = torch.ones_like(rows, dtype=torch.bool)
+    cap = capture_rows(session, inputs, rows, valid)
+    model = session.model
+    original = model.config.text_config._attn_implementation
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        with torch.inference_mode():
+            out = model(**inputs, output_attentions=True, use_cache=False)
+    finally:
+        model.set_attn_implementation({"text_config": original})
+    assert len(cap.probs) == len(out.attentions)
+    for got, ref in zip(cap.probs, out.attentions):
+        expect = torch.stack([ref[b][:, rows[b]] for b in range(2)])  # (B, H, R, L)
+        torch.testing.assert_close(got, expect.float(), atol=1e-5, rtol=1e-4)
+    assert cap.image_mask.sum(1).tolist() == [64, 64]
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="threshold"):
+        VLSAMConfig(threshold=1.5)
+    with pytest.raises(ValueError, match="category"):
+        VLSAMConfig(query_prompt="Where is it?")
+    with pytest.raises(ValueError, match="refine_steps"):
+        VLSAMConfig(refine_steps=3)
+    with pytest.raises(ValueError, match="token"):
+        VLSAMConfig(token="first")
+    with pytest.raises(ValueError, match="describe_prompts"):
+        VLSAMConfig(describe_prompts=())
+    assert VLSAMConfig(describe_prompts="List the objects.").describe_prompts == ("List the objects.",)
+
+
+def test_ground_query_end_to_end(session, images, tiny_sam):
+    cfg = VLSAMConfig(multi_scale=True, refine_steps=2, num_positive=2, batch_size=10)
+    results = ground(session, tiny_sam, images[:2], query="cup", config=cfg)
+    assert len(results) == 2
+    for r in results:
+        assert r.size == (112, 112)
+        assert set(r.maps) == {"cup"} and r.maps["cup"].shape == (8, 8)
+        for d in r.detections:
+            assert d.label == "cup" and d.mask.shape == (112, 112) and d.mask.any()
+            x0, y0, x1, y1 = d.box
+            assert 0 <= x0 < x1 <= 112 and 0 <= y0 < y1 <= 112
+        # 2 images x 5 views, one query each, one batched forward; one SAM embedding call, three decode rounds.
+        assert r.stats["lvlm_sequences"] == 5 and r.stats["lvlm_forward_calls"] == 0.5
+        assert r.stats["lvlm_generate_calls"] == 0
+        assert r.stats["sam_image_calls"] == 0.5 and r.stats["sam_decode_calls"] == 1.5
+    with pytest.raises(MmkitError, match="one per image"):
+        ground(session, tiny_sam, images[:2], query=["cup"])
+
+
+def test_ground_describe_runs_generation(session, images, tiny_sam):
+    (r,) = ground(session, tiny_sam, images[:1], config=VLSAMConfig(max_new_tokens=4, refine_steps=0))
+    assert len(r.answers) == 1 and r.stats["lvlm_generate_calls"] == 1
+
+
+def test_free_text_query_uses_its_last_word(session, images, tiny_sam):
+    (r,) = ground(session, tiny_sam, images[:1], query="red balloon", config=VLSAMConfig(refine_steps=0))
+    assert set(r.maps) == {"red balloon"}
+
+
+@pytest.mark.skipif(not (shipped_sam_dir() / "config.json").is_file(), reason="shipped SAM not trained yet")
+def test_cli_ground_on_tiny_random_with_shipped_sam(tmp_path, images):
+    from mmkit.cli import main
+
+    image_path = tmp_path / "scene.png"
+    Image.fromarray(images[0]).save(image_path)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["ground", "--model", "tiny-random", "--image", str(image_path), "--query", "cup",
+                                    "--out", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    coco = json.loads((out / "scene_coco.json").read_text())
+    assert coco["images"][0]["width"] == 112 and coco["images"][0]["height"] == 112
+    for ann in coco["annotations"]:
+        assert ann["segmentation"]["size"] == [112, 112] and sum(ann["segmentation"]["counts"]) == 112 * 112
+        assert len(ann["bbox"]) == 4 and 0 <= ann["score"] <= 1
+    for name in ("scene_overlay.png", "scene_attn_cup.png"):
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and img.size == (112, 112)
+    bad = CliRunner().invoke(main, ["ground", "--model", "tiny-random", "--image", str(tmp_path / "nope.png"),
+                                    "--out", str(out)])
+    assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+def test_ground_bench_scores_reference_world_questions(session, tiny_sam):
+    from mmkit.grounding.bench import run_ground_bench
+    from mmkit.world.questions import ground_questions
+
+    questions = ground_questions(1, 2)
+    records, metrics = run_ground_bench(session, questions, 1, sam=tiny_sam,
+                                        config=VLSAMConfig(refine_steps=0), mode="query")
+    assert len(records) == len(questions) and metrics["n"] == len(questions) and metrics["images"] == 2
+    assert 0.0 <= metrics["miou"] <= 1.0 and 0.0 <= metrics["box_ap50"] <= 1.0
+    assert metrics["lvlm_sequences_per_image"] == pytest.approx(len(questions) / 2)
+    assert all(0.0 <= r["iou"] <= 1.0 for r in records)
+    json.dumps(records)
+    with pytest.raises(MmkitError, match="mode"):
+        run_ground_bench(session, questions, 1, sam=tiny_sam, mode="oracle")
