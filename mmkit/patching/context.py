@@ -14,6 +14,10 @@ from typing import Callable
 import torch
 
 
+# What describes the current prefill's sequence (a pre-LLM reduction swaps these, then restores them).
+_PREFILL_FIELDS = ("image_mask", "attention_mask", "image_counts")
+
+
 @dataclass
 class ForwardContext:
     num_layers: int
@@ -39,6 +43,22 @@ class ForwardContext:
 
     def drop_callback(self, key: int) -> None:
         self._on_prefill.pop(key, None)
+
+    def replace_prefill(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
+        """Describe a shortened prefill (a method reduced the sequence before the LLM) and re-run the per-prefill
+        callbacks on it, so LLM-side methods see the sequence they will actually get. Returns what
+        `restore_prefill` needs to describe the prompt again."""
+        saved = {name: getattr(self, name) for name in _PREFILL_FIELDS}
+        self.image_mask = image_mask
+        self.attention_mask = attention_mask
+        self.image_counts = image_mask.sum(1).tolist()
+        for callback in list(self._on_prefill.values()):
+            callback(self)
+        return saved
+
+    def restore_prefill(self, saved: dict) -> None:
+        for name, value in saved.items():
+            setattr(self, name, value)
 
     def record_layer(self, layer_idx: int, visual: torch.Tensor, tokens: torch.Tensor) -> None:
         self.visual_per_layer[layer_idx] = visual

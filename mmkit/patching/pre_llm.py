@@ -43,9 +43,6 @@ from mmkit.patching.context import ForwardContext
 
 Positions = Literal["contiguous", "original"]
 
-# Per-prefill fields of the forward context that describe the sequence the decoder sees.
-_PREFILL_FIELDS = ("image_mask", "attention_mask", "image_counts")
-
 
 @dataclass
 class ReductionPlan:
@@ -253,8 +250,7 @@ class PreLLMReducer:
 
     def _restore_context(self) -> None:
         if self._saved is not None:
-            for name, value in self._saved.items():
-                setattr(self.ctx, name, value)
+            self.ctx.restore_prefill(self._saved)
             self._saved = None
 
     def _reduce_prefill(self, kwargs: dict, plan: ReductionPlan, image_mask: torch.Tensor) -> dict:
@@ -299,17 +295,10 @@ class PreLLMReducer:
 
     def _update_context(self, image_mask, keep, new_mask, has_mask) -> None:
         ctx = self.ctx
-        self._saved = {name: getattr(ctx, name) for name in _PREFILL_FIELDS if hasattr(ctx, name)}
         reduced_image = image_mask.gather(1, keep) & new_mask
         visual = reduced_image.sum(1)
-        ctx.image_mask = reduced_image
-        ctx.attention_mask = new_mask.long() if has_mask else None
-        if hasattr(ctx, "image_counts"):
-            ctx.image_counts = visual.tolist()
-        # LLM-side methods reset per-prefill state from the sequence they will see: run their callbacks again on
-        # the reduced context.
-        for callback in list(ctx._on_prefill.values()):
-            callback(ctx)
+        # LLM-side methods reset per-prefill state from the sequence they will see.
+        self._saved = ctx.replace_prefill(reduced_image, new_mask.long() if has_mask else None)
         tokens = new_mask.sum(1)
         for layer in range(self.num_layers):
             ctx.record_layer(layer, visual, tokens)

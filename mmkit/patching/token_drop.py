@@ -86,6 +86,7 @@ class TokenDropper:
         self.index: torch.Tensor | None = None  # (B, m) current -> original positions
         self.valid: torch.Tensor | None = None
         self.prefill_len = 0
+        self._per_layer: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._handles = [
             layers[i].register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
             for i in range(self.first, len(layers))
@@ -96,6 +97,14 @@ class TokenDropper:
         self.index = None
         self.valid = None
         self.prefill_len = ctx.prefill_len
+        # Each layer caches the token set it saw in the prefill; with several drop layers these differ, so
+        # decoding re-indexes every layer's mask with that layer's own map.
+        self._per_layer: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+
+    def index_at(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(original positions (B, m), slot validity or None) of the tokens `layer_idx` saw in the last prefill;
+        (None, None) when that layer saw every token."""
+        return self._per_layer.get(layer_idx, (None, None))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -111,8 +120,11 @@ class TokenDropper:
                 hidden = self._prefill_drop(layer_idx, hidden)
                 kwargs = self._slice_prefill_kwargs(kwargs, layer_idx)
                 self._record(layer_idx)
-            elif self.index is not None:
-                kwargs = self._slice_decode_kwargs(kwargs, hidden.shape[1], layer_idx)
+                self._per_layer[layer_idx] = (self.index, self.valid)
+            else:
+                self.index, self.valid = self.index_at(layer_idx)
+                if self.index is not None:
+                    kwargs = self._slice_decode_kwargs(kwargs, hidden.shape[1], layer_idx)
             if args:
                 args = (hidden,) + tuple(args[1:])
             else:
@@ -244,3 +256,7 @@ def _apply_key_valid(mask: torch.Tensor, valid: torch.Tensor | None) -> torch.Te
     if mask.dtype == torch.bool:
         return mask & key_ok
     return mask.masked_fill(~key_ok, torch.finfo(mask.dtype).min)
+
+
+# Earlier name of the multi-stage dropper; every TokenDropper now keeps a per-layer map.
+StagedTokenDropper = TokenDropper
