@@ -18,7 +18,7 @@ DEFAULT_OUT = "runs/dyvte-gates"
               help="Directory for gates.safetensors and gates.json (files replaced atomically).")
 @click.option("--min-layer", default=1, show_default=True, type=click.IntRange(1), help="First gated layer.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1), help="Questions per forward.")
-@click.option("--steps", default=600, show_default=True, type=click.IntRange(1), help="Gate fit steps.")
+@click.option("--steps", default=100, show_default=True, type=click.IntRange(1), help="Gate fit steps.")
 @click.option("--width", default=128, show_default=True, type=click.IntRange(1), help="Hidden width of each gate.")
 @click.option("--features", "features_cache", default=None, type=click.Path(dir_okay=False),
               help="Cache file for the labelled gate inputs: reused when its settings match, written otherwise.")

@@ -239,7 +239,7 @@ class DyVTEHandle:
     prefill ran without visual tokens (None: it never exited)."""
 
     def __init__(self, session, config: DyVTEConfig):
-        from mmkit.pruning.pyramiddrop import StagedTokenDropper
+        from mmkit.patching.token_drop import TokenDropper
 
         self.config = config
         adapter = session.adapter
@@ -261,7 +261,7 @@ class DyVTEHandle:
             raise ValueError(f"dyvte min_layer={config.min_layer} leaves no gated layer (gates cover "
                              f"{'/'.join(map(str, layers))})")
         self._exit: torch.Tensor | None = None  # (B,) exit layer per row of the current prefill, -1 = none yet
-        self.dropper = StagedTokenDropper(session.context, adapter.decoder_layers,
+        self.dropper = TokenDropper(session.context, adapter.decoder_layers,
                                           {l: self._select for l in self.candidates})
         self._ctx.on_prefill(id(self), self._reset)
 

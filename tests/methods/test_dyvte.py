@@ -269,3 +269,21 @@ def test_train_gates_end_to_end_is_reproducible(session, tmp_path):
     handle = session.apply(f"dyvte:gates={tmp_path / 'out'}")
     session.generate([np.zeros((112, 112, 3), dtype="uint8")], ["hi"], max_new_tokens=2)
     assert len(handle.impl.last_exit_layers) == 1
+
+
+def test_shipped_gates_fit_the_reference_model():
+    from mmkit.pruning.dyvte import GATES_FILE, shipped_gates_dir
+
+    if not (shipped_gates_dir() / GATES_FILE).is_file():
+        pytest.skip("no shipped gates in this checkout")
+    session = mmkit.load("reference", methods=["dyvte"], device="cpu")
+    gates = session.methods[0].impl.gates
+    assert gates.layers == (1, 2, 3) and gates.hidden_size == session.adapter.hidden_size
+    from mmkit.world.scenes import generate_scene
+
+    result = session.generate([generate_scene(1, 0).image], ["Is there a cup in the image? Answer yes or no."],
+                              max_new_tokens=2)[0]
+    exit_layer = session.methods[0].impl.last_exit_layers[0]
+    expected = [576 if exit_layer is None or l < exit_layer else 0 for l in range(4)]
+    assert result.stats.visual_tokens_kept == expected
+    session.close()
