@@ -256,7 +256,3 @@ def _apply_key_valid(mask: torch.Tensor, valid: torch.Tensor | None) -> torch.Te
     if mask.dtype == torch.bool:
         return mask & key_ok
     return mask.masked_fill(~key_ok, torch.finfo(mask.dtype).min)
-
-
-# Earlier name of the multi-stage dropper; every TokenDropper now keeps a per-layer map.
-StagedTokenDropper = TokenDropper

@@ -69,41 +69,6 @@ class PyramidDropConfig:
         return layers
 
 
-class StagedTokenDropper(TokenDropper):
-    """A `TokenDropper` whose decoding steps use, at each layer, the kept set that layer cached.
-
-    With several drop layers each stage's layers cache a different subset of the prompt, so the key axis of the
-    decoding mask must be re-indexed per layer; the base class re-indexes every layer with the final kept set.
-    This records the map in effect at each layer during prefill and restores it before that layer's decode hook.
-    """
-
-    def __init__(self, ctx, layers, schedule):
-        self._per_layer: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-        super().__init__(ctx, layers, schedule)
-
-    def _reset(self, ctx) -> None:
-        super()._reset(ctx)
-        self._per_layer = {}
-
-    def index_at(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(original positions (B, m), slot validity or None) of the tokens `layer_idx` saw in the last prefill;
-        (None, None) when that layer saw every token."""
-        return self._per_layer.get(layer_idx, (None, None))
-
-    def _make_hook(self, layer_idx: int):
-        inner = super()._make_hook(layer_idx)
-
-        def hook(module, args, kwargs):
-            if not self.ctx.prefill and layer_idx in self._per_layer:
-                self.index, self.valid = self._per_layer[layer_idx]
-            result = inner(module, args, kwargs)
-            if self.ctx.prefill:
-                self._per_layer[layer_idx] = (self.index, self.valid)
-            return result
-
-        return hook
-
-
 def stage_keep_count(n_image: torch.Tensor, ratio: float, stage: int) -> torch.Tensor:
     """floor(ratio^stage * n_image) per row (stage counts from 1), as the official `int(n * ratio)`."""
     # The small epsilon keeps exact products (e.g. 0.5^3 * 64 = 8) from flooring one below through rounding.
@@ -165,7 +130,7 @@ class PyramidDropHandle:
             for l in self.layers
         ]
         schedule = {l: self._make_selector(stage) for stage, l in enumerate(self.layers, start=1)}
-        self.dropper = StagedTokenDropper(session.context, adapter.decoder_layers, schedule)
+        self.dropper = TokenDropper(session.context, adapter.decoder_layers, schedule)
 
     def _make_stash(self, layer_idx: int):
         def stash(module, args, kwargs):

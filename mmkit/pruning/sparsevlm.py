@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mmkit.patching.token_drop import Selection, keep_top_visual
-from mmkit.pruning.pyramiddrop import StagedTokenDropper
+from mmkit.patching.token_drop import Selection, TokenDropper, keep_top_visual
 from mmkit.registry import register_method
 
 PAPER_LAYERS_32 = (2, 6, 15)  # scoring layers of the official code, for a 32-layer decoder
@@ -181,7 +180,7 @@ class SparseVLMHandle:
         self._handles = [layers[0].register_forward_pre_hook(self._find_raters, with_kwargs=True)]
         self._observers = [observe_attention(layers[l].self_attn, self._make_observer(l)) for l in self.layers]
         schedule = {l + 1: self._make_selector(stage, l) for stage, l in enumerate(self.layers)}
-        self.dropper = StagedTokenDropper(session.context, layers, schedule)
+        self.dropper = TokenDropper(session.context, layers, schedule)
         # Registered after the dropper's hooks, so they receive the already gathered hidden states.
         self._handles += [
             layers[l + 1].register_forward_pre_hook(self._make_writer(l + 1), with_kwargs=True) for l in self.layers

@@ -42,9 +42,7 @@ from mmkit.patching.pre_llm import (
     query_attention,
     visual_tokens_per_image,
 )
-from mmkit.patching.token_drop import keep_top_visual
-# Multi-stage drops need each layer's own kept set while decoding (the base TokenDropper uses the last one).
-from mmkit.pruning.pyramiddrop import StagedTokenDropper
+from mmkit.patching.token_drop import TokenDropper, keep_top_visual
 from mmkit.registry import register_method
 
 logger = logging.getLogger(__name__)
@@ -260,7 +258,7 @@ class VFlowOptHandle:
             self._reducer = PreLLMReducer(session, self._plan, positions=config.positions)
             self._reducer.after_reduce.append(self._on_reduce)
             if self.stage_layers:
-                self._dropper = StagedTokenDropper(session.context, adapter.decoder_layers,
+                self._dropper = TokenDropper(session.context, adapter.decoder_layers,
                                              {layer: self._select for layer in self.stage_layers})
         except Exception:
             self.remove()
