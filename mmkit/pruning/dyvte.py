@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 
 from mmkit.errors import MmkitError
-from mmkit.patching.token_drop import Selection, keep_top_visual
+from mmkit.patching.token_drop import Selection, TokenDropper, keep_top_visual
 from mmkit.registry import register_method
 
 logger = logging.getLogger(__name__)
