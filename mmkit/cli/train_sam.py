@@ -20,9 +20,11 @@ DEFAULT_OUT = "runs/sam-small"
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(0),
               help="torch CPU threads (0: torch's default).")
+@click.option("--init", "init_from", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Continue from this SamModel directory (e.g. an earlier --out) instead of from scratch.")
 @click.option("--eval-scenes", default=100, show_default=True, type=click.IntRange(0),
               help="Held-out scenes (world seed 1) for the point-prompt mIoU after training (0: skip).")
-def train_sam(out_dir, minutes, steps, batch, lr, seed, threads, eval_scenes):
+def train_sam(out_dir, minutes, steps, batch, lr, seed, threads, init_from, eval_scenes):
     """Train the small SAM on reference-world masks with point prompts, then measure its held-out mIoU."""
     import logging
     from pathlib import Path
@@ -35,7 +37,7 @@ def train_sam(out_dir, minutes, steps, batch, lr, seed, threads, eval_scenes):
     logging.getLogger("mmkit.grounding.sam_train").setLevel(logging.INFO)
     try:
         cfg = SamTrainConfig(max_minutes=minutes, steps=steps, batch_images=batch, lr=lr, seed=seed,
-                             threads=threads, warmup=max(1, min(100, steps // 15)),
+                             threads=threads, init_from=init_from or "", warmup=max(1, min(100, steps // 15)),
                              checkpoint_every=max(1, min(50, steps // 10)))
     except ValueError as err:
         raise MmkitError(str(err)) from None

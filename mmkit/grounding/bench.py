@@ -40,7 +40,9 @@ def run_ground_bench(session, questions: Sequence, world_seed: int, sam=None, co
 
     Returns:
         (records, metrics): one JSON-able record per question; metrics with miou, iou@0.5, answered, box_ap50,
-        n, images, and mean per-image cost (LVLM / SAM calls, sequences, prompts, seconds).
+        n, images, point_on_object (share of detections of a present label whose first positive point lies on
+        a true instance: the map's share of the error), and mean per-image cost (LVLM / SAM calls, sequences,
+        prompts, seconds).
     """
     from mmkit.evals.metrics import grounding_metrics, mask_iou
     from mmkit.grounding.vlsam import default_sam, ground
@@ -65,6 +67,7 @@ def run_ground_bench(session, questions: Sequence, world_seed: int, sam=None, co
     scene_ids = list(by_scene)
     records: list[dict[str, Any]] = []
     pred_masks, gt_masks, box_preds, box_truths, costs = [], [], [], [], []
+    point_hits: list[bool] = []
     start_time = time.perf_counter()
     for b0 in range(0, len(scene_ids), batch_images):
         ids = scene_ids[b0:b0 + batch_images]
@@ -86,6 +89,14 @@ def run_ground_bench(session, questions: Sequence, world_seed: int, sam=None, co
             asked = sorted({q.target for q in by_scene[i]})
             box_preds.append([(d.box, d.score, d.label) for d in dets])
             box_truths.append([(o.box, o.category) for o in scene.objects if o.category in asked])
+            # Diagnostic: does a detection's first positive point land on a true instance of its label? Separates
+            # map errors (point off the object) from SAM errors (point on it, mask wrong).
+            for d in dets:
+                if d.label in scene.categories() and 1 in d.point_labels:
+                    x, y = d.points[d.point_labels.index(1)]
+                    truth, _ = ground_truth(scene, d.label)
+                    yy, xx = min(int(y), truth.shape[0] - 1), min(int(x), truth.shape[1] - 1)
+                    point_hits.append(bool(truth[yy, xx]))
             for q in by_scene[i]:
                 truth, _ = ground_truth(scene, q.target)
                 mine = [d for d in dets if d.label == q.target]
@@ -104,6 +115,7 @@ def run_ground_bench(session, questions: Sequence, world_seed: int, sam=None, co
             print(f"ground bench: {min(b0 + batch_images, len(scene_ids))}/{len(scene_ids)} scenes", file=sys.stderr)
     metrics = grounding_metrics(pred_masks, gt_masks, box_preds, box_truths)
     metrics["images"] = len(scene_ids)
+    metrics["point_on_object"] = float(np.mean(point_hits)) if point_hits else float("nan")
     metrics["mode"] = mode
     for k in _COST_KEYS:
         metrics[f"{k}_per_image"] = float(np.mean([c[k] for c in costs]))

@@ -95,9 +95,29 @@ def _extrema(values: np.ndarray, allowed: np.ndarray, k: int, largest: bool, min
     return picked
 
 
+def _centroid_cell(norm: np.ndarray, region: np.ndarray) -> tuple[int, int]:
+    """The region cell nearest to the region's attention-weighted centroid (a point well inside the object,
+    where a maximum often sits on an edge)."""
+    ys, xs = np.nonzero(region)
+    w = norm[ys, xs] + 1e-12
+    cy, cx = float((ys * w).sum() / w.sum()), float((xs * w).sum() / w.sum())
+    k = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
+    return int(ys[k]), int(xs[k])
+
+
+def _positives(norm: np.ndarray, region: np.ndarray, k: int, min_dist: float, point_at: str) -> list[tuple[int, int]]:
+    if point_at == "max":
+        return _extrema(norm, region, k, largest=True, min_dist=min_dist)
+    first = _centroid_cell(norm, region)
+    rest = [c for c in _extrema(norm, region, k + 1, largest=True, min_dist=min_dist)
+            if (c[0] - first[0]) ** 2 + (c[1] - first[1]) ** 2 >= min_dist ** 2]
+    return [first] + rest[: k - 1]
+
+
 def prompts_from_map(attn: np.ndarray, image_size: tuple[int, int], threshold: float = 0.5,
                      num_positive: int = 1, num_negative: int = 1, instances: int = 1,
-                     min_point_distance: float = 2.0, min_instance_peak: float = 0.5) -> list[PointPrompt]:
+                     min_point_distance: float = 2.0, min_instance_peak: float = 0.5,
+                     point_at: str = "max") -> list[PointPrompt]:
     """Point prompts for the objects of one map.
 
     Args:
@@ -108,12 +128,16 @@ def prompts_from_map(attn: np.ndarray, image_size: tuple[int, int], threshold: f
         num_negative: negative points, at the map's minima outside every selected region.
         instances: how many regions to prompt (the largest first; further ones only when their peak reaches
             `min_instance_peak` of the map's range, so noise does not become an object).
+        point_at: "max" puts the first positive point at the region's maximum (VL-SAM); "centroid" at the
+            region cell nearest its attention-weighted centroid (further positives at the maxima).
 
     Returns:
         One PointPrompt per selected region (empty when the map is flat).
     """
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    if point_at not in ("max", "centroid"):
+        raise ValueError(f"point_at must be 'max' or 'centroid', got {point_at!r}")
     norm = normalize_map(attn)
     if not norm.any():
         return []
@@ -126,14 +150,15 @@ def prompts_from_map(attn: np.ndarray, image_size: tuple[int, int], threshold: f
     out = []
     for region in chosen:
         pos = [_cell_to_pixel(y, x, grid, image_size)
-               for y, x in _extrema(norm, region, num_positive, largest=True, min_dist=min_point_distance)]
+               for y, x in _positives(norm, region, num_positive, min_point_distance, point_at)]
         out.append(PointPrompt(pos + negatives, [1] * len(pos) + [0] * len(negatives), region,
                                float(norm[region].max())))
     return out
 
 
 def resample_prompt(attn: np.ndarray, mask_on_grid: np.ndarray, image_size: tuple[int, int], num_positive: int = 1,
-                    num_negative: int = 1, min_point_distance: float = 2.0) -> PointPrompt | None:
+                    num_negative: int = 1, min_point_distance: float = 2.0,
+                    point_at: str = "max") -> PointPrompt | None:
     """VL-SAM's second refinement: restrict the map to a predicted mask and resample the points there (positives
     at the maxima inside the mask, negatives at the minima outside). None when the mask misses the grid."""
     norm = normalize_map(attn)
@@ -142,7 +167,7 @@ def resample_prompt(attn: np.ndarray, mask_on_grid: np.ndarray, image_size: tupl
         return None
     grid = norm.shape
     pos = [_cell_to_pixel(y, x, grid, image_size)
-           for y, x in _extrema(norm, inside, num_positive, largest=True, min_dist=min_point_distance)]
+           for y, x in _positives(norm, inside, num_positive, min_point_distance, point_at)]
     neg = [_cell_to_pixel(y, x, grid, image_size)
            for y, x in _extrema(norm, ~inside, num_negative, largest=False, min_dist=min_point_distance)]
     return PointPrompt(pos + neg, [1] * len(pos) + [0] * len(neg), inside, float(norm[inside].max()))

@@ -50,6 +50,8 @@ class VLSAMConfig:
     residual: float = field(default=0.5, metadata={"help": "Identity weight of the rollout: A = (1-r) S + r I."})
     upsample: int = field(default=4, metadata={"help": "Bilinear upsampling of the token-grid map before prompts."})
     threshold: float = field(default=0.5, metadata={"help": "Region threshold on the [0, 1]-normalised map."})
+    point_at: Literal["max", "centroid"] = field(default="max", metadata={
+        "help": "First positive point: the region's maximum (VL-SAM) or its attention-weighted centroid."})
     num_positive: int = field(default=1, metadata={"help": "Positive points per region (at the maxima)."})
     num_negative: int = field(default=1, metadata={"help": "Negative points per prompt (at the minima outside)."})
     max_instances: int = field(default=3, metadata={"help": "Most regions prompted for a counted mention."})
@@ -70,6 +72,8 @@ class VLSAMConfig:
             raise ValueError("describe_prompts must be one or more non-empty questions")
         if "{category}" not in self.query_prompt:
             raise ValueError(f"query_prompt must contain {{category}}, got {self.query_prompt!r}")
+        if self.point_at not in ("max", "centroid"):
+            raise ValueError(f"point_at must be 'max' or 'centroid', got {self.point_at!r}")
         if self.token not in ("mention", "previous"):
             raise ValueError(f"token must be 'mention' or 'previous', got {self.token!r}")
         for name, lo in (("max_new_tokens", 1), ("upsample", 1), ("num_positive", 1), ("num_negative", 0),
@@ -364,7 +368,7 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
             up = upsample_map(attn, cfg.upsample)
             instances = min(cfg.max_instances, r.counts.get(label, 1))
             for p in prompts_from_map(up, (x1 - x0, y1 - y0), cfg.threshold, cfg.num_positive, cfg.num_negative,
-                                      instances, min_point_distance=2.0 * cfg.upsample):
+                                      instances, min_point_distance=2.0 * cfg.upsample, point_at=cfg.point_at):
                 p.points = [(x + x0, y + y0) for x, y in p.points]
                 vote = votes[(view.image_index, label)] / max(1, rows_per_image[view.image_index])
                 prompts.append((view.image_index, label, p, ri, vote * p.peak))
@@ -387,7 +391,7 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
                 grid_mask = _grid_mask(pred.masks[k], view.box, up.shape)
                 x0, y0, x1, y1 = view.box
                 new = resample_prompt(up, grid_mask, (x1 - x0, y1 - y0), cfg.num_positive, cfg.num_negative,
-                                      min_point_distance=2.0 * cfg.upsample)
+                                      min_point_distance=2.0 * cfg.upsample, point_at=cfg.point_at)
                 if new is not None:
                     pts[k] = [(x + x0, y + y0) for x, y in new.points]
                     labs[k] = new.labels
