@@ -1,0 +1,66 @@
+"""lmms-eval plug-in: `python -m lmms_eval --model mmkit` on the mmkit POPE task matches `mmkit eval`."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+from mmkit.evals.lmms_adapter import parse_methods
+
+ROOT = Path(__file__).resolve().parents[2]
+TASKS = ROOT / "mmkit" / "evals" / "tasks"
+HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
+HAS_REFERENCE = (ROOT / "mmkit" / "models" / "weights" / "reference" / "model.safetensors").is_file()
+
+
+def test_parse_methods():
+    assert parse_methods("fastv:layer=2+keep=0.25;agla") == ["fastv:layer=2,keep=0.25", "agla"]
+    assert parse_methods(None) == [] and parse_methods("") == []
+
+
+def _entry_point_env(tmp_path: Path) -> dict:
+    """Environment for the lmms-eval subprocess; registers the entry point from a stub dist-info when the
+    installed mmkit does not declare it yet, so the plug-in is exercised exactly as lmms-eval loads it."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "hf"))
+    paths = [str(ROOT)]
+    if not any(ep.name == "mmkit" for ep in entry_points(group="lmms_eval.models")):
+        info = tmp_path / "ep" / "mmkit_lmms_ep-0.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mmkit-lmms-ep\nVersion: 0\n")
+        (info / "entry_points.txt").write_text("[lmms_eval.models]\nmmkit = mmkit.evals.lmms_adapter:manifest\n")
+        paths.insert(0, str(tmp_path / "ep"))
+    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_LMMS, reason="lmms_eval is not installed; run scripts/install_lmms.sh")
+@pytest.mark.skipif(not HAS_REFERENCE, reason="the reference model weights are not in mmkit/models/weights/reference")
+def test_lmms_eval_pope_matches_mmkit_eval(tmp_path):
+    from mmkit.evals.runner import run_eval
+
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "mmkit",
+           "--model_args", "pretrained=reference,methods=fastv:layer=2+keep=0.25", "--tasks", "mmkit_pope_random",
+           "--include_path", str(TASKS), "--limit", "8", "--batch_size", "8", "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_entry_point_env(tmp_path), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted((tmp_path / "out").rglob("*results*.json"))
+    assert files, proc.stderr[-3000:]
+    got = json.loads(files[-1].read_text())["results"]["mmkit_pope_random"]
+
+    expected = run_eval(model="reference", bench="pope", split="random", methods=["fastv:layer=2,keep=0.25"],
+                        limit=8, batch_size=8, progress=False)
+    assert got["pope_f1,none"] == pytest.approx(expected["metrics"]["f1"], abs=1e-12)
+    assert got["pope_accuracy,none"] == pytest.approx(expected["metrics"]["accuracy"], abs=1e-12)
+    assert got["pope_yes_ratio,none"] == pytest.approx(expected["metrics"]["yes_ratio"], abs=1e-12)
+    # Efficiency comes through too, and the method really ran (fewer visual tokens kept than given).
+    assert got["visual_tokens_kept,none"] == pytest.approx(expected["efficiency"]["visual_tokens_kept"])
+    assert got["visual_tokens_kept,none"] < expected["efficiency"]["visual_tokens"]
+    assert got["tflops_prefill,none"] == pytest.approx(expected["efficiency"]["tflops_prefill"])
+    assert got["prefill_ms,none"] > 0
