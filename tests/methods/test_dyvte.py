@@ -229,6 +229,7 @@ def test_llava_next_rows_with_different_visual_counts_exit_cleanly(tmp_path):
 # -- gate training ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # labels real generations / loads the reference model: several seconds
 def test_labels_agree_with_generation_under_a_forced_exit(session, tmp_path):
     """A label says greedy decoding with the exit reproduces the full answer; check it by actually decoding."""
     from mmkit.pruning.dyvte_train import GateTrainConfig, label_batch, training_questions
@@ -250,6 +251,7 @@ def test_labels_agree_with_generation_under_a_forced_exit(session, tmp_path):
                 assert exited[i] != full[i]  # negative only because the answer changed
 
 
+@pytest.mark.slow  # labels real generations / loads the reference model: several seconds
 def test_train_gates_end_to_end_is_reproducible(session, tmp_path):
     from mmkit.pruning.dyvte_train import GateTrainConfig, train_gates
 
@@ -271,6 +273,7 @@ def test_train_gates_end_to_end_is_reproducible(session, tmp_path):
     assert len(handle.impl.last_exit_layers) == 1
 
 
+@pytest.mark.slow  # labels real generations / loads the reference model: several seconds
 def test_shipped_gates_fit_the_reference_model():
     from mmkit.pruning.dyvte import GATES_FILE, shipped_gates_dir
 
@@ -287,3 +290,20 @@ def test_shipped_gates_fit_the_reference_model():
     expected = [576 if exit_layer is None or l < exit_layer else 0 for l in range(4)]
     assert result.stats.visual_tokens_kept == expected
     session.close()
+
+
+@pytest.mark.slow  # labels real generations / loads the reference model: several seconds
+def test_train_gates_command(tmp_path):
+    from click.testing import CliRunner
+
+    from mmkit.cli import main
+
+    out = tmp_path / "gates"
+    result = CliRunner().invoke(main, ["train-gates", "--model", "tiny-random", "--samples", "8", "--steps", "5",
+                                       "--width", "4", "--batch-size", "8", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "val_mean_exit_layer" in result.output
+    assert load_gates(out).layers == (1, 2, 3)
+    bad = CliRunner().invoke(main, ["train-gates", "--model", "tiny-random", "--min-layer", "4", "--samples", "8",
+                                    "--out", str(tmp_path / "x"), "--device", "cpu"])
+    assert bad.exit_code == 2 and "past the last decoder layer" in bad.output
