@@ -64,3 +64,34 @@ def test_lmms_eval_pope_matches_mmkit_eval(tmp_path):
     assert got["visual_tokens_kept,none"] < expected["efficiency"]["visual_tokens"]
     assert got["tflops_prefill,none"] == pytest.approx(expected["efficiency"]["tflops_prefill"])
     assert got["prefill_ms,none"] > 0
+
+
+class _Request:
+    def __init__(self, *args):
+        self.args = args
+
+
+@pytest.mark.skipif(not HAS_LMMS, reason="lmms_eval is not installed; run scripts/install_lmms.sh")
+def test_loglikelihood_batched_matches_single_and_answer_logprobs(images, prompts):
+    from mmkit.evals import lmms_adapter
+
+    model = lmms_adapter.MmkitLMM(pretrained="tiny-random", batch_size=3)
+    docs = {i: {"image": img} for i, img in enumerate(images)}
+    model.task_dict = {"t": {"test": docs}}
+    visual = lambda doc: [doc["image"]]  # noqa: E731
+    conts = ["yes", "no thanks", "y"]
+    requests = [_Request(p, c, visual, i, "t", "test") for i, (p, c) in enumerate(zip(prompts, conts))]
+    batched = model.loglikelihood(requests)
+    model.batch_size = 1
+    single = [model.loglikelihood([r])[0] for r in requests]
+    for (lp_b, g_b), (lp_s, g_s) in zip(batched, single):
+        assert lp_b == pytest.approx(lp_s, abs=1e-4) and g_b == g_s
+        assert lp_b < 0
+    # A one-token continuation scores as `answer_logprobs` scores that token.
+    session = model.session
+    (token,) = session.choice_token_ids(["y", "n"])[:1]
+    text = session.processor.tokenizer.decode([token])
+    lp = model.loglikelihood([_Request(prompts[0], text, visual, 0, "t", "test")])[0][0]
+    expected = session.answer_logprobs(images[:1], prompts[:1], ["y", "n"]).logprobs[0][0]
+    assert lp == pytest.approx(expected, abs=1e-4)
+    model.session.close()
