@@ -19,9 +19,12 @@ from mmkit.cli.options import device_option, dtype_option, model_option
               help="Refinement rounds: 1 feeds the mask back, 2 also resamples the points inside it.")
 @click.option("--prompt", "prompts", multiple=True,
               help="Object-listing question (repeatable: a question ensemble). Default: Describe the image in detail.")
+@click.option("--preset", default="auto", show_default=True, type=click.Choice(["auto", "paper", "reference"]),
+              help="VL-SAM settings: paper (as published) or reference (best on the reference model); auto picks "
+                   "reference for --model reference.")
 @device_option
 @dtype_option
-def ground(model, image, out_dir, sam, query, multi_scale, refine, prompts, device, dtype):
+def ground(model, image, out_dir, sam, query, multi_scale, refine, prompts, preset, device, dtype):
     """Find and segment the objects in IMAGE from the model's attention, with Segment Anything."""
     from pathlib import Path
 
@@ -29,20 +32,20 @@ def ground(model, image, out_dir, sam, query, multi_scale, refine, prompts, devi
     from mmkit.errors import MmkitError
     from mmkit.grounding.outputs import write_outputs
     from mmkit.grounding.sam_backend import load_sam
-    from mmkit.grounding.vlsam import VLSAMConfig, ground as run_ground
+    from mmkit.grounding.vlsam import auto_preset, ground as run_ground, preset_config
     from mmkit.images import load_image
 
     picture = load_image(image)  # fail on a bad image before loading any model
     if query is not None and not query.strip():
         raise MmkitError("--query is empty; pass the object to ground, e.g. --query cup")
+    kwargs = {"multi_scale": multi_scale, "refine_steps": refine}
+    if prompts:
+        kwargs["describe_prompts"] = tuple(prompts)
+    session = mmkit.load(model, device=device, dtype=dtype)
     try:
-        kwargs = {"multi_scale": multi_scale, "refine_steps": refine}
-        if prompts:
-            kwargs["describe_prompts"] = tuple(prompts)
-        cfg = VLSAMConfig(**kwargs)
+        cfg = preset_config(auto_preset(session) if preset == "auto" else preset, **kwargs)
     except ValueError as err:
         raise MmkitError(str(err)) from None
-    session = mmkit.load(model, device=device, dtype=dtype)
     backend = load_sam(sam, device=session.device)
     result = run_ground(session, backend, [picture], query=query, config=cfg)[0]
     paths = write_outputs(picture, result, out_dir, stem=Path(image).stem)

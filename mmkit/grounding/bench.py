@@ -33,7 +33,7 @@ def run_ground_bench(session, questions: Sequence, world_seed: int, sam=None, co
         questions: `ground_questions(...)` items (kind "ground"); grouped by scene, order kept.
         world_seed: world the questions come from.
         sam: SamBackend, checkpoint dir / hub id, or None (shipped small SAM).
-        config: VLSAMConfig (defaults if None).
+        config: VLSAMConfig (None: the preset `vlsam.auto_preset` picks for the session).
         mode: "describe": the LVLM lists the objects and every listed one is grounded (open-ended; hallucinated
             or missed objects cost AP); "query": each asked category is grounded from "Where is the {x}?".
         batch_images: scenes per pipeline call.

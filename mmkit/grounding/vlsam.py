@@ -92,6 +92,28 @@ class VLSAMConfig:
             raise ValueError(f"nms_iou must be in (0, 1], got {self.nms_iou}")
 
 
+# Named settings. "paper": VL-SAM as published (mention token, flow over all layers, points at the maxima).
+# "reference": what measures best on the reference model (4 layers, word-level vocabulary): the row that predicts
+# the object word (in "a white cup" the colour word, which reads the object's pixels in the first layer), the first
+# layer's attention only, and the first point at the region's weighted centroid (maxima sit on edges there).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "reference": {"token": "previous", "layers": (0,), "point_at": "centroid"},
+}
+
+
+def preset_config(name: str, **overrides) -> VLSAMConfig:
+    """A VLSAMConfig from a named preset ("paper", "reference") plus field overrides."""
+    if name not in PRESETS:
+        raise MmkitError(f"unknown VL-SAM preset {name!r}; use one of {', '.join(PRESETS)}")
+    return VLSAMConfig(**{**PRESETS[name], **overrides})
+
+
+def auto_preset(session) -> str:
+    """"reference" for the built-in reference model, else "paper"."""
+    return "reference" if getattr(session, "source", "") == "reference" else "paper"
+
+
 @dataclass
 class Detection:
     """One grounded object: label, tight box (x0, y0, x1, y1; exclusive), bool mask, score and the prompt."""
@@ -313,7 +335,7 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
         images: PIL images, arrays or paths.
         query: None to ground every object the LVLM lists, a category/phrase to ground in every image, or one
             query per image.
-        config: VLSAMConfig (defaults if None).
+        config: VLSAMConfig (None: the "reference" preset for the reference model, else "paper").
 
     Returns:
         One GroundingResult per image.
@@ -321,7 +343,7 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
     from mmkit.grounding.prompts import mask_to_box, nms, prompts_from_map, resample_prompt, upsample_map
     from mmkit.images import load_image
 
-    cfg = config or VLSAMConfig()
+    cfg = config or preset_config(auto_preset(session))
     pil = [load_image(img) for img in images]
     if not pil:
         raise MmkitError("ground needs at least one image")

@@ -60,6 +60,19 @@ def test_config_validation():
     with pytest.raises(ValueError, match="describe_prompts"):
         VLSAMConfig(describe_prompts=())
     assert VLSAMConfig(describe_prompts="List the objects.").describe_prompts == ("List the objects.",)
+    with pytest.raises(ValueError, match="point_at"):
+        VLSAMConfig(point_at="middle")
+
+
+def test_presets():
+    from mmkit.grounding.vlsam import preset_config
+
+    paper = preset_config("paper")
+    assert (paper.token, paper.layers, paper.point_at) == ("mention", (), "max")
+    ref = preset_config("reference", refine_steps=1)
+    assert (ref.token, ref.layers, ref.point_at, ref.refine_steps) == ("previous", (0,), "centroid", 1)
+    with pytest.raises(MmkitError, match="preset"):
+        preset_config("best")
 
 
 def test_ground_query_end_to_end(session, images, tiny_sam):
