@@ -1,4 +1,4 @@
-"""lmms-eval plug-in: `python -m lmms_eval --model mmkit` on the mmkit POPE task matches `mmkit eval`."""
+"""lmms-eval plug-in: `python -m lmms_eval --model mmkit` on the mmkit POPE and CHAIR tasks matches `mmkit eval`."""
 
 import importlib.util
 import json
@@ -41,18 +41,19 @@ def _entry_point_env(tmp_path: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_LMMS, reason="lmms_eval is not installed; run scripts/install_lmms.sh")
 @pytest.mark.skipif(not HAS_REFERENCE, reason="the reference model weights are not in mmkit/models/weights/reference")
-def test_lmms_eval_pope_matches_mmkit_eval(tmp_path):
+def test_lmms_eval_pope_and_chair_match_mmkit_eval(tmp_path):
     from mmkit.evals.runner import run_eval
 
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "mmkit",
-           "--model_args", "pretrained=reference,methods=fastv:layer=2+keep=0.25", "--tasks", "mmkit_pope_random",
+           "--model_args", "pretrained=reference,methods=fastv:layer=2+keep=0.25", "--tasks", "mmkit_pope_random,mmkit_chair",
            "--include_path", str(TASKS), "--limit", "8", "--batch_size", "8", "--output_path", str(tmp_path / "out")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_entry_point_env(tmp_path), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted((tmp_path / "out").rglob("*results*.json"))
     assert files, proc.stderr[-3000:]
-    got = json.loads(files[-1].read_text())["results"]["mmkit_pope_random"]
+    results = json.loads(files[-1].read_text())["results"]
+    got = results["mmkit_pope_random"]
 
     expected = run_eval(model="reference", bench="pope", split="random", methods=["fastv:layer=2,keep=0.25"],
                         limit=8, batch_size=8, progress=False)
@@ -64,6 +65,11 @@ def test_lmms_eval_pope_matches_mmkit_eval(tmp_path):
     assert got["visual_tokens_kept,none"] < expected["efficiency"]["visual_tokens"]
     assert got["tflops_prefill,none"] == pytest.approx(expected["efficiency"]["tflops_prefill"])
     assert got["prefill_ms,none"] > 0
+
+    chair = run_eval(model="reference", bench="chair", methods=["fastv:layer=2,keep=0.25"], limit=8, batch_size=8,
+                     progress=False)
+    assert results["mmkit_chair"]["chair_s,none"] == pytest.approx(chair["metrics"]["chair_s"], abs=1e-12)
+    assert results["mmkit_chair"]["chair_i,none"] == pytest.approx(chair["metrics"]["chair_i"], abs=1e-12)
 
 
 class _Request:
