@@ -154,8 +154,8 @@ def _build_class():
                     extra[r, :len(c)] = torch.tensor(c, device=session.device)
                     mask[r, :len(c)] = 1
                 n_ctx = inputs["input_ids"].shape[1]
-                inputs = dict(inputs, input_ids=torch.cat([inputs["input_ids"], extra], 1),
-                              attention_mask=torch.cat([inputs["attention_mask"], mask.to(inputs["attention_mask"])], 1))
+                attention = torch.cat([inputs["attention_mask"], mask.to(inputs["attention_mask"])], 1)
+                inputs = dict(inputs, input_ids=torch.cat([inputs["input_ids"], extra], 1), attention_mask=attention)
                 brancher = session._brancher()
                 if brancher is not None:
                     logits = session.model(**brancher.expand_inputs(session, inputs), use_cache=False).logits

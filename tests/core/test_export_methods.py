@@ -80,8 +80,9 @@ def test_vflowopt_tuned_config_round_trip(images, prompts, tmp_path):
         reloaded.close()
 
 
-@pytest.mark.xfail(strict=True, raises=MmkitError, reason="vflowopt has no export_config: the export keeps the path of the tuned "
-                                       "config file, so it cannot be reloaded once that file is gone")
+@pytest.mark.xfail(strict=True, raises=MmkitError,
+                   reason="vflowopt has no export_config: the export keeps the path of the tuned config file, so it "
+                          "cannot be reloaded once that file is gone")
 def test_vflowopt_export_does_not_need_the_tuned_config_file(images, prompts, tmp_path):
     path = _vflowopt_file(tmp_path)
     _round_trip(f"vflowopt:config={path}", images, prompts, tmp_path, path.unlink)[0].close()

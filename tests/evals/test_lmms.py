@@ -45,7 +45,8 @@ def test_lmms_eval_pope_and_chair_match_mmkit_eval(tmp_path):
     from mmkit.evals.runner import run_eval
 
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "mmkit",
-           "--model_args", "pretrained=reference,methods=fastv:layer=2+keep=0.25", "--tasks", "mmkit_pope_random,mmkit_chair",
+           "--model_args", "pretrained=reference,methods=fastv:layer=2+keep=0.25",
+           "--tasks", "mmkit_pope_random,mmkit_chair",
            "--include_path", str(TASKS), "--limit", "8", "--batch_size", "8", "--output_path", str(tmp_path / "out")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_entry_point_env(tmp_path), capture_output=True, text=True,
                           timeout=600)
