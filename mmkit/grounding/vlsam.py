@@ -151,7 +151,6 @@ class _Row:
     prompt: str
     answer: str
     labels: list[str]                # labels to map in this row
-    counts: dict[str, int]           # instances suggested by the text
     surface: dict[str, list[str]]    # label -> words that mention it
     in_prompt: bool                  # mentions are searched in the prompt (query) or in the answer
 
@@ -193,24 +192,20 @@ def _category_words(category: str) -> list[str]:
 
 _COUNT = {w: i for i, w in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                                       "nine", "ten"))}
+# A count word must sit within this many words before the object word ("two blue cups": 2 back).
+_COUNT_WINDOW = 3
 
 
-def _mention_counts(text: str, words_of: dict[str, list[str]]) -> dict[str, int]:
-    """Instances per label suggested by count words ("two blue cups" -> 2; "a cup and a cup" -> 2)."""
-    tokens = re.findall(r"[a-z0-9]+", text.lower())
-    counts: dict[str, int] = {}
-    for label, words in words_of.items():
-        total = 0
-        for i, tok in enumerate(tokens):
-            if tok in words:
-                n = 1
-                for back in tokens[max(0, i - 3):i][::-1]:
-                    if back in _COUNT or back.isdigit():
-                        n = _COUNT.get(back) or int(back)
-                        break
-                total += max(1, n)
-        counts[label] = max(1, total)
-    return counts
+def _count_before(tokenizer, ids: list[int], mention_start: int, text_start: int) -> int:
+    """Instances a mention claims: a count word among the few words before it ("two blue cups" -> 2), else 1."""
+    text = tokenizer.decode(ids[text_start:mention_start]).lower()
+    words = re.findall(r"[a-z0-9]+", text)[-_COUNT_WINDOW:]
+    for w in reversed(words):
+        if w in _COUNT:
+            return max(1, _COUNT[w])
+        if w.isdigit():
+            return max(1, int(w))
+    return 1
 
 
 def _word_ids(tokenizer, words: Sequence[str]) -> list[list[int]]:
@@ -223,14 +218,16 @@ def _word_ids(tokenizer, words: Sequence[str]) -> list[list[int]]:
     return seqs
 
 
-def _find(ids: list[int], start: int, end: int, seqs: list[list[int]]) -> list[int]:
-    found = set()
+def _find(ids: list[int], start: int, end: int, seqs: list[list[int]]) -> list[tuple[int, int]]:
+    """(first, last) token positions of every match of any of `seqs` in ids[start:end]; where matches share an
+    end (" cup" and "cup"), the longer one."""
+    found: dict[int, int] = {}
     for seq in seqs:
         n = len(seq)
         for p in range(start, end - n + 1):
             if ids[p:p + n] == seq:
-                found.add(p + n - 1)
-    return sorted(found)
+                found[p + n - 1] = min(p, found.get(p + n - 1, p))
+    return sorted((first, last) for last, first in found.items())
 
 
 class _Counter:
@@ -254,18 +251,19 @@ def _describe(session, views: list[_View], cfg: VLSAMConfig, counter: _Counter) 
         for (v, q), res in zip(chunk, results):
             labels = mentioned_categories(res.text)
             surface = {c: _category_words(c) for c in labels}
-            rows.append(_Row(v, q, res.text, labels, _mention_counts(res.text, surface), surface, False))
+            rows.append(_Row(v, q, res.text, labels, surface, False))
     return rows
 
 
 def _map_rows(session, views: list[_View], rows: list[_Row], cfg: VLSAMConfig,
-              counter: _Counter) -> list[dict[str, np.ndarray]]:
-    """Per row, label -> attention map on the view's token grid."""
+              counter: _Counter) -> list[list[tuple[str, np.ndarray, int]]]:
+    """Per row, one (label, map on the view's token grid, claimed instances) per mention: "a white cup, a pink
+    cup" gives two cup maps, "two blue cups" one map claiming two instances."""
     from mmkit.grounding.attention_maps import build_inputs, capture_rows
     from mmkit.grounding.flow import object_maps
 
     tokenizer = session.processor.tokenizer
-    out: list[dict[str, np.ndarray]] = [{} for _ in rows]
+    out: list[list[tuple[str, np.ndarray, int]]] = [[] for _ in rows]
     todo = [i for i, r in enumerate(rows) if r.labels]
     for start in range(0, len(todo), cfg.batch_size):
         chunk = todo[start:start + cfg.batch_size]
@@ -282,15 +280,14 @@ def _map_rows(session, views: list[_View], rows: list[_Row], cfg: VLSAMConfig,
                 raise MmkitError("the prompt holds no image tokens; grounding needs an image")
             first_text = int(img_pos[-1]) + 1
             lo, hi = (first_text, answer_starts[b]) if row.in_prompt else (answer_starts[b], seq_len)
-            objects = {}
+            objects = []  # (label, captured position, claimed instances)
             id_list = ids[b].tolist()
             for label in row.labels:
-                pos = _find(id_list, lo, hi, _word_ids(tokenizer, row.surface[label]))
-                if cfg.token == "previous":
-                    pos = [p - 1 for p in pos if p - 1 >= first_text]
-                if pos:
-                    objects[label] = pos
-            last = max((max(p) for p in objects.values()), default=first_text)
+                for p0, p in _find(id_list, lo, hi, _word_ids(tokenizer, row.surface[label])):
+                    q = p0 - 1 if cfg.token == "previous" else p
+                    if q >= first_text:
+                        objects.append((label, q, _count_before(tokenizer, id_list, p0, lo)))
+            last = max((q for _, q, _ in objects), default=first_text)
             per_row_rows.append(list(range(first_text, last + 1)))
             per_row_objects.append(objects)
         width = max(len(r) for r in per_row_rows)
@@ -304,14 +301,13 @@ def _map_rows(session, views: list[_View], rows: list[_Row], cfg: VLSAMConfig,
             if not objects:
                 continue
             first = per_row_rows[b][0]
-            labels = list(objects)
             maps = object_maps(
                 [p[b] for p in cap.probs], cap.rows[b], cap.valid[b], cap.image_mask[b].nonzero().flatten(),
-                cap.key_counts[b], [[p - first for p in objects[label]] for label in labels],
+                cap.key_counts[b], [[q - first] for _, q, _ in objects],
                 head_weighting=cfg.head_weighting, column_reg=cfg.column_reg, residual=cfg.residual,
                 layers=cfg.layers,
             )
-            out[i] = {label: m.cpu().numpy() for label, m in zip(labels, maps)}
+            out[i] = [(label, m.cpu().numpy(), n) for (label, _, n), m in zip(objects, maps)]
     return out
 
 
@@ -370,30 +366,30 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
         if q is not None:
             label, words = _query_label(q)
             prompt = cfg.query_prompt.format(category=words[0] if label in words else q.strip())
-            rows.append(_Row(v, prompt, "", [label], {label: 1}, {label: words}, True))
+            rows.append(_Row(v, prompt, "", [label], {label: words}, True))
     maps = _map_rows(session, views, rows, cfg, counter)
 
     # Votes: in how many rows (views x questions) of its image a label was mentioned.
     rows_per_image = np.bincount([views[r.view].image_index for r in rows], minlength=len(pil))
     votes: dict[tuple[int, str], int] = {}
     for r, m in zip(rows, maps):
-        for label in m:
+        for label in {entry[0] for entry in m}:
             key = (views[r.view].image_index, label)
             votes[key] = votes.get(key, 0) + 1
 
     # Prompts (in full-image pixels) for every (row, label, region).
-    prompts = []  # (image index, label, PointPrompt, row index, score prior)
+    prompts = []  # (image index, label, PointPrompt, (row index, entry index), score prior)
     for ri, (r, m) in enumerate(zip(rows, maps)):
         view = views[r.view]
         x0, y0, x1, y1 = view.box
-        for label, attn in m.items():
+        for ei, (label, attn, claimed) in enumerate(m):
             up = upsample_map(attn, cfg.upsample)
-            instances = min(cfg.max_instances, r.counts.get(label, 1))
+            instances = min(cfg.max_instances, claimed)
             for p in prompts_from_map(up, (x1 - x0, y1 - y0), cfg.threshold, cfg.num_positive, cfg.num_negative,
                                       instances, min_point_distance=2.0 * cfg.upsample, point_at=cfg.point_at):
                 p.points = [(x + x0, y + y0) for x, y in p.points]
                 vote = votes[(view.image_index, label)] / max(1, rows_per_image[view.image_index])
-                prompts.append((view.image_index, label, p, ri, vote * p.peak))
+                prompts.append((view.image_index, label, p, (ri, ei), vote * p.peak))
 
     results_masks: list[np.ndarray] = []
     results_scores = np.zeros(0)
@@ -407,9 +403,9 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
             pred = sam.predict(emb, idx, pts, labs, mask_inputs=pred.low_res_logits)
         if cfg.refine_steps >= 2:
             # Restrict each map to its mask and resample the points there, keeping the mask prompt.
-            for k, (_, label, p, ri, _) in enumerate(prompts):
+            for k, (_, label, p, (ri, ei), _) in enumerate(prompts):
                 view = views[rows[ri].view]
-                up = upsample_map(maps[ri][label], cfg.upsample)
+                up = upsample_map(maps[ri][ei][1], cfg.upsample)
                 grid_mask = _grid_mask(pred.masks[k], view.box, up.shape)
                 x0, y0, x1, y1 = view.box
                 new = resample_prompt(up, grid_mask, (x1 - x0, y1 - y0), cfg.num_positive, cfg.num_negative,
@@ -458,7 +454,7 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
             if r.answer:
                 answers.append(r.answer)
             if view.box == (0, 0, *img.size):
-                for label, attn in m.items():
+                for label, attn, _ in m:
                     full_maps.setdefault(label, attn)
         results.append(GroundingResult(img.size, per_image[i], full_maps, answers, dict(stats)))
     return results

@@ -141,3 +141,17 @@ def test_ground_bench_scores_reference_world_questions(session, tiny_sam):
     json.dumps(records)
     with pytest.raises(MmkitError, match="mode"):
         run_ground_bench(session, questions, 1, sam=tiny_sam, mode="oracle")
+
+
+def test_count_words_before_a_mention(session):
+    from mmkit.grounding.vlsam import _count_before, _find, _word_ids
+
+    tok = session.processor.tokenizer
+    ids = tok(" A red star, two blue cups and 3 keys.", add_special_tokens=False)["input_ids"]
+    (cups,) = _find(ids, 0, len(ids), _word_ids(tok, ["cups"]))
+    (star,) = _find(ids, 0, len(ids), _word_ids(tok, ["star"]))
+    (keys,) = _find(ids, 0, len(ids), _word_ids(tok, ["keys"]))
+    assert tok.decode(ids[cups[0]:cups[1] + 1]).strip() == "cups"
+    assert _count_before(tok, ids, cups[0], 0) == 2
+    assert _count_before(tok, ids, star[0], 0) == 1
+    assert _count_before(tok, ids, keys[0], 0) == 3
