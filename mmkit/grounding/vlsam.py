@@ -40,6 +40,9 @@ class VLSAMConfig:
         "help": "Questions that make the LVLM list the objects; several form VL-SAM's question ensemble."})
     query_prompt: str = field(default=QUERY_PROMPT, metadata={
         "help": "Prompt for a given query; must contain {category}, whose mention token is mapped."})
+    query_route: Literal["describe_first", "prompt"] = field(default="describe_first", metadata={
+        "help": "For a query: map its mention in the LVLM's own description when there is one, falling back to "
+                "the query prompt (describe_first), or always use the query prompt (prompt)."})
     max_new_tokens: int = field(default=48, metadata={"help": "Answer length for the object-listing questions."})
     token: Literal["mention", "previous"] = field(default="mention", metadata={
         "help": "Row mapped per object: the mention token itself (VL-SAM) or the position that predicted it."})
@@ -74,6 +77,8 @@ class VLSAMConfig:
             raise ValueError(f"query_prompt must contain {{category}}, got {self.query_prompt!r}")
         if self.point_at not in ("max", "centroid"):
             raise ValueError(f"point_at must be 'max' or 'centroid', got {self.point_at!r}")
+        if self.query_route not in ("describe_first", "prompt"):
+            raise ValueError(f"query_route must be 'describe_first' or 'prompt', got {self.query_route!r}")
         if self.token not in ("mention", "previous"):
             raise ValueError(f"token must be 'mention' or 'previous', got {self.token!r}")
         for name, lo in (("max_new_tokens", 1), ("upsample", 1), ("num_positive", 1), ("num_negative", 0),
@@ -284,7 +289,8 @@ def _map_rows(session, views: list[_View], rows: list[_Row], cfg: VLSAMConfig,
             id_list = ids[b].tolist()
             for label in row.labels:
                 for p0, p in _find(id_list, lo, hi, _word_ids(tokenizer, row.surface[label])):
-                    q = p0 - 1 if cfg.token == "previous" else p
+                    # In a question the position before the object word is an article: map the word itself.
+                    q = p0 - 1 if cfg.token == "previous" and not row.in_prompt else p
                     if q >= first_text:
                         objects.append((label, q, _count_before(tokenizer, id_list, p0, lo)))
             last = max((q for _, q, _ in objects), default=first_text)
@@ -355,17 +361,26 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
     views = _views(pil, cfg)
 
     rows: list[_Row] = []
-    describe_views = [v for v, view in enumerate(views) if queries[view.image_index] is None]
+    query_labels = {i: _query_label(q) for i, q in enumerate(queries) if q is not None}
+    describe_views = [v for v, view in enumerate(views)
+                      if view.image_index not in query_labels or cfg.query_route == "describe_first"]
+    described: set[int] = set()
     if describe_views:
         sub = _describe(session, [views[v] for v in describe_views], cfg, counter)
         for r in sub:
             r.view = describe_views[r.view]
-        rows.extend(sub)
+            target = query_labels.get(views[r.view].image_index)
+            if target is None:
+                rows.append(r)
+            elif target[0] in r.labels:
+                # The description mentions the query: map that mention (the route the model is fluent in).
+                r.labels, r.surface = [target[0]], {target[0]: target[1]}
+                rows.append(r)
+                described.add(r.view)
     for v, view in enumerate(views):
-        q = queries[view.image_index]
-        if q is not None:
-            label, words = _query_label(q)
-            prompt = cfg.query_prompt.format(category=words[0] if label in words else q.strip())
+        if view.image_index in query_labels and v not in described:
+            label, words = query_labels[view.image_index]
+            prompt = cfg.query_prompt.format(category=words[0] if label in words else queries[view.image_index].strip())
             rows.append(_Row(v, prompt, "", [label], {label: words}, True))
     maps = _map_rows(session, views, rows, cfg, counter)
 

@@ -76,7 +76,7 @@ def test_presets():
 
 
 def test_ground_query_end_to_end(session, images, tiny_sam):
-    cfg = VLSAMConfig(multi_scale=True, refine_steps=2, num_positive=2, batch_size=10)
+    cfg = VLSAMConfig(multi_scale=True, refine_steps=2, num_positive=2, batch_size=10, query_route="prompt")
     results = ground(session, tiny_sam, images[:2], query="cup", config=cfg)
     assert len(results) == 2
     for r in results:
@@ -92,6 +92,14 @@ def test_ground_query_end_to_end(session, images, tiny_sam):
         assert r.stats["sam_image_calls"] == 0.5 and r.stats["sam_decode_calls"] == 1.5
     with pytest.raises(MmkitError, match="one per image"):
         ground(session, tiny_sam, images[:2], query=["cup"])
+
+
+def test_query_describe_first_falls_back_to_the_query_prompt(session, images, tiny_sam):
+    # The random model's description does not mention a cup, so the query prompt is mapped after one generation.
+    cfg = VLSAMConfig(max_new_tokens=4, refine_steps=0, query_route="describe_first")
+    (r,) = ground(session, tiny_sam, images[:1], query="cup", config=cfg)
+    assert r.stats["lvlm_generate_calls"] == 1 and r.stats["lvlm_forward_calls"] == 1
+    assert r.stats["lvlm_sequences"] == 2 and set(r.maps) == {"cup"}
 
 
 def test_ground_describe_runs_generation(session, images, tiny_sam):
@@ -133,7 +141,7 @@ def test_ground_bench_scores_reference_world_questions(session, tiny_sam):
 
     questions = ground_questions(1, 2)
     records, metrics = run_ground_bench(session, questions, 1, sam=tiny_sam,
-                                        config=VLSAMConfig(refine_steps=0), mode="query")
+                                        config=VLSAMConfig(refine_steps=0, query_route="prompt"), mode="query")
     assert len(records) == len(questions) and metrics["n"] == len(questions) and metrics["images"] == 2
     assert 0.0 <= metrics["miou"] <= 1.0 and 0.0 <= metrics["box_ap50"] <= 1.0
     assert metrics["lvlm_sequences_per_image"] == pytest.approx(len(questions) / 2)
