@@ -63,6 +63,8 @@ class VLSAMConfig:
     multi_scale: bool = field(default=False, metadata={"help": "Also map the four half-size corner crops."})
     crop_fraction: float = field(default=0.5, metadata={"help": "Side of the corner crops, as a fraction."})
     nms_iou: float = field(default=0.5, metadata={"help": "Box IoU above which a same-label detection is dropped."})
+    nms_across_labels: bool = field(default=False, metadata={
+        "help": "Also suppress overlapping detections of different labels (one label per object)."})
     min_score: float = field(default=0.0, metadata={"help": "Detections scoring below this are dropped."})
     batch_size: int = field(default=8, metadata={"help": "LVLM rows (views x questions) per forward."})
 
@@ -440,7 +442,8 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
             continue
         per_image[i].append(Detection(label, box, mask, score, pts[k], labs[k]))
     for i, dets in enumerate(per_image):
-        keep = nms([d.box for d in dets], [d.score for d in dets], [d.label for d in dets], cfg.nms_iou)
+        keep = nms([d.box for d in dets], [d.score for d in dets],
+                   None if cfg.nms_across_labels else [d.label for d in dets], cfg.nms_iou)
         per_image[i] = [dets[j] for j in keep]
 
     n = len(pil)

@@ -163,3 +163,10 @@ def test_count_words_before_a_mention(session):
     assert _count_before(tok, ids, cups[0], 0) == 2
     assert _count_before(tok, ids, star[0], 0) == 1
     assert _count_before(tok, ids, keys[0], 0) == 3
+
+
+def test_oracle_point_ap_runs(tiny_sam):
+    from mmkit.grounding.bench import oracle_point_ap
+
+    out = oracle_point_ap(tiny_sam, world_seed=1, n_scenes=2)
+    assert out["objects"] > 0 and 0.0 <= out["oracle_box_ap50"] <= 1.0 and 0.0 <= out["oracle_instance_miou"] <= 1.0
