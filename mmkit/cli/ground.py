@@ -41,12 +41,12 @@ def ground(model, image, out_dir, sam, query, multi_scale, refine, prompts, pres
     kwargs = {"multi_scale": multi_scale, "refine_steps": refine}
     if prompts:
         kwargs["describe_prompts"] = tuple(prompts)
+    backend = load_sam(sam, device=device)  # a bad --sam fails before the LVLM is loaded
     session = mmkit.load(model, device=device, dtype=dtype)
     try:
         cfg = preset_config(auto_preset(session) if preset == "auto" else preset, **kwargs)
     except ValueError as err:
         raise MmkitError(str(err)) from None
-    backend = load_sam(sam, device=session.device)
     result = run_ground(session, backend, [picture], query=query, config=cfg)[0]
     paths = write_outputs(picture, result, out_dir, stem=Path(image).stem)
     for d in result.detections:
