@@ -11,9 +11,9 @@ DEFAULT_OUT = "runs/sam-small"
 @click.command("train-sam")
 @click.option("--out", "out_dir", default=DEFAULT_OUT, show_default=True, type=click.Path(file_okay=False),
               help="Directory to write the HF SamModel to (replaced at every checkpoint).")
-@click.option("--minutes", default=13.0, show_default=True, type=click.FloatRange(min=0.05),
+@click.option("--minutes", default=14.0, show_default=True, type=click.FloatRange(min=0.05),
               help="Wall-time budget of the training loop.")
-@click.option("--steps", default=500, show_default=True, type=click.IntRange(1),
+@click.option("--steps", default=1600, show_default=True, type=click.IntRange(1),
               help="Planned optimiser steps (length of the learning-rate schedule).")
 @click.option("--batch", default=12, show_default=True, type=click.IntRange(1), help="Scenes per step.")
 @click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
