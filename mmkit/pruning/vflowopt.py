@@ -23,6 +23,7 @@ to uint8); the search is a seeded random search with local refinement instead of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -297,6 +298,11 @@ class VFlowOptHandle:
         current = (image_mask if valid is None else image_mask & valid).sum(1)
         keep = torch.round(current.float() * self._stage_keep[layer_idx]).long().clamp_min(1)
         return keep_top_visual(torch.nan_to_num(scores, nan=float("-inf")), image_mask, keep, valid)
+
+    def export_config(self) -> VFlowOptConfig:
+        # The tuned values are already in the config's fields; the export carries them, not the path of the file
+        # they came from, so it reloads after that file is gone.
+        return dataclasses.replace(self.config, config="")
 
     def remove(self) -> None:
         if self._dropper is not None:

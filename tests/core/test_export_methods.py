@@ -3,12 +3,10 @@ logits bit-exactly, and the export does not depend on the files the state came f
 
 import json
 
-import pytest
 import torch
 
 import mmkit
 from conftest import forward_logits
-from mmkit.errors import MmkitError
 from mmkit.hallucination import head_sensitivity
 from mmkit.pruning.dyvte import ExitGates
 from safetensors.torch import save_file
@@ -80,9 +78,13 @@ def test_vflowopt_tuned_config_round_trip(images, prompts, tmp_path):
         reloaded.close()
 
 
-@pytest.mark.xfail(strict=True, raises=MmkitError,
-                   reason="vflowopt has no export_config: the export keeps the path of the tuned config file, so it "
-                          "cannot be reloaded once that file is gone")
 def test_vflowopt_export_does_not_need_the_tuned_config_file(images, prompts, tmp_path):
     path = _vflowopt_file(tmp_path)
-    _round_trip(f"vflowopt:config={path}", images, prompts, tmp_path, path.unlink)[0].close()
+    reloaded, _, _ = _round_trip(f"vflowopt:config={path}", images, prompts, tmp_path, path.unlink)
+    try:
+        manifest = json.loads((tmp_path / "export" / "mmkit_config.json").read_text())
+        assert str(path) not in json.dumps(manifest)
+        config = reloaded.methods[0].config
+        assert (config.vision_keep, config.merge_cell, config.llm_keep) == (0.5, 0.25, (0.5,))
+    finally:
+        reloaded.close()
