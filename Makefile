@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MMKIT := $(VENV)/bin/mmkit
 STAMP := $(VENV)/.installed
+LMMS_STAMP := $(VENV)/.lmms-installed
 
 .PHONY: run test test-fast setup clean
 
@@ -16,12 +17,17 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# lmms-eval, light: the tests run `python -m lmms_eval --model mmkit` on the mmkit tasks.
+$(LMMS_STAMP): $(STAMP) requirements-lmms.lock scripts/install_lmms.sh
+	bash scripts/install_lmms.sh
+	touch $(LMMS_STAMP)
+
 setup: $(STAMP)
 
 run: $(STAMP)
 	bash scripts/main_job.sh
 
-test: $(STAMP)
+test: $(STAMP) $(LMMS_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 clean:
