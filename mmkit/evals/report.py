@@ -17,7 +17,8 @@ PRIMARY = {"pope": ("f1", "F1"), "vqa": ("accuracy", "accuracy"), "chair": ("cha
 # Per bench: the metric columns of the table, in order.
 METRIC_COLUMNS = {"pope": ["accuracy", "precision", "recall", "f1", "yes_ratio"],
                   "chair": ["chair_s", "chair_i", "recall", "f1", "mean_length"],
-                  "vqa": ["accuracy"], "ground": ["box_ap50", "miou"]}
+                  "vqa": ["accuracy"],
+                  "ground": ["box_ap50", "miou", "answered", "lvlm_calls_per_image", "sam_calls_per_image"]}
 EFFICIENCY_KEYS = ("visual_tokens", "visual_tokens_kept", "tflops_prefill", "prefill_ms")
 NAN = float("nan")
 _PLOT_AXES = (("visual_tokens_kept", "visual tokens kept (mean over decoder layers)"),

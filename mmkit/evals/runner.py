@@ -24,11 +24,15 @@ logger = logging.getLogger(__name__)
 RESULT_VERSION = 1
 
 
-def _settings(model, bench, split, methods, limit, decoding, seed, world_seed, max_new_tokens) -> dict[str, Any]:
-    return {
+def _settings(model, bench, split, methods, limit, decoding, seed, world_seed, max_new_tokens,
+              ground=None) -> dict[str, Any]:
+    settings = {
         "model": model, "bench": bench, "split": split, "methods": list(methods), "limit": limit,
         "decoding": decoding, "seed": seed, "world_seed": world_seed, "max_new_tokens": max_new_tokens,
     }
+    if ground is not None:
+        settings["ground"] = ground
+    return settings
 
 
 def _check_resume(out: Path, settings: dict[str, Any]) -> None:
@@ -69,6 +73,10 @@ def aggregate(bench: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Bench metrics from per-sample records (order-independent)."""
     from mmkit.evals.metrics import chair_metrics, pope_metrics, vqa_metrics
 
+    if bench == "ground":
+        from mmkit.grounding.bench import ground_metrics
+
+        return ground_metrics(records)
     records = sorted(records, key=lambda r: r["qid"])
     if bench == "pope":
         return pope_metrics([r["parsed"] for r in records], [r["answer"] for r in records])
@@ -87,7 +95,8 @@ def efficiency(records: list[dict[str, Any]], hidden: int, intermediate: int, kv
     from mmkit.evals.flops import kv_cache_bytes, prefill_tflops
 
     n = max(len(records), 1)
-    tflops = [prefill_tflops(r["tokens_per_layer"], hidden, intermediate) for r in records]
+    tflops = [prefill_tflops(r["tokens_per_layer"], hidden, intermediate, cross_visual=r.get("visual_tokens_cross"))
+              for r in records]
     kv = [kv_cache_bytes([t + r["new_tokens"] for t in r["tokens_per_layer"]], kv_heads, head_dim, bytes_per_el)
           for r in records]
     return {
@@ -100,13 +109,27 @@ def efficiency(records: list[dict[str, Any]], hidden: int, intermediate: int, kv
     }
 
 
+def ground_efficiency(records: list[dict[str, Any]], visual_tokens: int) -> dict[str, Any]:
+    """Cost of the ground bench per image: the pipeline makes several LVLM and SAM calls per image, so per-sample
+    prefill figures do not apply (None); calls, prompts and wall seconds per image are measured instead."""
+    scenes = {r["scene_index"]: r for r in records}.values()
+    n = max(len(scenes), 1)
+    per_image = {k: sum(r[f"image_{k}"] for r in scenes) / n
+                 for k in ("lvlm_calls", "lvlm_sequences", "sam_calls", "sam_prompts", "seconds")}
+    return {"visual_tokens": visual_tokens, "visual_tokens_kept": None, "tflops_prefill": None, "prefill_ms": None,
+            "peak_kv_bytes": None, **{f"{k}_per_image": v for k, v in per_image.items()}}
+
+
 def run_eval(model: str = "reference", bench: str = "pope", split: str | None = None, methods: Sequence = (),
              limit: int | None = None, batch_size: int = 8, decoding: str = "greedy", seed: int = 0,
              world_seed: int = 1, out: str | os.PathLike | None = None, max_new_tokens: int | None = None,
-             device=None, dtype=None, session=None, progress: bool = True) -> dict[str, Any]:
+             device=None, dtype=None, session=None, progress: bool = True, sam: str | None = None,
+             ground_mode: str = "describe") -> dict[str, Any]:
     """Evaluate and return the results dict (also written to `out/results.json` when `out` is given).
 
     `world_seed` defaults to 1: the reference model was trained on world seed 0, so evaluation is held out.
+    The ground bench runs VL-SAM (`ground_mode` describe or query) with `sam` (a SAM checkpoint directory or hub
+    id; None = the shipped small SAM), `batch_size` scenes per pipeline call.
     """
     import torch
 
@@ -114,7 +137,12 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
 
     spec, split = bench_spec(bench, split)
     if bench == "ground":
-        raise MmkitError("the ground bench scores grounding masks; it needs the VL-SAM grounding pipeline")
+        from mmkit.grounding.bench import MODES
+
+        if decoding != "greedy":
+            raise MmkitError("the ground bench decodes greedily; drop --decoding sample")
+        if ground_mode not in MODES:
+            raise MmkitError(f"--ground-mode must be one of {', '.join(MODES)}, got {ground_mode!r}")
     if decoding not in ("greedy", "sample"):
         raise MmkitError(f"--decoding must be greedy or sample, got {decoding!r}")
     if batch_size < 1:
@@ -129,9 +157,17 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
             device = state.device  # one GPU per process under accelerate launch
         session = mmkit.load(model, methods=list(methods), device=device, dtype=dtype)
     method_specs = [h.spec for h in session.methods]
+    ground = {"mode": ground_mode, "sam": sam or "shipped"} if bench == "ground" else None
     settings = _settings(session.source or model, bench, split, method_specs, limit, decoding, seed, world_seed,
-                         max_new_tokens)
+                         max_new_tokens, ground)
     questions = select_questions(bench, split, world_seed, limit)
+    sam_backend = None
+    if bench == "ground":
+        from mmkit.grounding.bench import check_ground_args, ground_scene_records, scene_chunks
+        from mmkit.grounding.vlsam import default_sam
+
+        check_ground_args(questions, ground_mode, batch_size)
+        sam_backend = default_sam(sam, session.device)
 
     if world > 1 and out is None:
         raise MmkitError("a multi-process evaluation needs --out: the processes merge their samples there")
@@ -156,7 +192,10 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
     from mmkit.world.scenes import generate_scene
     from tqdm import tqdm
 
-    chunks = [questions[i:i + batch_size] for i in range(0, len(questions), batch_size)]
+    if bench == "ground":  # a batch is `batch_size` scenes with all of their questions
+        chunks = scene_chunks(questions, batch_size)
+    else:
+        chunks = [questions[i:i + batch_size] for i in range(0, len(questions), batch_size)]
     bar = tqdm(total=len(questions), initial=len(done), desc=f"{bench}/{split}", unit="q", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
     for chunk_idx, chunk in enumerate(chunks):
@@ -164,6 +203,15 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
             continue  # another process's shard; chunks (and so batches and seeds) are the same for any count
         todo = [q for q in chunk if q.qid not in done]
         if not todo:
+            continue
+        if bench == "ground":
+            new_records = [r for r in ground_scene_records(session, sam_backend, chunk, world_seed, mode=ground_mode)
+                           if r["qid"] not in done]
+            if store is not None:
+                store.append(new_records)
+            records.extend(new_records)
+            done.update(r["qid"] for r in new_records)
+            bar.update(len(new_records))
             continue
         # The whole chunk is re-run so that sampled answers depend only on (seed, chunk), not on where a killed
         # run stopped; only records not already stored are kept.
@@ -181,6 +229,7 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
                 "answer": q.answer, "text": res.text, **_score(bench, q, res.text, scene),
                 "visual_tokens": res.stats.visual_tokens, "visual_tokens_kept": res.stats.visual_tokens_kept,
                 "tokens_per_layer": res.stats.tokens_per_layer, "new_tokens": res.stats.new_tokens,
+                "visual_tokens_cross": res.stats.visual_tokens_cross,
                 "prefill_ms_batch": res.stats.prefill_ms, "batch_size": len(chunk),
             }
             new_records.append(record)
@@ -207,9 +256,12 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
         "device": str(session.device),
         "dtype": str(session.dtype).replace("torch.", ""),
         "metrics": aggregate(bench, records),
-        "efficiency": efficiency(records, adapter.hidden_size, adapter.intermediate_size, adapter.num_kv_heads,
-                                 adapter.head_dim, bytes_per_el),
+        "efficiency": (ground_efficiency(records, session.describe()["visual_tokens"]) if bench == "ground" else
+                       efficiency(records, adapter.hidden_size, adapter.intermediate_size, adapter.num_kv_heads,
+                                  adapter.head_dim, bytes_per_el)),
     }
+    if ground is not None:
+        result["ground"] = ground
     if out is not None:
         atomic_write_json(out / "results.json", result)
     return result

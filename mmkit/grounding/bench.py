@@ -39,88 +39,140 @@ def run_ground_bench(session, questions: Sequence, world_seed: int, sam=None, co
         batch_images: scenes per pipeline call.
 
     Returns:
-        (records, metrics): one JSON-able record per question; metrics with miou, iou@0.5, answered, box_ap50,
-        n, images, point_on_object (share of detections of a present label whose first positive point lies on
-        a true instance: the map's share of the error), and mean per-image cost (LVLM / SAM calls, sequences,
-        prompts, seconds).
+        (records, metrics): one JSON-able record per question (`ground_scene_records`) and `ground_metrics` of
+        them, plus the wall time.
     """
-    from mmkit.evals.metrics import grounding_metrics, mask_iou
-    from mmkit.grounding.vlsam import default_sam, ground
-    from mmkit.world.questions import ground_truth
-    from mmkit.world.scenes import generate_scene
+    from mmkit.grounding.vlsam import default_sam
 
+    check_ground_args(questions, mode, batch_images)
+    if sam is None or isinstance(sam, str):
+        sam = default_sam(sam, session.device)
+    chunks = scene_chunks(questions, batch_images)
+    records: list[dict[str, Any]] = []
+    start_time = time.perf_counter()
+    for done, chunk in enumerate(chunks, 1):
+        records += ground_scene_records(session, sam, chunk, world_seed, config=config, mode=mode)
+        if progress:
+            print(f"ground bench: {done}/{len(chunks)} scene batches", file=sys.stderr)
+    metrics = ground_metrics(records)
+    metrics["mode"] = mode
+    metrics["wall_seconds"] = time.perf_counter() - start_time
+    return records, metrics
+
+
+def check_ground_args(questions: Sequence, mode: str, batch_images: int) -> None:
     if mode not in MODES:
         raise MmkitError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if batch_images < 1:
         raise MmkitError(f"batch_images must be >= 1, got {batch_images}")
-    questions = list(questions)
     if not questions:
         raise MmkitError("no grounding questions given")
     if any(q.kind != "ground" for q in questions):
-        raise MmkitError("run_ground_bench scores grounding questions only (kind 'ground')")
-    if sam is None or isinstance(sam, str):
-        sam = default_sam(sam, session.device)
+        raise MmkitError("the ground bench scores grounding questions only (kind 'ground')")
+
+
+def scene_chunks(questions: Sequence, batch_images: int) -> list[list]:
+    """Questions grouped into batches of `batch_images` scenes (question order kept): one pipeline call each."""
+    by_scene: dict[int, list] = {}
+    for q in questions:
+        by_scene.setdefault(q.scene_index, []).append(q)
+    ids = list(by_scene)
+    return [[q for i in ids[b0:b0 + batch_images] for q in by_scene[i]] for b0 in range(0, len(ids), batch_images)]
+
+
+def ground_scene_records(session, sam, questions: Sequence, world_seed: int, config=None,
+                         mode: Literal["describe", "query"] = "describe") -> list[dict[str, Any]]:
+    """Ground the scenes of `questions` in one pipeline call; one JSON-able record per question.
+
+    Each record also carries its scene's detections, true boxes of the asked categories, first-point hits and
+    pipeline cost, so that `ground_metrics` needs nothing but the records (a resumed run scores what it stored).
+    """
+    from mmkit.evals.metrics import mask_iou
+    from mmkit.grounding.vlsam import ground
+    from mmkit.world.questions import ground_truth
+    from mmkit.world.scenes import generate_scene
 
     by_scene: dict[int, list] = {}
     for q in questions:
         by_scene.setdefault(q.scene_index, []).append(q)
-    scene_ids = list(by_scene)
+    ids = list(by_scene)
+    scenes = [generate_scene(world_seed, i) for i in ids]
+    if mode == "describe":
+        results = ground(session, sam, [s.image for s in scenes], config=config)
+        per_scene = {i: [r] for i, r in zip(ids, results)}
+    else:
+        pairs = [(s, q) for i, s in zip(ids, scenes) for q in by_scene[i]]
+        results = ground(session, sam, [s.image for s, _ in pairs], query=[q.target for _, q in pairs],
+                         config=config)
+        per_scene = {i: [] for i in ids}
+        for (s, _), r in zip(pairs, results):
+            per_scene[s.index].append(r)
     records: list[dict[str, Any]] = []
-    pred_masks, gt_masks, box_preds, box_truths, costs = [], [], [], [], []
-    point_hits: list[bool] = []
-    start_time = time.perf_counter()
-    for b0 in range(0, len(scene_ids), batch_images):
-        ids = scene_ids[b0:b0 + batch_images]
-        scenes = [generate_scene(world_seed, i) for i in ids]
-        if mode == "describe":
-            results = ground(session, sam, [s.image for s in scenes], config=config)
-            per_scene = {i: [r] for i, r in zip(ids, results)}
-        else:
-            pairs = [(s, q) for i, s in zip(ids, scenes) for q in by_scene[i]]
-            results = ground(session, sam, [s.image for s, _ in pairs], query=[q.target for _, q in pairs],
-                             config=config)
-            per_scene = {i: [] for i in ids}
-            for (s, _), r in zip(pairs, results):
-                per_scene[s.index].append(r)
-        for i, scene in zip(ids, scenes):
-            dets = [d for r in per_scene[i] for d in r.detections]
-            cost = {k: sum(r.stats[k] for r in per_scene[i]) for k in _COST_KEYS}
-            costs.append(cost)
-            asked = sorted({q.target for q in by_scene[i]})
-            box_preds.append([(d.box, d.score, d.label) for d in dets])
-            box_truths.append([(o.box, o.category) for o in scene.objects if o.category in asked])
-            # Diagnostic: does a detection's first positive point land on a true instance of its label? Separates
-            # map errors (point off the object) from SAM errors (point on it, mask wrong).
-            for d in dets:
-                if d.label in scene.categories() and 1 in d.point_labels:
-                    x, y = d.points[d.point_labels.index(1)]
-                    truth, _ = ground_truth(scene, d.label)
-                    yy, xx = min(int(y), truth.shape[0] - 1), min(int(x), truth.shape[1] - 1)
-                    point_hits.append(bool(truth[yy, xx]))
-            for q in by_scene[i]:
-                truth, _ = ground_truth(scene, q.target)
-                mine = [d for d in dets if d.label == q.target]
-                pred = np.any(np.stack([d.mask for d in mine]), 0) if mine else None
-                pred_masks.append(pred)
-                gt_masks.append(truth)
-                records.append({
-                    "qid": q.qid, "scene_index": i, "target": q.target, "prompt": q.prompt,
-                    "answers": [a for r in per_scene[i] for a in r.answers],
-                    "boxes": [list(d.box) for d in mine], "scores": [round(d.score, 5) for d in mine],
-                    "iou": mask_iou(np.zeros_like(truth) if pred is None else pred, truth),
-                    "labels_found": sorted({d.label for d in dets}),
-                    **{f"image_{k}": v for k, v in cost.items()},
-                })
-        if progress:
-            print(f"ground bench: {min(b0 + batch_images, len(scene_ids))}/{len(scene_ids)} scenes", file=sys.stderr)
-    metrics = grounding_metrics(pred_masks, gt_masks, box_preds, box_truths)
-    metrics["images"] = len(scene_ids)
-    metrics["point_on_object"] = float(np.mean(point_hits)) if point_hits else float("nan")
-    metrics["mode"] = mode
+    for i, scene in zip(ids, scenes):
+        dets = [d for r in per_scene[i] for d in r.detections]
+        cost = {k: sum(r.stats[k] for r in per_scene[i]) for k in _COST_KEYS}
+        asked = sorted({q.target for q in by_scene[i]})
+        # Diagnostic: does a detection's first positive point land on a true instance of its label? Separates
+        # map errors (point off the object) from SAM errors (point on it, mask wrong).
+        hits = []
+        for d in dets:
+            if d.label in scene.categories() and 1 in d.point_labels:
+                x, y = d.points[d.point_labels.index(1)]
+                truth, _ = ground_truth(scene, d.label)
+                yy, xx = min(int(y), truth.shape[0] - 1), min(int(x), truth.shape[1] - 1)
+                hits.append(bool(truth[yy, xx]))
+        scene_fields = {
+            "scene_detections": [[list(map(float, d.box)), round(float(d.score), 5), d.label] for d in dets],
+            "scene_truths": [[list(map(float, o.box)), o.category] for o in scene.objects if o.category in asked],
+            "scene_point_hits": hits,
+            **{f"image_{k}": v for k, v in cost.items()},
+        }
+        for q in by_scene[i]:
+            truth, _ = ground_truth(scene, q.target)
+            mine = [d for d in dets if d.label == q.target]
+            pred = np.any(np.stack([d.mask for d in mine]), 0) if mine else None
+            records.append({
+                "qid": q.qid, "scene_index": i, "target": q.target, "prompt": q.prompt,
+                "answers": [a for r in per_scene[i] for a in r.answers],
+                "boxes": [list(d.box) for d in mine], "scores": [round(d.score, 5) for d in mine],
+                "iou": mask_iou(np.zeros_like(truth) if pred is None else pred, truth),
+                "labels_found": sorted({d.label for d in dets}),
+                **scene_fields,
+            })
+    return records
+
+
+def ground_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Bench metrics from per-question records (order-independent).
+
+    miou (mean mask IoU per question), iou@0.5, answered (share of questions whose category got a mask), box_ap50
+    (COCO-style over the scenes), n, images, point_on_object (share of detections of a present label whose first
+    positive point lies on a true instance) and mean per-image cost (LVLM / SAM calls, sequences, prompts, seconds).
+    """
+    from mmkit.evals.metrics import AP_IOU_THRESHOLD, box_ap50
+
+    if not records:
+        raise MmkitError("no grounding records to score")
+    records = sorted(records, key=lambda r: r["qid"])
+    scenes: dict[int, dict[str, Any]] = {}
+    for r in records:
+        scenes.setdefault(r["scene_index"], r)
+    ious = [r["iou"] for r in records]
+    hits = [h for r in scenes.values() for h in r["scene_point_hits"]]
+    metrics: dict[str, Any] = {
+        "miou": float(np.mean(ious)),
+        f"iou@{AP_IOU_THRESHOLD:g}": float(np.mean([iou >= AP_IOU_THRESHOLD for iou in ious])),
+        "answered": sum(bool(r["boxes"]) for r in records) / len(records),
+        "n": len(records),
+        "box_ap50": box_ap50(
+            [[(tuple(box), score, label) for box, score, label in r["scene_detections"]] for r in scenes.values()],
+            [[(tuple(box), label) for box, label in r["scene_truths"]] for r in scenes.values()]),
+        "images": len(scenes),
+        "point_on_object": float(np.mean(hits)) if hits else float("nan"),
+    }
     for k in _COST_KEYS:
-        metrics[f"{k}_per_image"] = float(np.mean([c[k] for c in costs]))
-    metrics["wall_seconds"] = time.perf_counter() - start_time
-    return records, metrics
+        metrics[f"{k}_per_image"] = float(np.mean([r[f"image_{k}"] for r in scenes.values()]))
+    return metrics
 
 
 def oracle_point_ap(sam, world_seed: int = 1, n_scenes: int = 50, seed: int = 0,

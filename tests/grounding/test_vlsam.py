@@ -17,13 +17,18 @@ from mmkit.grounding.vlsam import VLSAMConfig, ground
 
 
 @pytest.fixture(scope="module")
-def tiny_sam(tmp_path_factory):
+def tiny_sam_dir(tmp_path_factory):
     cfg = SamTrainConfig(image_size=64, patch_size=16, vision_hidden=32, vision_layers=1, vision_heads=2,
                          channels=16, decoder_mlp=32)
     model, processor = build_small_sam(cfg)
     out = tmp_path_factory.mktemp("sam") / "tiny-sam"
     save_sam(model.eval(), processor, out)
-    return load_sam(str(out), device="cpu")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_sam(tiny_sam_dir):
+    return load_sam(str(tiny_sam_dir), device="cpu")
 
 
 def test_captured_rows_equal_eager_attention(session, images):
@@ -149,6 +154,34 @@ def test_ground_bench_scores_reference_world_questions(session, tiny_sam):
     json.dumps(records)
     with pytest.raises(MmkitError, match="mode"):
         run_ground_bench(session, questions, 1, sam=tiny_sam, mode="oracle")
+
+
+def test_eval_ground_bench_writes_results_and_resumes_exactly(session, tiny_sam_dir, tmp_path):
+    from mmkit.evals.report import load_run
+    from mmkit.evals.runner import run_eval
+
+    args = dict(session=session, bench="ground", limit=5, batch_size=2, sam=str(tiny_sam_dir), ground_mode="query",
+                progress=False)
+    full = run_eval(out=tmp_path / "full", **args)
+    assert full["n"] == 5 and full["ground"] == {"mode": "query", "sam": str(tiny_sam_dir)}
+    metrics = full["metrics"]
+    assert 0.0 <= metrics["box_ap50"] <= 1.0 and 0.0 <= metrics["miou"] <= 1.0
+    assert metrics["lvlm_calls_per_image"] > 0 and metrics["sam_calls_per_image"] > 0
+    assert full["efficiency"]["visual_tokens"] == session.describe()["visual_tokens"]
+    assert load_run(tmp_path / "full")["metrics"] == json.loads(json.dumps(metrics))
+    # A run killed after its first batch of scenes resumes to the same samples and scores.
+    lines = (tmp_path / "full" / "samples.jsonl").read_text().splitlines()
+    first_scene = json.loads(lines[0])["scene_index"]
+    kept = [line for line in lines if json.loads(line)["scene_index"] == first_scene]
+    assert 0 < len(kept) < len(lines)
+    (tmp_path / "part").mkdir()
+    (tmp_path / "part" / "run.json").write_text((tmp_path / "full" / "run.json").read_text())
+    (tmp_path / "part" / "samples.jsonl").write_text("\n".join(kept) + "\n")
+    resumed = run_eval(out=tmp_path / "part", **args)
+    assert resumed["n"] == 5 and resumed["metrics"]["box_ap50"] == metrics["box_ap50"]
+    assert resumed["metrics"]["miou"] == metrics["miou"]
+    with pytest.raises(MmkitError, match="greedily"):
+        run_eval(decoding="sample", **args)
 
 
 def test_count_words_before_a_mention(session):
