@@ -28,6 +28,8 @@ class SampleStats:
     tokens_per_layer: list[int]          # all (non-padding) tokens each decoder layer processed
     prefill_ms: float                    # wall time of the batch's prefill forward
     new_tokens: int = 0
+    # Visual tokens each decoder layer read through cross-attention (VISOR); empty or zeros for other methods.
+    visual_tokens_cross: list[int] = field(default_factory=list)
 
     @property
     def mean_visual_tokens_kept(self) -> float:
@@ -41,6 +43,7 @@ class SampleStats:
             "tokens_per_layer": self.tokens_per_layer,
             "prefill_ms": self.prefill_ms,
             "new_tokens": self.new_tokens,
+            "visual_tokens_cross": self.visual_tokens_cross,
         }
 
 
@@ -165,11 +168,13 @@ class Session:
         visual = ctx.image_mask.sum(1).tolist()
         kept = torch.stack([v.to("cpu") for v in ctx.visual_per_layer], 1).tolist()
         tokens = torch.stack([t.to("cpu") for t in ctx.tokens_per_layer], 1).tolist()
+        cross = torch.stack([c.to("cpu") for c in ctx.cross_per_layer], 1).tolist() if ctx.cross_per_layer else None
         return [
             SampleStats(
                 visual_tokens=int(visual[i]), visual_tokens_kept=[int(x) for x in kept[i]],
                 tokens_per_layer=[int(x) for x in tokens[i]], prefill_ms=float(ctx.prefill_ms or 0.0),
                 new_tokens=new_tokens[i] if new_tokens else 0,
+                visual_tokens_cross=[int(x) for x in cross[i]] if cross else [],
             )
             for i in range(batch)
         ]

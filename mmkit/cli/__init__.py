@@ -24,6 +24,7 @@ OPTIONAL_COMMANDS = {
     "train-reference": "mmkit.cli.train_reference:train_reference",
     "tune": "mmkit.cli.tune:tune",
     "train-gates": "mmkit.cli.train_gates:train_gates",
+    "train-visor": "mmkit.cli.train_visor:train_visor",
     "ground": "mmkit.cli.ground:ground",
     "bench": "mmkit.cli.bench:bench",
 }

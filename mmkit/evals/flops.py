@@ -9,6 +9,14 @@ down) has three, so `ffn_mats` defaults to 3 (as SwiGLU-aware counters such as S
 ``ffn_mats=2`` to reproduce numbers quoted with FastV's formula. For LLaVA-1.5-7B (d=4096, m=11008, 32 layers,
 n=651) the full prefill is about 3.39 TFLOPs with 2 matrices and 4.33 with 3. Only the prefill is counted: the
 decode steps' FLOPs are not. Pruning shows up as a smaller n in the layers after the pruning point.
+
+Methods that let text read visual tokens through a cross-attention block instead of carrying them through a layer
+(VISOR) add, for n text queries and v visual keys at that layer, with inner width d as the decoder's attention,
+
+    c(n, v) = 2 n d^2  (q, o projections)  +  2 v d^2  (k, v projections, once per prefill)  +  2 n v d  (scores
+              and weighted sum)
+
+which `prefill_tflops` includes when given the visual tokens each layer read that way (zero for other methods).
 """
 
 from __future__ import annotations
@@ -31,12 +39,29 @@ def layer_flops(n: float, d: int, m: int, ffn_mats: int = 3) -> float:
     return 4.0 * n * d * d + 2.0 * n * n * d + float(ffn_mats) * n * d * m
 
 
-def prefill_tflops(tokens_per_layer: Sequence[float], d: int, m: int, ffn_mats: int = 3) -> float:
+def cross_attention_flops(n: float, v: float, d: int) -> float:
+    """FLOPs of one text -> visual cross-attention block: 2nd^2 + 2vd^2 + 2nvd (see the module docstring)."""
+    if n < 0 or v < 0:
+        raise ValueError(f"token counts must be >= 0, got n={n}, v={v}")
+    if v == 0:
+        return 0.0
+    return 2.0 * n * d * d + 2.0 * v * d * d + 2.0 * n * v * d
+
+
+def prefill_tflops(tokens_per_layer: Sequence[float], d: int, m: int, ffn_mats: int = 3,
+                   cross_visual: Sequence[float] | None = None) -> float:
     """Prefill TFLOPs (1e12) of the decoder: the sum of `layer_flops` over layers, given each layer's token count
-    (a mean over samples may be fractional)."""
+    (a mean over samples may be fractional), plus `cross_attention_flops` where `cross_visual` (visual tokens read
+    by cross-attention per layer; None or empty = none) is non-zero, with that layer's tokens as queries."""
     if len(tokens_per_layer) == 0:
         raise ValueError("tokens_per_layer is empty; give the token count of every decoder layer")
-    return sum(layer_flops(n, d, m, ffn_mats) for n in tokens_per_layer) / 1e12
+    total = sum(layer_flops(n, d, m, ffn_mats) for n in tokens_per_layer)
+    if cross_visual:
+        if len(cross_visual) != len(tokens_per_layer):
+            raise ValueError(f"cross_visual has {len(cross_visual)} layers, tokens_per_layer {len(tokens_per_layer)}")
+        _check_dims(d, m, ffn_mats)
+        total += sum(cross_attention_flops(n, v, d) for n, v in zip(tokens_per_layer, cross_visual))
+    return total / 1e12
 
 
 def kv_cache_bytes(tokens_per_layer: Sequence[float], num_kv_heads: int, head_dim: int, bytes_per_el: int) -> int:

@@ -53,7 +53,8 @@ def _record_stats(session, qid: str, stats) -> None:
     STATS[qid] = {
         "visual_tokens": float(stats.visual_tokens),
         "visual_tokens_kept": sum(kept) / max(len(kept), 1),
-        "tflops_prefill": prefill_tflops(stats.tokens_per_layer, adapter.hidden_size, adapter.intermediate_size),
+        "tflops_prefill": prefill_tflops(stats.tokens_per_layer, adapter.hidden_size, adapter.intermediate_size,
+                                         cross_visual=stats.visual_tokens_cross),
         "prefill_ms": float(stats.prefill_ms),
     }
 

@@ -30,6 +30,8 @@ class ForwardContext:
     # Per decoder layer: visual tokens and all tokens each row carried through that layer in the last prefill.
     visual_per_layer: list[torch.Tensor] = field(default_factory=list)
     tokens_per_layer: list[torch.Tensor] = field(default_factory=list)
+    # Per decoder layer: visual tokens each row read through a cross-attention block (VISOR); 0 elsewhere.
+    cross_per_layer: list[torch.Tensor] = field(default_factory=list)
     _on_prefill: dict[int, Callable[["ForwardContext"], None]] = field(default_factory=dict)
     _t0: float = 0.0
 
@@ -64,6 +66,9 @@ class ForwardContext:
         self.visual_per_layer[layer_idx] = visual
         self.tokens_per_layer[layer_idx] = tokens
 
+    def record_cross(self, layer_idx: int, visual: torch.Tensor) -> None:
+        self.cross_per_layer[layer_idx] = visual
+
     def start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         self.prefill = True
         self.image_mask = input_ids == self.image_token_id
@@ -78,6 +83,7 @@ class ForwardContext:
         self.image_counts = visual.tolist()
         self.visual_per_layer = [visual] * self.num_layers
         self.tokens_per_layer = [real] * self.num_layers
+        self.cross_per_layer = [torch.zeros_like(visual)] * self.num_layers
         for callback in list(self._on_prefill.values()):
             callback(self)
 

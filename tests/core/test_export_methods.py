@@ -88,3 +88,31 @@ def test_vflowopt_export_does_not_need_the_tuned_config_file(images, prompts, tm
         assert (config.vision_keep, config.merge_cell, config.llm_keep) == (0.5, 0.25, (0.5,))
     finally:
         reloaded.close()
+
+
+def test_visor_weights_travel_with_the_export(images, prompts, tmp_path):
+    from mmkit.pruning.visor import new_weights
+
+    session = mmkit.load("tiny-random")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        weights = new_weights(session, policy_width=8)
+    with torch.no_grad():  # open gates and a policy that always picks budget 2: a visible effect on the logits
+        for block in weights.blocks.values():
+            block.gate.fill_(1.0)
+        weights.policy.fc2.weight.zero_()
+        weights.policy.fc2.bias.copy_(torch.tensor([-9.0, 9.0, 9.0]))
+    plain = forward_logits(session, session.prepare(images, prompts))
+    session.close()
+    path = tmp_path / "visor.safetensors"
+    save_file(weights.state_tensors(), str(path))
+
+    reloaded, expected, _ = _round_trip(f"visor:weights={path}", images, prompts, tmp_path, path.unlink)
+    try:
+        assert expected.shape != plain.shape or not torch.equal(expected, plain)
+        assert reloaded.methods[0].impl.last_budgets == [2, 2, 2]
+        manifest = json.loads((tmp_path / "export" / "mmkit_config.json").read_text())
+        assert manifest["methods"][0]["state"].endswith(".safetensors")
+        assert str(path) not in json.dumps(manifest)
+    finally:
+        reloaded.close()
