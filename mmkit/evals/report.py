@@ -114,22 +114,26 @@ def report_table(runs: list[dict[str, Any]]) -> str:
             f"{'run':<{name_w}}  {'bench/split':<{where_w}} {'n':>5} {'seed':>4} "
             + " ".join(f"{h:>{w}}" for h, w in zip(heads, widths))
             + f" {'vis.tok':>7} {'kept':>7} {'TFLOPs':>8} {'xTFLOPs':>7} {'prefill_ms':>10} {'xprefill':>8}"
+            + f" {'answer_ms':>9} {'xanswer':>7}"
         )
         for r in group:
             eff = r["efficiency"]
             flop_ratio = _ratio(eff["tflops_prefill"], base["efficiency"]["tflops_prefill"]) if base else NAN
             time_ratio = _ratio(eff["prefill_ms"], base["efficiency"]["prefill_ms"]) if base else NAN
+            answer_ratio = _ratio(eff.get("answer_ms"), base["efficiency"].get("answer_ms")) if base else NAN
             metrics = " ".join(_fmt(_num(r["metrics"].get(c)), ".3f", w) for c, w in zip(cols, widths))
             seed = r.get("seed", "-")
             lines.append(
                 f"{label(r):<{name_w}}  {bench + '/' + split:<{where_w}} {r['n']:>5} {seed!s:>4} {metrics} "
                 f"{_fmt(_num(eff['visual_tokens']), '.0f', 7)} {_fmt(_num(eff['visual_tokens_kept']), '.1f', 7)} "
                 f"{_fmt(_num(eff['tflops_prefill']), '.4f', 8)} {_fmt(flop_ratio, '.2f', 7)} "
-                f"{_fmt(_num(eff['prefill_ms']), '.2f', 10)} {_fmt(time_ratio, '.2f', 8)}"
+                f"{_fmt(_num(eff['prefill_ms']), '.2f', 10)} {_fmt(time_ratio, '.2f', 8)} "
+                f"{_fmt(_num(eff.get('answer_ms')), '.2f', 9)} {_fmt(answer_ratio, '.2f', 7)}"
             )
         lines.append("")
     lines.append("kept = visual tokens per decoder layer (mean over layers and samples); TFLOPs = decoder prefill "
                  "FLOPs per sample from the tokens each layer kept; prefill_ms = prefill time per sample; "
+                 "answer_ms = whole generate call (all branches, prefill and decoding) per sample; "
                  "x = ratio to the block's baseline run")
     return "\n".join(lines)
 

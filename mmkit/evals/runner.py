@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -104,6 +105,10 @@ def efficiency(records: list[dict[str, Any]], hidden: int, intermediate: int, kv
         "visual_tokens_kept": sum(sum(r["visual_tokens_kept"]) / len(r["visual_tokens_kept"]) for r in records) / n,
         "tflops_prefill": sum(tflops) / n,
         "prefill_ms": sum(r["prefill_ms_batch"] / r["batch_size"] for r in records) / n,
+        # The whole answer: every branch of a multi-branch method, prefill and decoding (None for records
+        # written before this field existed).
+        "answer_ms": (sum(r["generate_ms_batch"] / r["batch_size"] for r in records) / n
+                      if records and all("generate_ms_batch" in r for r in records) else None),
         "peak_kv_bytes": int(max(kv) if kv else 0),
         "new_tokens": sum(r["new_tokens"] for r in records) / n,
     }
@@ -216,10 +221,12 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
         # The whole chunk is re-run so that sampled answers depend only on (seed, chunk), not on where a killed
         # run stopped; only records not already stored are kept.
         scenes = [generate_scene(world_seed, q.scene_index) for q in chunk]
+        started = time.perf_counter()
         results = session.generate(
             [s.image for s in scenes], [q.prompt for q in chunk], max_new_tokens=max_new_tokens,
             do_sample=decoding == "sample", seed=seed * 1_000_003 + chunk_idx,
         )
+        generate_ms = (time.perf_counter() - started) * 1000.0
         new_records = []
         for q, scene, res in zip(chunk, scenes, results):
             if q.qid in done:
@@ -230,7 +237,7 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
                 "visual_tokens": res.stats.visual_tokens, "visual_tokens_kept": res.stats.visual_tokens_kept,
                 "tokens_per_layer": res.stats.tokens_per_layer, "new_tokens": res.stats.new_tokens,
                 "visual_tokens_cross": res.stats.visual_tokens_cross,
-                "prefill_ms_batch": res.stats.prefill_ms, "batch_size": len(chunk),
+                "prefill_ms_batch": res.stats.prefill_ms, "generate_ms_batch": generate_ms, "batch_size": len(chunk),
             }
             new_records.append(record)
         if store is not None:

@@ -83,7 +83,7 @@ def _run(methods, f1, kept, tflops, ms, model="reference", bench="pope", split="
     return {"model": model, "bench": bench, "split": split, "methods": methods, "decoding": "greedy", "seed": 0,
             "world_seed": 1, "n": 10, "metrics": metrics,
             "efficiency": {"visual_tokens": 576, "visual_tokens_kept": kept, "tflops_prefill": tflops,
-                           "prefill_ms": ms, "peak_kv_bytes": 1}}
+                           "prefill_ms": ms, "answer_ms": 3 * ms, "peak_kv_bytes": 1}}
 
 
 def _row(table, name):
@@ -95,13 +95,13 @@ def test_report_table_ratios_to_baseline():
             _run(["fastv:keep=0.1"], 0.8, 120, 0.8, 30.0)]
     table = report_table(runs)
     header = next(line for line in table.splitlines() if line.startswith("run "))
-    for col in ("bench/split", "n", "f1", "kept", "TFLOPs", "xTFLOPs", "prefill_ms", "xprefill"):
+    for col in ("bench/split", "n", "f1", "kept", "TFLOPs", "xTFLOPs", "prefill_ms", "xprefill", "answer_ms", "xanswer"):
         assert col in header.split()
     base, quarter, tenth = _row(table, "baseline"), _row(table, "fastv:keep=0.25"), _row(table, "fastv:keep=0.1")
     assert "pope/random" in quarter
-    assert base.split()[-3:] == ["1.00", "40.00", "1.00"]
-    assert quarter.split()[-5:] == ["180.0", "1.0000", "0.50", "20.00", "0.50"]
-    assert tenth.split()[-3:] == ["0.40", "30.00", "0.75"]
+    assert base.split()[-5:] == ["1.00", "40.00", "1.00", "120.00", "1.00"]
+    assert quarter.split()[-7:] == ["180.0", "1.0000", "0.50", "20.00", "0.50", "60.00", "0.50"]
+    assert tenth.split()[-5:] == ["0.40", "30.00", "0.75", "90.00", "0.75"]
     assert "0.880" in quarter
 
 
@@ -109,7 +109,7 @@ def test_report_table_without_baseline_and_per_model_blocks():
     table = report_table([_run(["fastv:keep=0.25"], 0.88, 180, 1.0, 20.0),
                           _run([], 0.9, 576, 2.0, 40.0, model="other")])
     # The baseline of another model must not be used: the ratio columns show "-".
-    assert _row(table, "fastv:keep=0.25").split()[-3:] == ["-", "20.00", "-"]
+    assert _row(table, "fastv:keep=0.25").split()[-5:] == ["-", "20.00", "-", "60.00", "-"]
     assert "== reference" in table and "== other" in table
 
 

@@ -23,7 +23,7 @@ def test_two_process_eval_matches_one_process(tmp_path):
     merged = json.loads((tmp_path / "two" / "results.json").read_text())
     assert sorted(p.name for p in (tmp_path / "two").glob("samples*.jsonl")) == ["samples.rank0.jsonl",
                                                                                   "samples.rank1.jsonl"]
-    timing = {"prefill_ms"}
+    timing = {"prefill_ms", "answer_ms"}
     assert merged["metrics"] == single["metrics"]
     assert {k: v for k, v in merged["efficiency"].items() if k not in timing} == \
         {k: v for k, v in single["efficiency"].items() if k not in timing}

@@ -14,7 +14,8 @@ def test_eval_writes_results_and_resumes_exactly(tmp_path, session):
                      progress=False)
     assert first["n"] == 6 and set(first["metrics"]) >= {"accuracy", "precision", "recall", "f1", "yes_ratio"}
     assert set(first["efficiency"]) >= {"visual_tokens", "visual_tokens_kept", "tflops_prefill", "prefill_ms",
-                                        "peak_kv_bytes"}
+                                        "peak_kv_bytes", "answer_ms"}
+    assert first["efficiency"]["answer_ms"] >= first["efficiency"]["prefill_ms"] > 0
     lines = (out / "samples.jsonl").read_text().splitlines()
     # Simulate a kill after the first batch: keep 4 records and a torn fifth line.
     (out / "samples.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])
