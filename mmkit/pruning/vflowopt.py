@@ -48,6 +48,9 @@ from mmkit.registry import register_method
 
 logger = logging.getLogger(__name__)
 
+# Configurations tuned for the reference model (`mmkit tune vflowopt --samples 32 --trials 48 --seed 0`), by name.
+SHIPPED_TUNED = Path(__file__).resolve().parent.parent / "models" / "weights" / "vflowopt"
+
 # Fields a tuned configuration file sets.
 _TUNED_FIELDS = ("vision_keep", "threshold", "merge_cell", "entropy_weight", "llm_layers", "llm_keep")
 
@@ -72,7 +75,8 @@ class VFlowOptConfig:
     positions: Literal["original", "contiguous"] = field(default="original",
                                                          metadata={"help": "position ids of the kept tokens"})
     config: str = field(default="", metadata={"help": "JSON file written by `mmkit tune vflowopt` (sets the tuned "
-                                                      "fields)"})
+                                                      "fields), or a shipped one by name: reference-0.5, "
+                                                      "reference-0.25, reference-0.1"})
 
     def __post_init__(self):
         if self.config:
@@ -106,8 +110,12 @@ class VFlowOptConfig:
 
     def _load(self, path: str) -> None:
         file = Path(path)
+        if not file.is_file() and (SHIPPED_TUNED / f"{path}.json").is_file():
+            file = SHIPPED_TUNED / f"{path}.json"
         if not file.is_file():
-            raise ValueError(f"vflowopt config file {path!r} does not exist; create it with `mmkit tune vflowopt`")
+            shipped = ", ".join(sorted(p.stem for p in SHIPPED_TUNED.glob("*.json"))) or "none"
+            raise ValueError(f"vflowopt config file {path!r} does not exist; create it with `mmkit tune vflowopt` "
+                             f"or name a shipped one ({shipped})")
         try:
             data = json.loads(file.read_text())
         except (OSError, json.JSONDecodeError) as err:

@@ -6,7 +6,9 @@ from click.testing import CliRunner
 
 from conftest import forward_logits
 from mmkit.errors import MmkitError
+from mmkit.registry import parse_spec
 from mmkit.pruning.vflowopt import (
+    SHIPPED_TUNED,
     VFlowOptConfig,
     importance_scores,
     patch_entropy,
@@ -185,3 +187,11 @@ def test_tune_cli_writes_a_loadable_config(tmp_path):
     bad = CliRunner().invoke(main, ["tune", "vflowopt", "--model", "tiny-random", "--budget", "1.5", "--out",
                                     str(out), "--samples", "2", "--trials", "1", "--device", "cpu"])
     assert bad.exit_code == 2 and "budget must be in (0, 1]" in bad.output
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.25, 0.1])
+def test_shipped_tuned_configs_meet_their_budget(budget):
+    config = parse_spec(f"vflowopt:config=reference-{budget}")
+    document = json.loads((SHIPPED_TUNED / f"reference-{budget}.json").read_text())
+    assert document["model"] == "reference" and document["tuning"]["budget"] == budget
+    assert visual_share(config.vision_keep, config.llm_layers, config.llm_keep, 4) == pytest.approx(budget, abs=1e-6)
