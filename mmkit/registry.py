@@ -188,7 +188,8 @@ def build_config(info: MethodInfo, kwargs: dict[str, Any]) -> Any:
 def config_to_spec(config: Any) -> str:
     """Inverse of `parse_spec` for fields that differ from their defaults."""
     info = method_for_config(config)
-    default = info.config_cls()
+    # A config whose fields come from a file (vflowopt's tuned `config=`) names the file, not every value it set.
+    default = config.spec_baseline() if hasattr(config, "spec_baseline") else info.config_cls()
     parts = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)

@@ -136,6 +136,15 @@ class VFlowOptConfig:
                 raise ValueError(f"{name}={mine} conflicts with {value} from {path!r}; set one or the other")
             setattr(self, name, value)
 
+    def spec_baseline(self) -> "VFlowOptConfig":
+        """What a spec string is written against: the values of the tuned file when one is named (with an empty
+        `config`, so that the spec names the file)."""
+        if not self.config:
+            return VFlowOptConfig()
+        baseline = VFlowOptConfig(config=self.config)
+        baseline.config = ""
+        return baseline
+
     def stage_layers(self, num_layers: int) -> tuple[int, ...]:
         """The decoder layers of the LLM-side drops for a decoder of `num_layers` layers."""
         if self.llm_layers:

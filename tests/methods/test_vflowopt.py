@@ -195,3 +195,12 @@ def test_shipped_tuned_configs_meet_their_budget(budget):
     document = json.loads((SHIPPED_TUNED / f"reference-{budget}.json").read_text())
     assert document["model"] == "reference" and document["tuning"]["budget"] == budget
     assert visual_share(config.vision_keep, config.llm_layers, config.llm_keep, 4) == pytest.approx(budget, abs=1e-6)
+
+
+def test_spec_of_a_tuned_config_names_the_file():
+    from mmkit.registry import config_to_spec
+
+    config = parse_spec("vflowopt:config=reference-0.25")
+    assert config_to_spec(config) == "vflowopt:config=reference-0.25"
+    assert parse_spec(config_to_spec(config)) == config
+    assert config_to_spec(parse_spec("vflowopt:vision_keep=0.5")) == "vflowopt:vision_keep=0.5"
