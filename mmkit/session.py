@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -293,6 +294,25 @@ class Session:
             out = self.model(input_ids=step_ids, attention_mask=attention_mask, past_key_values=out.past_key_values,
                              use_cache=True, logits_to_keep=1)
         return torch.stack(tokens, dim=1)
+
+    def ground(self, images, query: str | Sequence[str] | None = None, sam=None, config=None) -> list:
+        """Find and segment objects with VL-SAM: the model's attention maps become Segment Anything prompts.
+
+        `query` None grounds every object the model lists, a phrase grounds it in every image, a list gives one
+        query per image. `sam` is a SAM checkpoint directory or hub id, a loaded backend, or None for the shipped
+        small SAM; `config` a `mmkit.grounding.vlsam.VLSAMConfig` (None: the preset for this model). Returns one
+        `GroundingResult` (detections with masks, boxes, labels, scores; the attention maps; call counts) per
+        image. See docs/grounding.md.
+        """
+        from mmkit.grounding.vlsam import default_sam, ground
+
+        if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
+            images = [images]
+        if sam is None or isinstance(sam, (str, os.PathLike)):
+            backend = default_sam(None if sam is None else str(sam), self.device)
+        else:
+            backend = sam
+        return ground(self, backend, list(images), query=query, config=config)
 
     # -- persistence -----------------------------------------------------------------------------------------
     def save_pretrained(self, out_dir, overwrite: bool = False):

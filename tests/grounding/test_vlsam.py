@@ -99,6 +99,16 @@ def test_ground_query_end_to_end(session, images, tiny_sam):
         ground(session, tiny_sam, images[:2], query=["cup"])
 
 
+def test_session_ground_matches_the_pipeline(session, images, tiny_sam_dir, tiny_sam):
+    cfg = VLSAMConfig(refine_steps=0, query_route="prompt")
+    direct = ground(session, tiny_sam, images[:2], query="cup", config=cfg)
+    via_session = session.ground(images[:2], query="cup", sam=tiny_sam_dir, config=cfg)
+    assert [[(d.label, d.box, d.score) for d in r.detections] for r in via_session] == \
+        [[(d.label, d.box, d.score) for d in r.detections] for r in direct]
+    (single,) = session.ground(images[0], query="cup", sam=tiny_sam, config=cfg)
+    assert [d.box for d in single.detections] == [d.box for d in direct[0].detections]
+
+
 def test_query_describe_first_falls_back_to_the_query_prompt(session, images, tiny_sam):
     # The random model's description does not mention a cup, so the query prompt is mapped after one generation.
     cfg = VLSAMConfig(max_new_tokens=4, refine_steps=0, query_route="describe_first")
