@@ -206,7 +206,7 @@ class VISORWeights(nn.Module):
             weights.load_state_dict(state)
         except RuntimeError:
             raise MmkitError(f"{where} does not hold a complete VISOR state; re-run `mmkit train-visor`") from None
-        return weights
+        return weights.eval().requires_grad_(False)  # loaded weights are for inference
 
 
 def model_fingerprint(model: torch.nn.Module) -> float:
