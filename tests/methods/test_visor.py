@@ -228,3 +228,45 @@ def test_tiny_training_is_deterministic_and_loads(session, images, prompts, tmp_
     handle = session.apply(f"visor:weights={outs[0]}")
     session.generate(images, prompts, max_new_tokens=3)
     assert all(1 <= k <= LAYERS for k in handle.impl.last_budgets)
+
+
+@pytest.mark.slow
+def test_reference_policy_batch_and_cache_consistency():
+    """Shipped weights on the reference model: policy budgets differ per row, a batch equals single calls and
+    cached greedy decoding equals a no-cache recompute."""
+    from mmkit.pruning.visor import SHIPPED_DIR, WEIGHTS_FILE
+    from mmkit.world.scenes import generate_scene
+
+    if not (SHIPPED_DIR / "reference" / WEIGHTS_FILE).is_file():
+        pytest.skip("no shipped VISOR weights in this checkout")
+    session = mmkit.load("reference", methods=["visor"], device="cpu")
+    try:
+        impl = session.methods[0].impl
+        scenes = [generate_scene(1, i) for i in range(3)]
+        prompts = ["Is there a cup in the image? Answer yes or no.", "How many objects are there?",
+                   "What color is the star?"]
+        images = [s.image for s in scenes]
+        inputs = session.prepare(images, prompts)
+        batched = last_logits(session, inputs)
+        budgets = impl.last_budgets
+        for i in range(3):
+            single = last_logits(session, session.prepare(images[i], prompts[i]))
+            assert impl.last_budgets == [budgets[i]]
+            assert torch.allclose(batched[i], single[0], atol=1e-4)
+        steps = 4
+        with torch.inference_mode():
+            cached = session.model.generate(**inputs, max_new_tokens=steps, do_sample=False,
+                                            pad_token_id=session.processor.tokenizer.pad_token_id)
+            seq, mask = inputs["input_ids"], inputs["attention_mask"]
+            for _ in range(steps):
+                logits = session.model(input_ids=seq, attention_mask=mask, pixel_values=inputs["pixel_values"],
+                                       use_cache=False).logits[:, -1]
+                seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        # generate pads rows after their end-of-sequence token and stops once every row has ended.
+        eos, start = session.processor.tokenizer.eos_token_id, inputs["input_ids"].shape[1]
+        for row_cached, row_seq in zip(cached[:, start:].tolist(), seq[:, start:].tolist()):
+            n = row_seq.index(eos) + 1 if eos in row_seq else len(row_seq)
+            assert row_cached[:n] == row_seq[:n]
+    finally:
+        session.close()
