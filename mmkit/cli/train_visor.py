@@ -11,17 +11,20 @@ DEFAULT_OUT = "runs/visor-weights"
 
 @click.command("train-visor")
 @model_option
-@click.option("--steps", default=500, show_default=True, type=click.IntRange(1),
-              help="Optimiser steps of the cross-attention blocks (one sampled budget per step).")
+@click.option("--steps", default=500, show_default=True, type=click.IntRange(0),
+              help="Optimiser steps of the cross-attention blocks (one sampled budget per step); 0 = keep the "
+                   "blocks of --init and fit only the policy.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Questions per step.")
 @click.option("--policy-samples", default=320, show_default=True, type=click.IntRange(2),
               help="Questions labelled for the budget policy.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Data order, budget draws and init.")
+@click.option("--init", default=None, type=click.Path(),
+              help="VISOR weights to start from (their blocks; the policy is always fit anew).")
 @click.option("--tiny", is_flag=True, help="Seconds-scale settings for tests and smoke runs (overrides the above).")
 @click.option("--out", "out_dir", default=DEFAULT_OUT, show_default=True, type=click.Path(file_okay=False),
               help="Directory for visor.safetensors and visor.json (files replaced atomically).")
 @device_option
-def train_visor(model, steps, batch_size, policy_samples, seed, tiny, out_dir, device):
+def train_visor(model, steps, batch_size, policy_samples, seed, init, tiny, out_dir, device):
     """Train one set of cross-attention blocks over all budgets, then the per-sample budget policy.
 
     Use the result with `--method visor:weights=OUT` (budget=K or budget=policy). Deterministic for a seed on CPU.
@@ -37,7 +40,7 @@ def train_visor(model, steps, batch_size, policy_samples, seed, tiny, out_dir, d
         cfg = VisorTrainConfig(**settings)
     except ValueError as err:
         raise MmkitError(str(err)) from None
-    _, report = run(model, cfg, out_dir=out_dir, device=device)
+    _, report = run(model, cfg, out_dir=out_dir, device=device, init=init)
     seconds = report["seconds"]
     click.echo(f"saved {out_dir}/visor.safetensors (blocks {seconds['blocks']} s, policy labels "
                f"{seconds['policy_labels']} s)")

@@ -62,8 +62,9 @@ class VisorTrainConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "policy_samples", "policy_steps", "policy_width", "max_new_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            low = 0 if name == "steps" else 1  # 0 steps: keep the blocks of `init` and fit only the policy
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         for name in ("lr", "policy_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -279,9 +280,16 @@ def _policy_metrics(policy, x: torch.Tensor, y: torch.Tensor, threshold: float =
 
 
 def train_visor(model: str = "reference", cfg: VisorTrainConfig | None = None, out_dir: str | os.PathLike | None = None,
-                device=None, session=None, progress: bool = True) -> tuple[VISORWeights, dict[str, Any]]:
-    """Train the blocks and the policy; with `out_dir`, write `visor.safetensors` and `visor.json` there."""
+                device=None, session=None, progress: bool = True,
+                init: str | os.PathLike | None = None) -> tuple[VISORWeights, dict[str, Any]]:
+    """Train the blocks and the policy; with `out_dir`, write `visor.safetensors` and `visor.json` there.
+
+    `init`: VISOR weights to start from (their blocks, a fresh policy); with `cfg.steps == 0` the blocks are kept as
+    they are and only the policy is labelled and fit.
+    """
     cfg = cfg or VisorTrainConfig()
+    if cfg.steps == 0 and init is None:
+        raise MmkitError("steps=0 keeps existing blocks: pass the weights to start from (--init)")
     own_session = session is None
     if own_session:
         import mmkit
@@ -296,10 +304,18 @@ def train_visor(model: str = "reference", cfg: VisorTrainConfig | None = None, o
     session.model.requires_grad_(False)
     try:
         weights = new_weights(session, cfg.policy_width).to(session.device)
+        if init is not None:
+            from mmkit.pruning.visor import check_weights_match, load_weights
+
+            start = load_weights(init, session.source or model)
+            check_weights_match(start, session, f"from {init}")
+            weights.blocks.load_state_dict(start.blocks.state_dict())
+            weights.blocks.requires_grad_(True)
         if session.dtype != torch.float32:
             raise MmkitError("train VISOR in float32 (load the model without --dtype)")
         t0 = time.perf_counter()
-        blocks = train_blocks(session, weights, cfg, progress)
+        blocks = train_blocks(session, weights, cfg, progress) if cfg.steps else \
+            {"log": [], "gates": {l: torch.tanh(b.gate.detach()).item() for l, b in weights.blocks.items()}}
         t1 = time.perf_counter()
         data = label_policy(session, weights, cfg, progress)
         t2 = time.perf_counter()
@@ -318,6 +334,7 @@ def train_visor(model: str = "reference", cfg: VisorTrainConfig | None = None, o
         "hidden_size": weights.hidden_size,
         "num_layers": weights.num_layers,
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "init": None if init is None else str(init),
         "blocks": {
             "gates_tanh": blocks["gates"],
             "final_ce_by_budget": {str(k): _mean([r["ce"] for r in tail if r["budget"] == k])

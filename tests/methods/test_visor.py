@@ -270,3 +270,19 @@ def test_reference_policy_batch_and_cache_consistency():
             assert row_cached[:n] == row_seq[:n]
     finally:
         session.close()
+
+
+@pytest.mark.slow
+def test_policy_only_training_keeps_the_blocks(tmp_path):
+    from mmkit.cli import main
+
+    runner = CliRunner()
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert runner.invoke(main, ["train-visor", "--model", "tiny-random", "--tiny", "--out", str(first)]).exit_code == 0
+    result = runner.invoke(main, ["train-visor", "--model", "tiny-random", "--steps", "0", "--policy-samples", "8",
+                                  "--batch-size", "4", "--init", str(first), "--out", str(second)])
+    assert result.exit_code == 0, result.output
+    a, b = load_weights(first).state_tensors(), load_weights(second).state_tensors()
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("blocks."))
+    result = runner.invoke(main, ["train-visor", "--model", "tiny-random", "--steps", "0", "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "--init" in result.output
