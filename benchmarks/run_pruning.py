@@ -5,7 +5,7 @@ measured in the same run (same process, same machine, same questions).
 
 POPE (three splits) and VQA at keep ratios of 50 / 25 / 10 %, DyVTE and VISOR at their own operating points.
 Resumable: finished runs are reused (each run directory is an `mmkit eval` output directory); the report is
-rewritten after every block.
+rewritten after every block, keeping a final section headed "Reading the numbers".
 """
 
 from __future__ import annotations
@@ -166,7 +166,14 @@ def write_report(args, done) -> None:
         lines.append(report_table(runs))
     lines += ["```", "", "![Pareto](img/pruning-pareto.png)", ""]
     plot_pareto([r for t, _, _, runs in done if t == "main" for r in runs], Path("benchmarks/img/pruning-pareto.png"))
-    atomic_write_text("benchmarks/pruning.md", "\n".join(lines) + "\n")
+    path = Path("benchmarks/pruning.md")
+    analysis = ""  # the hand-written reading of the numbers is kept across reruns
+    if path.exists() and ANALYSIS in path.read_text():
+        analysis = "\n" + path.read_text()[path.read_text().index(ANALYSIS):]
+    atomic_write_text(path, "\n".join(lines) + "\n" + analysis)
+
+
+ANALYSIS = "## Reading the numbers"
 
 
 if __name__ == "__main__":
