@@ -151,6 +151,9 @@ class VARHandle:
         self._first_row = 0
         # Image-centric (row, head) pairs edited since the last prefill, per layer (for inspection and tests).
         self.edited: dict[int, torch.Tensor] = {}
+        # Sink tokens found per edited layer at the last prefill, summed over the batch (for inspection).
+        self.sink_tokens: dict[int, int] = {}
+        self._warned_no_sinks = False
         self._acquired = False
         if config.p == 1.0 and not force_override:
             logger.info("var with p = 1 is a no-op; the model is left unchanged")
@@ -170,6 +173,7 @@ class VARHandle:
     def _reset(self, ctx) -> None:
         self._sinks = {}
         self.edited = {}
+        self.sink_tokens = {}
         image = ctx.image_mask
         self._rows = None
         if image is None:
@@ -198,12 +202,26 @@ class VARHandle:
                 if valid is not None and valid.shape == flags.shape:
                     flags &= valid
                 self._sinks[layer] = _LayerSinks(dims, [flags])
+                self.sink_tokens[layer] = int(flags.sum())  # one host read per edited layer and prefill
+                if layer == self.layers[-1]:
+                    self._check_sinks(output.shape[-1])
             elif layer in self._sinks:
                 state = self._sinks[layer]
                 state.flags.append(sink_flags(output, state.dims, self.config.tau))
             return None
 
         return hook
+
+    def _check_sinks(self, hidden: int) -> None:
+        """Say so, once, when a prefill finds no sink token in any edited layer: VAR then changes nothing."""
+        if any(self.sink_tokens.values()) or self._warned_no_sinks:
+            return
+        self._warned_no_sinks = True
+        dims = "/".join(map(str, self.config.dims)) or f"the {self.config.num_dims} largest of {hidden}"
+        logger.warning("var: no sink tokens (|RMSNorm(h)| > tau=%g on dims %s) in layers %s of this prompt, so the "
+                       "attention is left unchanged; this model may have no massive activations (set tau below "
+                       "its outlier magnitude, or pass its massive dims with dims=...)", self.config.tau, dims,
+                       self.layers)
 
     def _attend(self, module, query, key, value, attention_mask, **kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward

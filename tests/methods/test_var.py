@@ -44,12 +44,25 @@ def test_redistribution_changes_logits_and_remove_restores_exactly(session, imag
     assert session.model.config.text_config._attn_implementation == "sdpa"
 
 
-def test_no_sinks_means_no_change(session, images, prompts):
-    """A tau no activation reaches finds no sinks: nothing moves (up to the explicit softmax's rounding)."""
+def test_no_sinks_means_no_change_and_says_so(session, images, prompts, caplog):
+    """A tau no activation reaches finds no sinks: nothing moves (up to the explicit softmax's rounding), and the
+    handle warns once that it changed nothing."""
     inputs = session.prepare(images, prompts)
     base = forward_logits(session, inputs)
-    session.apply("var:start_layer=1,tau=1000")
-    assert torch.allclose(forward_logits(session, inputs), base, atol=1e-5)
+    handle = session.apply("var:start_layer=1,tau=1000")
+    with caplog.at_level("WARNING", logger="mmkit.hallucination.var"):
+        out = forward_logits(session, inputs)
+        forward_logits(session, inputs)
+    assert torch.allclose(out, base, atol=1e-5)
+    assert handle.impl.sink_tokens == {1: 0, 2: 0}
+    warnings = [r for r in caplog.records if "no sink tokens" in r.getMessage()]
+    assert len(warnings) == 1 and "tau=1000" in warnings[0].getMessage()
+    handle.remove()
+    with caplog.at_level("WARNING", logger="mmkit.hallucination.var"):
+        handle = session.apply(ON)
+        forward_logits(session, inputs)
+    assert all(n > 0 for n in handle.impl.sink_tokens.values())
+    assert len([r for r in caplog.records if "no sink tokens" in r.getMessage()]) == 1
 
 
 def test_last_row_mode_leaves_earlier_positions_alone(session, images, prompts):
