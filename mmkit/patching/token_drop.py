@@ -71,6 +71,20 @@ def keep_top_visual(scores: torch.Tensor, image_mask: torch.Tensor, keep_counts:
     return Selection(keep=keep, valid=None if uniform else slot_ok)
 
 
+def layer_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer's forward pre-hook (with_kwargs=True) receives, positional or keyword."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_layer_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """(args, kwargs) for a pre-hook to return, with `hidden` in place of the layer's hidden states."""
+    if args:
+        return (hidden,) + tuple(args[1:]), kwargs
+    kwargs = dict(kwargs)
+    kwargs["hidden_states"] = hidden
+    return args, kwargs
+
+
 class TokenDropper:
     """Pre-hooks on decoder layers that drop tokens per a schedule; `remove()` detaches everything."""
 
@@ -115,7 +129,7 @@ class TokenDropper:
     # -- hooks -------------------------------------------------------------------------------------------------
     def _make_hook(self, layer_idx: int):
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = layer_hidden(args, kwargs)
             if self.ctx.prefill:
                 hidden = self._prefill_drop(layer_idx, hidden)
                 kwargs = self._slice_prefill_kwargs(kwargs, layer_idx)
@@ -125,11 +139,7 @@ class TokenDropper:
                 self.index, self.valid = self.index_at(layer_idx)
                 if self.index is not None:
                     kwargs = self._slice_decode_kwargs(kwargs, hidden.shape[1], layer_idx)
-            if args:
-                args = (hidden,) + tuple(args[1:])
-            else:
-                kwargs["hidden_states"] = hidden
-            return args, kwargs
+            return with_layer_hidden(args, kwargs, hidden)
 
         return hook
 

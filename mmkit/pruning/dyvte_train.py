@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from mmkit.errors import MmkitError
-from mmkit.patching.token_drop import TokenDropper, keep_top_visual
+from mmkit.patching.token_drop import TokenDropper, keep_top_visual, layer_hidden
 from mmkit.pruning.dyvte import GATES_FILE, GATES_INFO, ExitGates, gate_features, model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def label_batch(session, scenes_questions: list, layers: tuple[int, ...], cfg: G
     def make_hook(layer_idx):
         def hook(module, args, kwargs):
             if ctx.prefill:
-                hidden = args[0] if args else kwargs["hidden_states"]
+                hidden = layer_hidden(args, kwargs)
                 real = ctx.attention_mask.bool() if ctx.attention_mask is not None else None
                 feats[layer_idx] = gate_features(hidden, ctx.image_mask, real).cpu()
             return None

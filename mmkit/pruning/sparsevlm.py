@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mmkit.patching.token_drop import Selection, TokenDropper, keep_top_visual
+from mmkit.patching.token_drop import Selection, TokenDropper, keep_top_visual, layer_hidden, with_layer_hidden
 from mmkit.registry import register_method
 
 PAPER_LAYERS_32 = (2, 6, 15)  # scoring layers of the official code, for a 32-layer decoder
@@ -196,7 +196,7 @@ class SparseVLMHandle:
     def _find_raters(self, module, args, kwargs):
         if not self._ctx.prefill:
             return None
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = layer_hidden(args, kwargs)
         attention_mask = self._ctx.attention_mask
         raters = text_raters(hidden, self._ctx.image_mask.to(hidden.device),
                              None if attention_mask is None else attention_mask.to(hidden.device))
@@ -309,16 +309,12 @@ class SparseVLMHandle:
             if pending is None:
                 return None
             position, values, ok = pending
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = layer_hidden(args, kwargs)
             rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(position)
             # Out of place: the dropper's gathered tensor is not shared, but a copy keeps that an implementation
             # detail of the dropper rather than an assumption here.
             hidden = hidden.index_put((rows[ok], position[ok]), values[ok])
-            if args:
-                return (hidden,) + tuple(args[1:]), kwargs
-            kwargs = dict(kwargs)
-            kwargs["hidden_states"] = hidden
-            return args, kwargs
+            return with_layer_hidden(args, kwargs, hidden)
 
         return write
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from mmkit.errors import MmkitError
-from mmkit.patching.token_drop import Selection, TokenDropper, keep_top_visual
+from mmkit.patching.token_drop import Selection, TokenDropper, keep_top_visual, layer_hidden, with_layer_hidden
 from mmkit.registry import register_method
 
 logger = logging.getLogger(__name__)
@@ -424,7 +424,7 @@ class VISORHandle:
             if self._budget is None or layer_idx not in self._kv:
                 return None  # no row reads the image by cross-attention at this layer
             active = (self._budget <= layer_idx) & (self._n_visual > 0)
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = layer_hidden(args, kwargs)
             k, v = self._kv[layer_idx]
             # Rows without visual keys get one (zero) key so attention never softmaxes over nothing.
             key_ok = self._key_ok.clone()
@@ -435,11 +435,7 @@ class VISORHandle:
             hidden = hidden + update * active[:, None, None].to(hidden.dtype)
             if self._ctx.prefill:
                 self._ctx.record_cross(layer_idx, torch.where(active, self._n_visual, 0))
-            if args:
-                return (hidden,) + tuple(args[1:]), kwargs
-            kwargs = dict(kwargs)
-            kwargs["hidden_states"] = hidden
-            return args, kwargs
+            return with_layer_hidden(args, kwargs, hidden)
 
         return hook
 

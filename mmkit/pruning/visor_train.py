@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from mmkit.errors import MmkitError
+from mmkit.patching.token_drop import layer_hidden
 from mmkit.pruning.dyvte_train import _answer_scores, _answer_tokens, _save_atomic, _teacher_forced_inputs
 from mmkit.pruning.visor import (
     WEIGHTS_FILE, WEIGHTS_INFO, VISORConfig, VISORHandle, VISORWeights, new_weights, text_features,
@@ -191,7 +192,7 @@ def label_policy(session, weights: VISORWeights, cfg: VisorTrainConfig, progress
 
     def capture(module, args, kwargs):
         if ctx.prefill:
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = layer_hidden(args, kwargs)
             real = ctx.attention_mask.bool() if ctx.attention_mask is not None else None
             feats.append(text_features(hidden, ctx.image_mask, real).cpu())
         return None

@@ -148,11 +148,8 @@ def test_batch_equals_single_runs_at_fixed_budget(session, images, prompts, tmp_
     assert [r.text for r in batched] == [r.text for r in singles]
 
 
-def test_cached_generation_equals_no_cache_recompute(session, images, prompts, tmp_path):
-    path = write(random_weights(session, seed=3, gate=2.0), tmp_path / "w.safetensors")
-    handle = session.apply(f"visor:weights={path},budget=1")
-    inputs = session.prepare(images, prompts)
-    steps = 5
+def cached_and_recomputed(session, inputs, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy `generate` with the KV cache, and the same greedy tokens recomputed without a cache each step."""
     with torch.inference_mode():
         cached = session.model.generate(**inputs, max_new_tokens=steps, do_sample=False,
                                         pad_token_id=session.processor.tokenizer.pad_token_id)
@@ -162,6 +159,14 @@ def test_cached_generation_equals_no_cache_recompute(session, images, prompts, t
                                    use_cache=False).logits[:, -1]
             seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return cached, seq
+
+
+def test_cached_generation_equals_no_cache_recompute(session, images, prompts, tmp_path):
+    path = write(random_weights(session, seed=3, gate=2.0), tmp_path / "w.safetensors")
+    handle = session.apply(f"visor:weights={path},budget=1")
+    inputs = session.prepare(images, prompts)
+    cached, seq = cached_and_recomputed(session, inputs, steps=5)
     assert torch.equal(cached, seq)
     assert handle.impl.last_budgets == [1, 1, 1]
 
@@ -253,16 +258,7 @@ def test_reference_policy_batch_and_cache_consistency():
             single = last_logits(session, session.prepare(images[i], prompts[i]))
             assert impl.last_budgets == [budgets[i]]
             assert torch.allclose(batched[i], single[0], atol=1e-4)
-        steps = 4
-        with torch.inference_mode():
-            cached = session.model.generate(**inputs, max_new_tokens=steps, do_sample=False,
-                                            pad_token_id=session.processor.tokenizer.pad_token_id)
-            seq, mask = inputs["input_ids"], inputs["attention_mask"]
-            for _ in range(steps):
-                logits = session.model(input_ids=seq, attention_mask=mask, pixel_values=inputs["pixel_values"],
-                                       use_cache=False).logits[:, -1]
-                seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        cached, seq = cached_and_recomputed(session, inputs, steps=4)
         # generate pads rows after their end-of-sequence token and stops once every row has ended.
         eos, start = session.processor.tokenizer.eos_token_id, inputs["input_ids"].shape[1]
         for row_cached, row_seq in zip(cached[:, start:].tolist(), seq[:, start:].tolist()):
