@@ -17,16 +17,81 @@ from mmkit.errors import MmkitError
 
 MMKIT_CONFIG = "mmkit_config.json"
 FORMAT_VERSION = 1
+REMOTE_CODE_FILE = "modeling_mmkit.py"
+# The remote-code class of each supported architecture (what `auto_map` names in an export's config.json).
+REMOTE_CLASSES = {"LlavaForConditionalGeneration": "MmkitLlavaForConditionalGeneration",
+                  "LlavaNextForConditionalGeneration": "MmkitLlavaNextForConditionalGeneration"}
+
+# Written into an export made with remote_code=True: plain transformers loads it with trust_remote_code=True and
+# the exported methods come back attached to the model, so `model.generate` runs with them.
+_REMOTE_CODE = '''"""Remote code of an mmkit export: `AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)`
+loads the model with plain transformers and re-attaches the methods in mmkit_config.json (scoped hooks on this
+instance), so `model.generate(**processor(...))` runs with them. Needs the mmkit-vlm package; `model.mmkit_session`
+is the session that owns the hooks (`model.mmkit_session.close()` detaches them)."""
+
+from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
 
-def save_session(session, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write the session's model, processor, method configs and learned method state to `out_dir`."""
+def _attach(model, source):
+    try:
+        from mmkit.export import attach_exported_methods
+    except ImportError as err:
+        raise ImportError("this model was exported by mmkit with methods that run inside its forward; "
+                          "`pip install mmkit-vlm` to load it with trust_remote_code=True") from err
+    return attach_exported_methods(model, source)
+
+
+class MmkitLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return _attach(model, pretrained_model_name_or_path)
+
+
+class MmkitLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return _attach(model, pretrained_model_name_or_path)
+
+
+def _share_checkpoint_layout():
+    # transformers renames checkpoint keys per class; remote-code classes get no renaming unless registered, and
+    # these are the stock classes' layouts.
+    from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                 register_checkpoint_conversion_mapping)
+
+    for cls, model_type in ((MmkitLlavaForConditionalGeneration, "llava"),
+                            (MmkitLlavaNextForConditionalGeneration, "llava_next")):
+        mapping = get_checkpoint_conversion_mapping(model_type)
+        if mapping:
+            register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)
+
+
+_share_checkpoint_layout()
+'''
+
+
+def save_session(session, out_dir: str | os.PathLike, overwrite: bool = False, remote_code: bool = False) -> Path:
+    """Write the session's model, processor, method configs and learned method state to `out_dir`.
+
+    remote_code: also write `modeling_mmkit.py` and an `auto_map` in config.json, so that plain transformers
+    (`AutoModelForImageTextToText.from_pretrained(out_dir, trust_remote_code=True)`) loads the model with its methods
+    attached and `model.generate` runs them. Every method whose effect lives in the model's forward supports this;
+    methods that add decoding branches (VCD, AGLA, VHR) run in `Session.generate` only and are refused.
+    """
     from safetensors.torch import save_file
 
     from mmkit import __version__
     from mmkit.registry import config_to_dict
 
     out = Path(out_dir)
+    if remote_code:
+        # Methods in the "logit_branches" slot combine several forwards per step in Session.generate.
+        branched = [h.spec for h in session.methods if "logit_branches" in h.info.slots]
+        if branched:
+            raise MmkitError(f"{', '.join(branched)} decode with extra branches inside Session.generate, which plain "
+                             "transformers' generate does not run; export them without --remote-code")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise MmkitError(f"{out} exists and is not empty; pick a new --out directory")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -45,8 +110,14 @@ def save_session(session, out_dir: str | os.PathLike, overwrite: bool = False) -
                 entry["state"] = filename
             methods.append(entry)
         manifest = {"format": FORMAT_VERSION, "mmkit_version": __version__, "base_model": session.source,
-                    "text_attn_implementation_at_export": attn, "methods": methods}
+                    "text_attn_implementation_at_export": attn, "methods": methods, "remote_code": remote_code}
         (tmp / MMKIT_CONFIG).write_text(json.dumps(manifest, indent=2))
+        if remote_code:
+            (tmp / REMOTE_CODE_FILE).write_text(_REMOTE_CODE)
+            config = json.loads((tmp / "config.json").read_text())
+            name = REMOTE_CLASSES[session.adapter.architecture]
+            config["auto_map"] = {"AutoModelForImageTextToText": f"{REMOTE_CODE_FILE[:-3]}.{name}"}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -85,3 +156,29 @@ def apply_manifest(session, directory: Path, manifest: dict[str, Any]) -> None:
             if not hasattr(handle.impl, "load_state"):
                 raise MmkitError(f"method {entry['method']} in {directory} has saved state but cannot load it")
             handle.impl.load_state(load_file(str(Path(directory) / entry["state"]), device=str(session.device)))
+
+
+def attach_exported_methods(model, source):
+    """Re-attach an export's methods to a model that plain transformers loaded from it (the remote-code path).
+
+    Returns the model; `model.mmkit_session` is the session owning the hooks (kept alive by the model).
+    """
+    from transformers import AutoProcessor
+    from transformers.utils import cached_file
+
+    from mmkit.session import Session
+
+    manifest_file = cached_file(str(source), MMKIT_CONFIG)
+    directory = Path(manifest_file).parent
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise MmkitError(f"{source} has no {MMKIT_CONFIG}; it is not an mmkit export")
+    for entry in manifest["methods"]:
+        if entry.get("state"):
+            cached_file(str(source), entry["state"])  # a hub export's state files land beside the manifest
+    processor = AutoProcessor.from_pretrained(str(source))
+    processor.tokenizer.padding_side = "left"
+    session = Session(model.eval(), processor, source=str(source))
+    apply_manifest(session, directory, manifest)
+    model.mmkit_session = session
+    return model

@@ -315,11 +315,12 @@ class Session:
         return ground(self, backend, list(images), query=query, config=config)
 
     # -- persistence -----------------------------------------------------------------------------------------
-    def save_pretrained(self, out_dir, overwrite: bool = False):
-        """Export model, processor and methods (with learned/tuned state); `mmkit.load(out_dir)` reproduces it."""
+    def save_pretrained(self, out_dir, overwrite: bool = False, remote_code: bool = False):
+        """Export model, processor and methods (with learned/tuned state); `mmkit.load(out_dir)` reproduces it.
+        `remote_code=True` also lets plain transformers load it with `trust_remote_code=True`, methods attached."""
         from mmkit.export import save_session
 
-        return save_session(self, out_dir, overwrite=overwrite)
+        return save_session(self, out_dir, overwrite=overwrite, remote_code=remote_code)
 
     def describe(self) -> dict[str, Any]:
         cfg = self.model.config

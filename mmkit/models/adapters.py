@@ -23,7 +23,7 @@ class LlavaAdapter:
 
     @property
     def architecture(self) -> str:
-        return type(self.model).__name__
+        return next(c.__name__ for c in type(self.model).__mro__ if c.__name__ in SUPPORTED_ARCHITECTURES)
 
     @property
     def config(self):
@@ -98,9 +98,9 @@ class LlavaAdapter:
 
 def adapter_for(model: torch.nn.Module) -> LlavaAdapter:
     """The adapter for a loaded model, or a clear error naming the supported architectures."""
-    name = type(model).__name__
-    if name not in SUPPORTED_ARCHITECTURES:
+    # A subclass of a supported class (an export's remote-code class) is that architecture.
+    if not any(cls.__name__ in SUPPORTED_ARCHITECTURES for cls in type(model).__mro__):
         raise UnsupportedModelError(
-            f"{name} is not supported; mmkit supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{type(model).__name__} is not supported; mmkit supports {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     return LlavaAdapter(model)

@@ -53,3 +53,50 @@ def test_export_cli(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cli" / "mmkit_config.json").is_file()
     assert (tmp_path / "cli" / "config.json").is_file()
+    assert not (tmp_path / "cli" / "modeling_mmkit.py").exists()
+    result = CliRunner().invoke(main, ["export", "--model", "tiny-random", "--method", "visionzip:keep=0.25",
+                                       "--remote-code", "--out", str(tmp_path / "remote")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "remote" / "modeling_mmkit.py").is_file()
+    refused = CliRunner().invoke(main, ["export", "--model", "tiny-random", "--method", "agla", "--remote-code",
+                                        "--out", str(tmp_path / "agla")])
+    assert refused.exit_code == 2 and "without --remote-code" in refused.output
+
+
+@pytest.mark.parametrize("spec", ["visionzip:keep=0.25", "vflowopt:vision_keep=0.5", "fastv:layer=2,keep=0.25"])
+def test_remote_code_export_runs_with_plain_transformers(tmp_path, images, prompts, spec):
+    """`AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)` gets the methods attached: the
+    same logits as the exporting session, and plain `generate` gives the session's answers."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    session = mmkit.load("tiny-random", methods=[spec])
+    inputs = session.prepare(images, prompts)
+    expected = forward_logits(session, inputs)
+    texts = [r.text for r in session.generate(images, prompts, max_new_tokens=4)]
+    session.save_pretrained(tmp_path / "export", remote_code=True)
+    session.close()
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModelForImageTextToText": "modeling_mmkit.MmkitLlavaForConditionalGeneration"}
+
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(tmp_path / "export")
+    assert [h.spec for h in model.mmkit_session.methods] == [spec.replace("layer=2,", "")]
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs).logits, expected)
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False,
+                             pad_token_id=processor.tokenizer.pad_token_id)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    eos = processor.tokenizer.eos_token_id
+    plain = [processor.tokenizer.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True).strip()
+             for row in new.tolist()]
+    assert plain == texts
+    # mmkit.load ignores the remote code and reproduces the export as before.
+    reloaded = mmkit.load(str(tmp_path / "export"))
+    assert torch.equal(forward_logits(reloaded, reloaded.prepare(images, prompts)), expected)
+
+
+def test_remote_code_export_refuses_branched_methods(tmp_path):
+    session = mmkit.load("tiny-random", methods=["vcd"])
+    with pytest.raises(MmkitError, match="without --remote-code"):
+        session.save_pretrained(tmp_path / "export", remote_code=True)
+    assert not (tmp_path / "export").exists()
