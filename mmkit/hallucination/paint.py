@@ -24,9 +24,10 @@ multiplicative factor on the unnormalised attention (the official z + alpha |z| 
 magnitude and sign), and `rows="text"` edits every text row after the image (prompt and generated tokens) where
 `rows="last"` edits only the current token, as the official code does with its KV cache.
 
-The layers run the `mmkit` attention backend with an override that calls SDPA with the additive per-head bias
-(exact softmax of the modified scores; query rows processed in chunks so one chunk's bias is materialised at a
-time, rows before the first edited one go through plain SDPA). alpha = beta = 1 is a no-op: nothing is installed
+The layers run the `mmkit` attention backend with an override: on CUDA (the kernel dispatcher's Triton pick)
+`mmkit.kernels.scaled_attention`, FlexAttention with the per-head bias as a score_mod; elsewhere SDPA with the
+additive per-head bias (exact softmax of the modified scores; query rows processed in chunks so one chunk's bias is
+materialised at a time, rows before the first edited one go through plain SDPA). alpha = beta = 1 is a no-op: nothing is installed
 and the logits are bit-identical to the baseline. Sensitivities: `sensitivity=<file>` loads a safetensors file
 written by `head_sensitivity.save`; empty runs the built-in calibration (8 reference-world scenes x 4 prompts).
 
@@ -180,12 +181,28 @@ def full_bool_mask(attention_mask: torch.Tensor | None, batch: int, q_len: int, 
 def biased_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                 key_bias: torch.Tensor, row_mask: torch.Tensor | None, first_row: int = 0, **kwargs) -> torch.Tensor:
     """SDPA with `key_bias` (B, H, Lk) added to the pre-softmax scores of the rows in `row_mask` (B, Lq) (all rows
-    if None). Rows before `first_row` carry no bias and run plain SDPA. Returns (B, Lq, H, D)."""
+    if None). Rows before `first_row` carry no bias and run plain SDPA. Returns (B, Lq, H, D).
+
+    Where the kernel dispatcher picks Triton (CUDA), the biased rows run `mmkit.kernels.scaled_attention`
+    (FlexAttention with the bias as a score_mod: no score matrix stored); elsewhere SDPA with the bias as an
+    additive mask, a chunk of rows at a time."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from mmkit.kernels.dispatch import choose_backend
 
     batch, heads, q_len, _ = query.shape
     k_len = key.shape[2]
     mask = full_bool_mask(attention_mask, batch, q_len, k_len, query.device)
+    if query.is_cuda and choose_backend(query, "scaled_attention") == "triton":
+        from mmkit.kernels import scaled_attention
+
+        rows = row_mask if row_mask is not None else torch.ones(batch, q_len, dtype=torch.bool, device=query.device)
+        rows = rows.clone()
+        rows[:, :first_row] = False
+        scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+        out = scaled_attention(query, key, value, scaling=scaling, attn_mask=mask, row_mask=rows,
+                               key_bias=key_bias.float())
+        return out.transpose(1, 2).contiguous()
     key_bias = key_bias.to(query.dtype)
     outputs = []
     if first_row > 0:

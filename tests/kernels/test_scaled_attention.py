@@ -114,3 +114,64 @@ def test_gpu_flex_matches_reference(monkeypatch, shape, dtype):
         same = scaled_attention_ref(q, k, v, compute_dtype=dtype, **kw).double()
         err, torch_err = (out.double() - exact).abs().max().item(), (same - exact).abs().max().item()
         assert err <= 2 * torch_err + 1e-5 * math.sqrt(d), (err, torch_err)
+
+
+def _key_bias(b=2, h=4, lk=21, seed=1):
+    """A per-head, per-key log-scale over two key sets (PAINT's local and summary tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    local = torch.zeros(b, lk, dtype=torch.bool)
+    local[:, 3:8] = True
+    summary = torch.zeros(b, lk, dtype=torch.bool)
+    summary[:, 9:11] = True
+    alpha, beta = 1 + torch.rand(h, generator=g), 1 + 0.5 * torch.rand(h, generator=g)
+    return local[:, None] * alpha.log()[None, :, None] + summary[:, None] * beta.log()[None, :, None]
+
+
+def test_key_bias_matches_paint_biased_sdpa_and_the_single_set_form():
+    from types import SimpleNamespace
+
+    from mmkit.hallucination.paint import biased_sdpa
+
+    q, k, v, rows, keys, alpha, scaling = make()
+    bias = _key_bias()
+    out = scaled_attention(q, k, v, scaling=scaling, row_mask=rows, key_bias=bias)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    expected = biased_sdpa(module, q, k, v, None, bias, rows, scaling=scaling)
+    assert torch.allclose(out.transpose(1, 2), expected, atol=1e-5)
+    # One key set with one factor per head is the key_mask / head_scale form.
+    single = keys[:, None, :] * alpha.log()[None, :, None]
+    assert torch.allclose(scaled_attention(q, k, v, scaling=scaling, row_mask=rows, key_bias=single),
+                          scaled_attention(q, k, v, scaling=scaling, row_mask=rows, key_mask=keys, head_scale=alpha),
+                          atol=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        scaled_attention(q, k, v, scaling=scaling, key_mask=keys, key_bias=bias)
+    with pytest.raises(ValueError, match="key_bias must be float"):
+        scaled_attention(q, k, v, scaling=scaling, key_bias=bias[:, :2])
+
+
+@pytest.mark.slow  # FlexAttention's first call on CPU sets up its tracing machinery
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_key_bias_mod_matches_reference_on_cpu():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from mmkit.kernels.score_mod.flex_impl import scaled_attention_flex
+
+    q, k, v, rows, _, _, scaling = make()
+    bias = _key_bias()
+    out = scaled_attention_flex(q, k, v, scaling=scaling, allowed=None, boost=None, log_scale=None, compiled=False,
+                                key_bias=(rows, bias))
+    ref = scaled_attention_ref(q, k, v, scaling=scaling, row_mask=rows, key_bias=bias)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_flex_key_bias_matches_reference(monkeypatch, dtype):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, rows, _, _, scaling = make(dtype=dtype, device="cuda")
+    bias = _key_bias().cuda()
+    out = scaled_attention(q, k, v, scaling=scaling, row_mask=rows, key_bias=bias)
+    exact = scaled_attention_ref(q, k, v, scaling=scaling, row_mask=rows, key_bias=bias,
+                                 compute_dtype=torch.float64).double()
+    same = scaled_attention_ref(q, k, v, scaling=scaling, row_mask=rows, key_bias=bias, compute_dtype=dtype).double()
+    err, torch_err = (out.double() - exact).abs().max().item(), (same - exact).abs().max().item()
+    assert err <= 2 * torch_err + 1e-5 * math.sqrt(q.shape[-1]), (err, torch_err)

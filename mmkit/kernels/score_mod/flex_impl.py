@@ -21,9 +21,11 @@ def _compiled_flex():
 
 def scaled_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float,
                           allowed: torch.Tensor | None, boost: tuple[torch.Tensor, torch.Tensor] | None,
-                          log_scale: torch.Tensor | None, compiled: bool = True) -> torch.Tensor:
+                          log_scale: torch.Tensor | None, compiled: bool = True,
+                          key_bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q (B, H, Lq, D), k/v (B, Hkv, Lk, D); allowed (B|1, 1, Lq, Lk) bool or None = causal (bottom-right);
-    boost = (row_mask (B, Lq), key_mask (B, Lk)) bool; log_scale (H,) float32 or None."""
+    boost = (row_mask (B, Lq), key_mask (B, Lk)) bool; log_scale (H,) float32 or None; key_bias = (row_mask
+    (B, Lq) bool, bias (B, H, Lk) float32) added on those rows (instead of boost/log_scale)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     batch, heads, q_len, _ = q.shape
@@ -48,6 +50,11 @@ def scaled_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
 
         def score_mod(score, b, h, qi, ki):
             return score + torch.where(rows[b, qi] & keys[b, ki], log_scale[h], 0.0)
+    elif key_bias is not None:
+        bias_rows, bias = key_bias
+
+        def score_mod(score, b, h, qi, ki):
+            return score + torch.where(bias_rows[b, qi], bias[b, h, ki], 0.0)
 
     fn = _compiled_flex() if compiled else flex_attention
     return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scaling,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mmkit.kernels.dispatch import choose_backend
-from mmkit.kernels.score_mod.ref import check_and_prepare, scaled_attention_ref
+from mmkit.kernels.score_mod.ref import check_and_prepare, check_key_bias, scaled_attention_ref
 
 OP_NAME = "scaled_attention"
 
@@ -13,7 +13,8 @@ OP_NAME = "scaled_attention"
 def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float,
                      attn_mask: torch.Tensor | None = None, row_mask: torch.Tensor | None = None,
                      key_mask: torch.Tensor | None = None,
-                     head_scale: torch.Tensor | float | None = None) -> torch.Tensor:
+                     head_scale: torch.Tensor | float | None = None,
+                     key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Attention whose selected (query row, key) logits get + log(alpha_h), i.e. their weight times alpha_h.
 
     This is PAINT-style head modulation: for query rows in `row_mask` and keys in `key_mask`, head h's
@@ -28,12 +29,16 @@ def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scali
         key_mask: (B, Lk) bool, the keys to boost (e.g. chosen visual tokens); None = all keys.
         head_scale: alpha per head, an (H,) tensor or one float, alpha > 0 (0 removes the pairs; a negative
             alpha gives NaN); None = plain attention.
+        key_bias: instead of key_mask/head_scale, a (B, H, Lk) float log-scale per head and key added to the
+            logits of the `row_mask` rows (several key sets with their own per-head factors, as PAINT's local and
+            summary tokens).
 
     Returns:
         (B, H, Lq, D) in q's dtype. Rows with no allowed key give zeros. On CUDA (Triton backend) this is a
         compiled FlexAttention kernel that never stores the (Lq, Lk) scores; the first call per shape compiles.
     """
     allowed, log_scale = check_and_prepare(q, k, v, attn_mask, row_mask, key_mask, head_scale)
+    bias = check_key_bias(q, k, key_bias, key_mask, head_scale)
     if choose_backend(q, OP_NAME) == "triton" and q.is_cuda:
         from mmkit.kernels.score_mod.flex_impl import scaled_attention_flex
 
@@ -43,7 +48,9 @@ def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scali
             boost = (row_mask if row_mask is not None else torch.ones(batch, q_len, dtype=torch.bool, device=q.device),
                      key_mask if key_mask is not None else torch.ones(batch, k.shape[2], dtype=torch.bool,
                                                                       device=q.device))
-        return scaled_attention_flex(q, k, v, scaling=scaling, allowed=allowed, boost=boost, log_scale=log_scale)
+        rows = row_mask if row_mask is not None else torch.ones(batch, q_len, dtype=torch.bool, device=q.device)
+        return scaled_attention_flex(q, k, v, scaling=scaling, allowed=allowed, boost=boost, log_scale=log_scale,
+                                     key_bias=None if bias is None else (rows, bias))
     # CPU (also under TRITON_INTERPRET=1: compiling FlexAttention for CPU takes minutes) and the torch override.
     return scaled_attention_ref(q, k, v, scaling=scaling, attn_mask=attn_mask, row_mask=row_mask,
-                                key_mask=key_mask, head_scale=head_scale)
+                                key_mask=key_mask, head_scale=head_scale, key_bias=key_bias)

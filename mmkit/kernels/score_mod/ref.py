@@ -46,6 +46,20 @@ def check_and_prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_ma
     return allowed, log_scale
 
 
+def check_key_bias(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor | None, key_mask, head_scale
+                   ) -> torch.Tensor | None:
+    """Validate a per-(row, head, key) additive log-scale `key_bias` (B, H, Lk); it replaces key_mask/head_scale."""
+    if key_bias is None:
+        return None
+    if key_mask is not None or head_scale is not None:
+        raise ValueError("give key_bias or key_mask/head_scale, not both")
+    batch, heads = q.shape[:2]
+    if not key_bias.is_floating_point() or key_bias.shape != (batch, heads, k.shape[2]):
+        raise ValueError(f"key_bias must be float ({batch}, {heads}, {k.shape[2]}); got {key_bias.dtype} "
+                         f"{tuple(key_bias.shape)}")
+    return key_bias.float()
+
+
 def boost_mask(q_len: int, k_len: int, batch: int, device, row_mask, key_mask) -> torch.Tensor:
     """(B, Lq, Lk) bool: the (row, key) pairs whose logits get log(alpha_h)."""
     rows = row_mask if row_mask is not None else torch.ones(batch, q_len, dtype=torch.bool, device=device)
@@ -56,12 +70,14 @@ def boost_mask(q_len: int, k_len: int, batch: int, device, row_mask, key_mask) -
 def scaled_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float,
                          attn_mask: torch.Tensor | None = None, row_mask: torch.Tensor | None = None,
                          key_mask: torch.Tensor | None = None, head_scale: torch.Tensor | float | None = None,
+                         key_bias: torch.Tensor | None = None,
                          compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Reference: softmax(q kᵀ · scaling + log(alpha_h) on boosted pairs, masked) · v, in `compute_dtype`.
 
     Same arguments as `scaled_attention`; rows with no allowed key give zeros.
     """
     allowed, log_scale = check_and_prepare(q, k, v, attn_mask, row_mask, key_mask, head_scale)
+    key_bias = check_key_bias(q, k, key_bias, key_mask, head_scale)
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[2]
     group = heads // k.shape[1]
@@ -72,6 +88,9 @@ def scaled_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, s
     if log_scale is not None:
         boost = boost_mask(q_len, k_len, batch, q.device, row_mask, key_mask)[:, None]
         scores = scores + torch.where(boost, log_scale.to(scores.dtype)[None, :, None, None], 0.0)
+    if key_bias is not None:
+        rows = row_mask if row_mask is not None else torch.ones(batch, q_len, dtype=torch.bool, device=q.device)
+        scores = scores + torch.where(rows[:, None, :, None], key_bias.to(scores.dtype)[:, :, None, :], 0.0)
     if allowed is None:  # causal, bottom-right aligned (query i sits at position Lk - Lq + i)
         allowed = (torch.arange(k_len, device=q.device)[None, :]
                    <= torch.arange(k_len - q_len, k_len, device=q.device)[:, None])[None, None]
