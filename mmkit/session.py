@@ -308,11 +308,7 @@ class Session:
 
         if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
             images = [images]
-        if sam is None or isinstance(sam, (str, os.PathLike)):
-            backend = default_sam(None if sam is None else str(sam), self.device)
-        else:
-            backend = sam
-        return ground(self, backend, list(images), query=query, config=config)
+        return ground(self, default_sam(sam, self.device), list(images), query=query, config=config)
 
     # -- persistence -----------------------------------------------------------------------------------------
     def save_pretrained(self, out_dir, overwrite: bool = False, remote_code: bool = False):

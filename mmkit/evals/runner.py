@@ -114,15 +114,12 @@ def efficiency(records: list[dict[str, Any]], hidden: int, intermediate: int, kv
     }
 
 
-def ground_efficiency(records: list[dict[str, Any]], visual_tokens: int) -> dict[str, Any]:
-    """Cost of the ground bench per image: the pipeline makes several LVLM and SAM calls per image, so per-sample
-    prefill figures do not apply (None); calls, prompts and wall seconds per image are measured instead."""
-    scenes = {r["scene_index"]: r for r in records}.values()
-    n = max(len(scenes), 1)
-    per_image = {k: sum(r[f"image_{k}"] for r in scenes) / n
-                 for k in ("lvlm_calls", "lvlm_sequences", "sam_calls", "sam_prompts", "seconds")}
+def ground_efficiency(metrics: dict[str, Any], visual_tokens: int) -> dict[str, Any]:
+    """Cost of the ground bench per image, from its metrics: the pipeline makes several LVLM and SAM calls per
+    image, so per-sample prefill figures do not apply (None); calls, prompts and wall seconds per image do."""
+    per_image = [f"{k}_per_image" for k in ("lvlm_calls", "lvlm_sequences", "sam_calls", "sam_prompts", "seconds")]
     return {"visual_tokens": visual_tokens, "visual_tokens_kept": None, "tflops_prefill": None, "prefill_ms": None,
-            "peak_kv_bytes": None, **{f"{k}_per_image": v for k, v in per_image.items()}}
+            "peak_kv_bytes": None, **{k: metrics[k] for k in per_image}}
 
 
 def run_eval(model: str = "reference", bench: str = "pope", split: str | None = None, methods: Sequence = (),
@@ -194,7 +191,6 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
             done |= store.done() if other.name == store.path.name else ResumableJsonl(other).done()
     records: list[dict[str, Any]] = [] if store is None else list(store.records())
 
-    from mmkit.world.scenes import generate_scene
     from tqdm import tqdm
 
     if bench == "ground":  # a batch is `batch_size` scenes with all of their questions
@@ -209,37 +205,14 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
         todo = [q for q in chunk if q.qid not in done]
         if not todo:
             continue
+        # The whole chunk is re-run so that sampled answers depend only on (seed, chunk), not on where a killed
+        # run stopped; only records not already stored are kept.
         if bench == "ground":
             new_records = [r for r in ground_scene_records(session, sam_backend, chunk, world_seed, mode=ground_mode)
                            if r["qid"] not in done]
-            if store is not None:
-                store.append(new_records)
-            records.extend(new_records)
-            done.update(r["qid"] for r in new_records)
-            bar.update(len(new_records))
-            continue
-        # The whole chunk is re-run so that sampled answers depend only on (seed, chunk), not on where a killed
-        # run stopped; only records not already stored are kept.
-        scenes = [generate_scene(world_seed, q.scene_index) for q in chunk]
-        started = time.perf_counter()
-        results = session.generate(
-            [s.image for s in scenes], [q.prompt for q in chunk], max_new_tokens=max_new_tokens,
-            do_sample=decoding == "sample", seed=seed * 1_000_003 + chunk_idx,
-        )
-        generate_ms = (time.perf_counter() - started) * 1000.0
-        new_records = []
-        for q, scene, res in zip(chunk, scenes, results):
-            if q.qid in done:
-                continue
-            record = {
-                "qid": q.qid, "scene_index": q.scene_index, "kind": q.kind, "split": q.split, "prompt": q.prompt,
-                "answer": q.answer, "text": res.text, **_score(bench, q, res.text, scene),
-                "visual_tokens": res.stats.visual_tokens, "visual_tokens_kept": res.stats.visual_tokens_kept,
-                "tokens_per_layer": res.stats.tokens_per_layer, "new_tokens": res.stats.new_tokens,
-                "visual_tokens_cross": res.stats.visual_tokens_cross,
-                "prefill_ms_batch": res.stats.prefill_ms, "generate_ms_batch": generate_ms, "batch_size": len(chunk),
-            }
-            new_records.append(record)
+        else:
+            new_records = _answer_records(session, bench, chunk, chunk_idx, done, world_seed, max_new_tokens,
+                                          decoding, seed)
         if store is not None:
             store.append(new_records)
         records.extend(new_records)
@@ -255,6 +228,7 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
         records = _merged_records(out, questions)
     adapter = session.adapter
     bytes_per_el = torch.finfo(session.dtype).bits // 8
+    metrics = aggregate(bench, records)
     result = {
         "version": RESULT_VERSION,
         **{k: settings[k] for k in ("model", "bench", "split", "methods", "decoding", "seed", "world_seed")},
@@ -262,8 +236,8 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
         "batch_size": batch_size,
         "device": str(session.device),
         "dtype": str(session.dtype).replace("torch.", ""),
-        "metrics": aggregate(bench, records),
-        "efficiency": (ground_efficiency(records, session.describe()["visual_tokens"]) if bench == "ground" else
+        "metrics": metrics,
+        "efficiency": (ground_efficiency(metrics, session.describe()["visual_tokens"]) if bench == "ground" else
                        efficiency(records, adapter.hidden_size, adapter.intermediate_size, adapter.num_kv_heads,
                                   adapter.head_dim, bytes_per_el)),
     }
@@ -272,6 +246,28 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
     if out is not None:
         atomic_write_json(out / "results.json", result)
     return result
+
+
+def _answer_records(session, bench: str, chunk: list, chunk_idx: int, done: set[str], world_seed: int,
+                    max_new_tokens: int, decoding: str, seed: int) -> list[dict[str, Any]]:
+    """Generate the chunk's answers in one batch; one scored record per question not in `done`."""
+    from mmkit.world.scenes import generate_scene
+
+    scenes = [generate_scene(world_seed, q.scene_index) for q in chunk]
+    started = time.perf_counter()
+    results = session.generate(
+        [s.image for s in scenes], [q.prompt for q in chunk], max_new_tokens=max_new_tokens,
+        do_sample=decoding == "sample", seed=seed * 1_000_003 + chunk_idx,
+    )
+    generate_ms = (time.perf_counter() - started) * 1000.0
+    return [{
+        "qid": q.qid, "scene_index": q.scene_index, "kind": q.kind, "split": q.split, "prompt": q.prompt,
+        "answer": q.answer, "text": res.text, **_score(bench, q, res.text, scene),
+        "visual_tokens": res.stats.visual_tokens, "visual_tokens_kept": res.stats.visual_tokens_kept,
+        "tokens_per_layer": res.stats.tokens_per_layer, "new_tokens": res.stats.new_tokens,
+        "visual_tokens_cross": res.stats.visual_tokens_cross,
+        "prefill_ms_batch": res.stats.prefill_ms, "generate_ms_batch": generate_ms, "batch_size": len(chunk),
+    } for q, scene, res in zip(chunk, scenes, results) if q.qid not in done]
 
 
 class _Group:

@@ -45,8 +45,7 @@ def run_ground_bench(session, questions: Sequence, world_seed: int, sam=None, co
     from mmkit.grounding.vlsam import default_sam
 
     check_ground_args(questions, mode, batch_images)
-    if sam is None or isinstance(sam, str):
-        sam = default_sam(sam, session.device)
+    sam = default_sam(sam, session.device)
     chunks = scene_chunks(questions, batch_images)
     records: list[dict[str, Any]] = []
     start_time = time.perf_counter()

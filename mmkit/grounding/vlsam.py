@@ -16,6 +16,7 @@ Pipeline per batch of images (each step batched over images, views, questions an
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -481,10 +482,14 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
 _SAM_CACHE: dict[tuple[str, str], Any] = {}
 
 
-def default_sam(source: str | None, device) -> Any:
-    """A SAM backend for `source` on `device`, loaded once per process (None = the shipped small SAM)."""
+def default_sam(source, device) -> Any:
+    """A SAM backend for `source` on `device`: a checkpoint directory or hub id (str or path), loaded once per
+    process; None = the shipped small SAM; anything else is taken as an already loaded backend and returned."""
     from mmkit.grounding.sam_backend import SHIPPED_NAME, load_sam
 
+    if source is not None and not isinstance(source, (str, os.PathLike)):
+        return source
+    source = None if source is None else str(source)
     key = (source or SHIPPED_NAME, str(device))
     if key not in _SAM_CACHE:
         _SAM_CACHE[key] = load_sam(source, device=device)
@@ -495,6 +500,4 @@ def ground_image(session, image, query: str | None = None, sam=None,
                  config: VLSAMConfig | None = None) -> GroundingResult:
     """Ground one image (every listed object, or `query`) with `session`'s LVLM and a SAM backend: `sam` may be a
     `SamBackend`, a checkpoint directory / hub id, or None for the shipped small SAM."""
-    if sam is None or isinstance(sam, str):
-        sam = default_sam(sam, session.device)
-    return ground(session, sam, [image], query=query, config=config)[0]
+    return ground(session, default_sam(sam, session.device), [image], query=query, config=config)[0]

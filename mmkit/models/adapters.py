@@ -23,7 +23,7 @@ class LlavaAdapter:
 
     @property
     def architecture(self) -> str:
-        return next(c.__name__ for c in type(self.model).__mro__ if c.__name__ in SUPPORTED_ARCHITECTURES)
+        return supported_base(self.model)
 
     @property
     def config(self):
@@ -96,10 +96,15 @@ class LlavaAdapter:
         return spans
 
 
+def supported_base(model: torch.nn.Module) -> str | None:
+    """The supported architecture `model` is, by class or by base class (an export's remote-code class
+    subclasses the stock one), or None."""
+    return next((c.__name__ for c in type(model).__mro__ if c.__name__ in SUPPORTED_ARCHITECTURES), None)
+
+
 def adapter_for(model: torch.nn.Module) -> LlavaAdapter:
     """The adapter for a loaded model, or a clear error naming the supported architectures."""
-    # A subclass of a supported class (an export's remote-code class) is that architecture.
-    if not any(cls.__name__ in SUPPORTED_ARCHITECTURES for cls in type(model).__mro__):
+    if supported_base(model) is None:
         raise UnsupportedModelError(
             f"{type(model).__name__} is not supported; mmkit supports {', '.join(SUPPORTED_ARCHITECTURES)}"
         )

@@ -43,12 +43,11 @@ def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scali
         from mmkit.kernels.score_mod.flex_impl import scaled_attention_flex
 
         batch, _, q_len, _ = q.shape
+        rows = row_mask if row_mask is not None else torch.ones(batch, q_len, dtype=torch.bool, device=q.device)
         boost = None
         if log_scale is not None:
-            boost = (row_mask if row_mask is not None else torch.ones(batch, q_len, dtype=torch.bool, device=q.device),
-                     key_mask if key_mask is not None else torch.ones(batch, k.shape[2], dtype=torch.bool,
-                                                                      device=q.device))
-        rows = row_mask if row_mask is not None else torch.ones(batch, q_len, dtype=torch.bool, device=q.device)
+            boost = (rows, key_mask if key_mask is not None else torch.ones(batch, k.shape[2], dtype=torch.bool,
+                                                                            device=q.device))
         return scaled_attention_flex(q, k, v, scaling=scaling, allowed=allowed, boost=boost, log_scale=log_scale,
                                      key_bias=None if bias is None else (rows, bias))
     # CPU (also under TRITON_INTERPRET=1: compiling FlexAttention for CPU takes minutes) and the torch override.
