@@ -28,8 +28,9 @@ The layers run the `mmkit` attention backend with an override: on CUDA (the kern
 `mmkit.kernels.scaled_attention`, FlexAttention with the per-head bias as a score_mod; elsewhere SDPA with the
 additive per-head bias (exact softmax of the modified scores; query rows processed in chunks so one chunk's bias is
 materialised at a time, rows before the first edited one go through plain SDPA). alpha = beta = 1 is a no-op:
-nothing is installed and the logits are bit-identical to the baseline. Sensitivities: `sensitivity=<file>` loads a safetensors file
-written by `head_sensitivity.save`; empty runs the built-in calibration (8 reference-world scenes x 4 prompts).
+nothing is installed and the logits are bit-identical to the baseline. Sensitivities: `sensitivity=<file>` loads a
+safetensors file written by `head_sensitivity.save`; empty runs the built-in calibration (8 reference-world scenes
+x 4 prompts).
 
 Supported: LLaVA-1.5 layout (`LlavaForConditionalGeneration`, one vision feature layer). Not combinable with
 methods that change the token sequence (LLM-side or vision-side token dropping): the chosen tokens are located by
