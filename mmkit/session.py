@@ -13,6 +13,7 @@ import torch
 from mmkit.errors import MmkitError
 from mmkit.images import load_image
 from mmkit.models.adapters import adapter_for
+from mmkit.models.families import refusal
 from mmkit.patching.attention import TextAttentionSwitch
 from mmkit.patching.context import ForwardContext, install_context_hooks
 from mmkit.registry import MethodInfo, config_to_spec, get_method, method_for_config, parse_spec
@@ -96,7 +97,8 @@ class Session:
         self.processor = processor
         self.source = source
         self.adapter = adapter_for(model)
-        self.context = ForwardContext(num_layers=self.adapter.num_layers, image_token_id=self.adapter.image_token_id)
+        self.context = ForwardContext(num_layers=self.adapter.num_layers, image_token_id=self.adapter.image_token_id,
+                                      first_droppable_layer=self.adapter.first_droppable_layer)
         self.text_attention = TextAttentionSwitch(model, self.adapter.language_model)
         self._hooks = install_context_hooks(model, self.context)
         self._handles: list[MethodHandle] = []
@@ -110,6 +112,9 @@ class Session:
         """Apply a method given as a spec string (`"fastv:layer=2,keep=0.25"`) or a config object."""
         config = parse_spec(spec) if isinstance(spec, str) else spec
         info = method_for_config(config)
+        refused = refusal(self.adapter.family, info.name)
+        if refused:
+            raise MmkitError(refused)
         for active in self._handles:
             shared = info.slots & active.info.slots
             if shared:
@@ -325,10 +330,14 @@ class Session:
         patch = getattr(cfg.vision_config, "patch_size", None)
         return {
             "source": self.source,
+            "family": self.adapter.family.name,
             "architecture": self.adapter.architecture,
             "image_token_id": self.adapter.image_token_id,
             "image_token": getattr(self.processor, "image_token", "<image>"),
-            "visual_tokens": _visual_tokens(cfg, image_size, patch),
+            "visual_layout": self.adapter.family.visual_layout,
+            "visual_tokens": _visual_tokens(cfg, image_size, patch, self.processor),
+            "attn_implementation": self.adapter.attn_implementation,
+            "attn_per_layer": _attention_placement(self),
             "image_size": image_size,
             "patch_size": patch,
             "vision_feature_layer": layer,
@@ -337,6 +346,7 @@ class Session:
             "hidden_size": self.adapter.hidden_size,
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),
+            "device_map": _device_placement(self.model),
             "prompt_layout": self.chat_prompt("{prompt}"),
             "methods": [h.spec for h in self._handles],
         }
@@ -353,13 +363,43 @@ def _top_p_probs(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
 
 
-def _visual_tokens(cfg, image_size, patch):
-    if not image_size or not patch:
+# Image sizes `mmkit info` reports visual-token counts for (the reference world draws 336 px squares).
+_INFO_IMAGE_SIZES = ((336, 336), (336, 504), (672, 672))
+
+
+def _visual_tokens(cfg, image_size, patch, processor=None):
+    """Visual tokens per image: a number for fixed-grid models; for models whose count depends on the image size,
+    the count the processor gives a few sizes (H x W px)."""
+    if type(cfg).__name__ in ("LlavaNextConfig", "LlavaOnevisionConfig") or not image_size:
+        counter = getattr(processor, "_get_num_multimodal_tokens", None)
+        try:
+            counts = counter(image_sizes=[list(s) for s in _INFO_IMAGE_SIZES])["num_image_tokens"]
+        except Exception:  # a processor without the count API: say it varies rather than guess
+            return "varies with image size"
+        return "varies with image size: " + ", ".join(
+            f"{int(n)} at {h}x{w}" for (h, w), n in zip(_INFO_IMAGE_SIZES, counts))
+    if not patch:
         return None
-    if type(cfg).__name__ == "LlavaNextConfig":
-        return "varies with image size (anyres tiling)"
     n = (image_size // patch) ** 2
     return n if cfg.vision_feature_select_strategy == "default" else n + 1
+
+
+def _attention_placement(session) -> str:
+    """Which attention implementation runs on which decoder layers: the loaded one on layers no method edits, the
+    mmkit backend where methods observe or replace attention."""
+    text = session.adapter.attn_implementation
+    vision = getattr(getattr(session.model.config, "vision_config", None), "_attn_implementation", None)
+    switch = session.text_attention
+    if switch.count:
+        text = f"mmkit backend around {switch.original} (methods observe or replace attention)"
+    return f"decoder layers 0-{session.adapter.num_layers - 1}: {text}; vision tower: {vision}"
+
+
+def _device_placement(model) -> str | None:
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return None
+    return ", ".join(f"{name or 'model'}={dev}" for name, dev in device_map.items())
 
 
 def _as_lists(images, prompts):
@@ -378,14 +418,20 @@ def _as_lists(images, prompts):
     return images, prompts
 
 
-def load(model: str, methods: Sequence | None = None, device=None, dtype=None) -> Session:
-    """Load a LLaVA-family model (hub id, local directory, or built-in `tiny-random` / `reference`) and apply
-    `methods` (spec strings or config objects) in order."""
+def load(model: str, methods: Sequence | None = None, device=None, dtype=None, attn_implementation: str | None = None,
+         device_map=None, quantization_config=None) -> Session:
+    """Load a supported LVLM (hub id, local directory, or a built-in name such as `tiny-random`,
+    `tiny-random-qwen2.5-vl` or `reference`) and apply `methods` (spec strings or config objects) in order.
+
+    `attn_implementation` ("sdpa", "eager", "flex_attention", "flash_attention_2"), `device_map` (accelerate's
+    placement, e.g. "auto" or a dict) and `quantization_config` are passed to `from_pretrained` unchanged."""
     from mmkit.models.loading import load_model_and_processor
 
     from mmkit.export import apply_manifest, read_manifest
 
-    hf_model, processor, source = load_model_and_processor(model, device=device, dtype=dtype)
+    hf_model, processor, source = load_model_and_processor(
+        model, device=device, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map,
+        quantization_config=quantization_config)
     session = Session(hf_model, processor, source)
     manifest = read_manifest(Path(model)) if isinstance(model, str) and Path(model).is_dir() else None
     if manifest is not None:

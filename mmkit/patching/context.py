@@ -22,6 +22,8 @@ _PREFILL_FIELDS = ("image_mask", "attention_mask", "image_counts")
 class ForwardContext:
     num_layers: int
     image_token_id: int
+    # Decoder layers before this one must see the whole sequence (see `TokenDropper`); set from the model family.
+    first_droppable_layer: int = 1
     prefill: bool = False
     image_mask: torch.Tensor | None = None          # (B, n) bool, positions of image tokens in the prefill
     image_counts: list[int] = field(default_factory=list)  # image tokens per row, on the host

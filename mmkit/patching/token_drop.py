@@ -91,9 +91,13 @@ class TokenDropper:
     def __init__(self, ctx: ForwardContext, layers: torch.nn.ModuleList, schedule: dict[int, Selector]):
         if not schedule:
             raise ValueError("a TokenDropper needs at least one drop layer")
-        if min(schedule) < 1 or max(schedule) >= len(layers):
-            # Layer 0 must stay whole: the decoder sizes its masks from layer 0's cache.
-            raise ValueError(f"drop layers must be in [1, {len(layers) - 1}], got {sorted(schedule)}")
+        first = max(1, ctx.first_droppable_layer)
+        if min(schedule) < first or max(schedule) >= len(layers):
+            # Layer 0 must stay whole: the decoder sizes its masks from layer 0's cache. (Family handling: Qwen3-VL
+            # adds DeepStack features at the original image positions after its first layers, so those stay whole.)
+            why = "" if first == 1 else (f" (this model adds DeepStack visual features after decoder layers "
+                                         f"0-{first - 1}, at the original image positions)")
+            raise ValueError(f"drop layers must be in [{first}, {len(layers) - 1}], got {sorted(schedule)}{why}")
         self.ctx = ctx
         self.schedule = dict(schedule)
         self.first = min(schedule)
