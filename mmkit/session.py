@@ -14,6 +14,7 @@ from mmkit.errors import MmkitError
 from mmkit.images import load_image
 from mmkit.models.adapters import adapter_for
 from mmkit.models.families import refusal
+from mmkit.models.family_inputs import decode_position_ids, fix_branch_inputs
 from mmkit.patching.attention import TextAttentionSwitch
 from mmkit.patching.context import ForwardContext, install_context_hooks
 from mmkit.registry import MethodInfo, config_to_spec, get_method, method_for_config, parse_spec
@@ -250,7 +251,7 @@ class Session:
         inputs = self.prepare(images, prompts)
         brancher = self._brancher()
         if brancher is not None:
-            out = self.model(**brancher.expand_inputs(self, inputs), logits_to_keep=1, use_cache=False)
+            out = self.model(**self.expand_branches(brancher, inputs), logits_to_keep=1, use_cache=False)
             logits = brancher.combine_logits(out.logits[:, -1, :].float())
         else:
             logits = self.model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
@@ -269,9 +270,14 @@ class Session:
         branchers = [h.impl for h in self._handles if hasattr(h.impl, "combine_logits")]
         return branchers[0] if branchers else None
 
+    def expand_branches(self, brancher, inputs: dict) -> dict:
+        """The brancher's k * B input rows, with the family's per-row inputs (Qwen-VL's `mm_token_type_ids`)
+        re-derived from the rows' image tokens."""
+        return fix_branch_inputs(self.adapter, brancher.expand_inputs(self, inputs))
+
     def _branched_generate(self, brancher, inputs, max_new_tokens, do_sample, temperature, top_p, seed):
         tokenizer = self.processor.tokenizer
-        expanded = brancher.expand_inputs(self, inputs)
+        expanded = self.expand_branches(brancher, inputs)
         batch = inputs["input_ids"].shape[0]
         k = expanded["input_ids"].shape[0] // batch
         generator = None
@@ -297,7 +303,8 @@ class Session:
             step_ids = nxt.repeat(k)[:, None]
             attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=1)
             out = self.model(input_ids=step_ids, attention_mask=attention_mask, past_key_values=out.past_key_values,
-                             use_cache=True, logits_to_keep=1)
+                             position_ids=decode_position_ids(self.adapter, attention_mask), use_cache=True,
+                             logits_to_keep=1)
         return torch.stack(tokens, dim=1)
 
     def ground(self, images, query: str | Sequence[str] | None = None, sam=None, config=None) -> list:

@@ -159,7 +159,7 @@ def _build_class():
                 inputs = dict(inputs, input_ids=torch.cat([inputs["input_ids"], extra], 1), attention_mask=attention)
                 brancher = session._brancher()
                 if brancher is not None:
-                    logits = session.model(**brancher.expand_inputs(session, inputs), use_cache=False).logits
+                    logits = session.model(**session.expand_branches(brancher, inputs), use_cache=False).logits
                     steps = [brancher.combine_logits(logits[:, n_ctx - 1 + t, :].float()) for t in range(width)]
                     logits = torch.stack(steps, 1)
                 else:
