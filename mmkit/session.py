@@ -425,20 +425,22 @@ def _as_lists(images, prompts):
     return images, prompts
 
 
-def load(model: str, methods: Sequence | None = None, device=None, dtype=None, attn_implementation: str | None = None,
-         device_map=None, quantization_config=None) -> Session:
+def load(model: str, methods: Sequence | None = None, device=None, dtype=None,
+         attn_implementation: str | dict | None = None, device_map=None, quantization_config=None,
+         offload_folder=None) -> Session:
     """Load a supported LVLM (hub id, local directory, or a built-in name such as `tiny-random`,
     `tiny-random-qwen2.5-vl` or `reference`) and apply `methods` (spec strings or config objects) in order.
 
     `attn_implementation` ("sdpa", "eager", "flex_attention", "flash_attention_2"), `device_map` (accelerate's
-    placement, e.g. "auto" or a dict) and `quantization_config` are passed to `from_pretrained` unchanged."""
+    placement, e.g. "auto" or a dict), `quantization_config` and `offload_folder` are passed to `from_pretrained`
+    unchanged."""
     from mmkit.models.loading import load_model_and_processor
 
     from mmkit.export import apply_manifest, read_manifest
 
     hf_model, processor, source = load_model_and_processor(
         model, device=device, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map,
-        quantization_config=quantization_config)
+        quantization_config=quantization_config, offload_folder=offload_folder)
     session = Session(hf_model, processor, source)
     manifest = read_manifest(Path(model)) if isinstance(model, str) and Path(model).is_dir() else None
     if manifest is not None:

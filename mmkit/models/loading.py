@@ -47,18 +47,20 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") != 1
 
 
-def load_model_and_processor(model: str, device=None, dtype=None, attn_implementation: str | None = None,
-                              device_map=None, quantization_config=None):
+def load_model_and_processor(model: str, device=None, dtype=None, attn_implementation: str | dict | None = None,
+                              device_map=None, quantization_config=None, offload_folder=None):
     """Load `model` (built-in name, local dir or hub id). Returns (model, processor, source string).
 
-    `attn_implementation`, `device_map` and `quantization_config` go to `from_pretrained` unchanged; with a
-    `device_map` the model stays where accelerate placed it (`device` is then ignored). Built-in models are built
-    in memory: they take `attn_implementation`, not a device map or quantization.
+    `attn_implementation`, `device_map`, `quantization_config` and `offload_folder` (for "disk" entries of a device
+    map) go to `from_pretrained` unchanged (`attn_implementation` may be a dict per sub-config, as transformers
+    takes it); with a `device_map` the model stays where accelerate placed it (`device` is then ignored). Built-in
+    models are built in memory: they take `attn_implementation`, not a device map or quantization.
     """
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device) if device_map is None else None
     load_options = {k: v for k, v in (("attn_implementation", attn_implementation), ("device_map", device_map),
-                                      ("quantization_config", quantization_config)) if v is not None}
+                                      ("quantization_config", quantization_config),
+                                      ("offload_folder", offload_folder)) if v is not None}
     if not isinstance(model, str) or not model.strip():
         raise MmkitError(f"model must be a built-in name ({', '.join(BUILTIN_NAMES)}), a local directory or a hub id")
     if model == "tiny-random":
@@ -92,7 +94,7 @@ def load_model_and_processor(model: str, device=None, dtype=None, attn_implement
     return hf_model.eval(), processor, source
 
 
-def _set_attn_implementation(hf_model, name: str) -> None:
+def _set_attn_implementation(hf_model, name) -> None:
     try:
         hf_model.set_attn_implementation(name)
     except (ValueError, ImportError) as err:
@@ -135,7 +137,23 @@ def _from_pretrained(name: str, torch_dtype, load_options: dict | None = None):
             processor = AutoProcessor.from_pretrained(name)
     except OSError as err:
         raise MmkitError(f"cannot load processor files from {name!r}: {str(err).splitlines()[0]}") from None
+    _check_image_token(processor, hf_model.config, name)
     if getattr(processor.tokenizer, "padding_side", "left") != "left":
         # Batched generation appends new tokens on the right, so prompts must be padded on the left.
         processor.tokenizer.padding_side = "left"
     return hf_model, processor
+
+
+def _check_image_token(processor, config, name: str) -> None:
+    """The tokenizer must map the processor's image placeholder to the model's image token id; otherwise image
+    spans would be found in the wrong place (or nowhere). A missing tokenizer file makes transformers build an
+    empty tokenizer, which this catches."""
+    tokenizer = getattr(processor, "tokenizer", None)
+    token = getattr(processor, "image_token", None)
+    expected = getattr(config, "image_token_id", None)
+    if tokenizer is None or token is None or expected is None:
+        return
+    got = tokenizer.convert_tokens_to_ids(token)
+    if got != expected:
+        raise MmkitError(f"the tokenizer in {name!r} maps the image token {token!r} to {got}, but config.json says "
+                         f"{expected}; the tokenizer files are missing or belong to another model")

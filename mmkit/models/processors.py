@@ -43,6 +43,8 @@ def image_only_class(stock_name: str):
     def to_dict(self):
         data = stock.to_dict(self)
         data["processor_class"] = stock_name  # saved directories name the stock class
+        # The base class saves only the settings its own __init__ names; keep the stock class's settings too.
+        data.update({k: getattr(self, k) for k in _PROCESSOR_KWARGS if getattr(self, k, None) is not None})
         return data
 
     cls = type(f"{stock_name}ImageOnly", (stock,), {"__init__": __init__, "to_dict": to_dict,

@@ -1,0 +1,288 @@
+"""LLaVA-OneVision and Qwen2/2.5/3-VL: built-in tiny models, batched sessions, `mmkit info`, local checkpoints (stock
+and image-only processors), loading options."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import mmkit
+from mmkit.cli import main
+from mmkit.errors import MmkitError
+from mmkit.models.builtin_families import build_family_builtin
+from mmkit.models.processors import STOCK_PROCESSORS, image_only_class
+from mmkit.session import Session
+
+from families_lib import FAMILY_BUILTINS, family_images
+
+PROMPTS = ["What is in the image?", "Is there a red cube?", "Describe the scene in detail, please."]
+QWEN_BUILTINS = [n for n in FAMILY_BUILTINS if "qwen" in n]
+
+
+@pytest.fixture(scope="module", params=FAMILY_BUILTINS)
+def family_session(request):
+    session = mmkit.load(request.param, device="cpu")
+    yield session
+    session.close()
+
+
+def test_batched_generate_and_scores_match_single_rows(family_session):
+    """Left-padded rows with images of different sizes: each row's answer and scores equal its own unbatched run."""
+    session = family_session
+    images = family_images()
+    batch = session.generate(images, PROMPTS, max_new_tokens=4)
+    visual = [r.stats.visual_tokens for r in batch]
+    assert len(set(visual)) > 1  # different image sizes give different visual-token counts
+    scores = session.answer_logprobs(images, PROMPTS)
+    for i, (image, prompt) in enumerate(zip(images, PROMPTS)):
+        single = session.generate([image], [prompt], max_new_tokens=4)[0]
+        assert single.text == batch[i].text
+        assert single.stats.visual_tokens == visual[i]
+        one = session.answer_logprobs([image], [prompt])
+        assert one.logprobs[0] == pytest.approx(scores.logprobs[i], abs=1e-5)
+
+
+def test_image_spans_come_from_image_token(family_session):
+    session = family_session
+    inputs = session.prepare(family_images(), PROMPTS)
+    spans = session.adapter.image_spans(inputs["input_ids"])
+    counts = (inputs["input_ids"] == session.adapter.image_token_id).sum(1).tolist()
+    assert [sum(e - s for s, e in row) for row in spans] == counts
+    assert all(len(row) == 1 for row in spans)  # one image per prompt: one run
+
+
+@pytest.mark.parametrize("name", QWEN_BUILTINS)
+def test_qwen_positions_are_three_dimensional_per_row(name):
+    """mRoPE: image tokens of a row share a temporal index and advance over height and width; left padding shifts
+    nothing (positions start at each row's first real token)."""
+    session = mmkit.load(name, device="cpu")
+    inputs = session.prepare(family_images(), PROMPTS)
+    position_ids, deltas = session.model.model.get_rope_index(
+        inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
+        mm_token_type_ids=inputs["mm_token_type_ids"])
+    assert position_ids.shape[0] == 3
+    for row in range(position_ids.shape[1]):
+        real = inputs["attention_mask"][row].bool()
+        assert int(position_ids[0, row][real][0]) == 0
+        image = (inputs["input_ids"][row] == session.adapter.image_token_id)
+        grid = inputs["image_grid_thw"][row].tolist()
+        h, w = grid[1] // 2, grid[2] // 2
+        assert int(image.sum()) == h * w
+        assert position_ids[0, row][image].unique().numel() == 1
+        assert position_ids[1, row][image].unique().numel() == h
+        assert position_ids[2, row][image].unique().numel() == w
+    session.close()
+
+
+@pytest.mark.parametrize("name", QWEN_BUILTINS)
+def test_branched_decoding_continues_mrope_positions(name):
+    """Multi-branch decoding runs its own decode loop; with the contrast switched off (vcd alpha=0) it must produce
+    exactly the greedy tokens of `model.generate`, which needs each row's mRoPE offset carried into decoding."""
+    session = mmkit.load(name, device="cpu")
+    images = family_images()
+    plain = [r.text for r in session.generate(images, PROMPTS, max_new_tokens=5)]
+    handle = session.apply("vcd:alpha=0.0")
+    branched = [r.text for r in session.generate(images, PROMPTS, max_new_tokens=5)]
+    handle.remove()
+    assert branched == plain
+    # Two real branches (text-only second branch): rows of mm_token_type_ids follow the rows' image tokens.
+    session.apply("vhr")
+    assert len(session.generate(images, PROMPTS, max_new_tokens=3)) == 3
+    session.close()
+
+
+@pytest.mark.parametrize("name", ["tiny-random-qwen2.5-vl", "tiny-random-onevision", "tiny-random-qwen3-vl"])
+def test_info_prints_family_visual_tokens_and_attention(name):
+    result = CliRunner().invoke(main, ["info", "--model", name, "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["family"] == {"tiny-random-qwen2.5-vl": "qwen2.5-vl", "tiny-random-onevision": "llava-onevision",
+                              "tiny-random-qwen3-vl": "qwen3-vl"}[name]
+    assert info["visual_tokens"].startswith("varies with image size: ")
+    # The counts printed are what the processor really produces for an image of that size.
+    session = mmkit.load(name, device="cpu")
+    import numpy as np
+
+    image = np.zeros((336, 504, 3), dtype="uint8")
+    real = (session.prepare([image], ["x"])["input_ids"] == session.adapter.image_token_id).sum().item()
+    assert f"{real} at 336x504" in info["visual_tokens"]
+    assert info["attn_implementation"] == "sdpa"
+    assert "sdpa" in info["attn_per_layer"]
+    text = CliRunner().invoke(main, ["info", "--model", name, "--device", "cpu"]).output
+    assert "family" in text and "attn_implementation" in text
+
+
+def test_info_on_llava_families_reports_fixed_and_varying_counts():
+    assert mmkit.load("tiny-random", device="cpu").describe()["visual_tokens"] == 64
+    assert "varies" in mmkit.load("tiny-random-next", device="cpu").describe()["visual_tokens"]
+
+
+# -- local checkpoints ------------------------------------------------------------------------------------------
+def _write_hub_layout(name: str, path):
+    """A checkpoint directory as the hub ships one: config and weights, preprocessor_config.json (the image
+    processor), tokenizer files and a chat template; processor settings in processor_config.json (OneVision)."""
+    model, processor = build_family_builtin(name)
+    model.save_pretrained(path)
+    processor.image_processor.save_pretrained(path)
+    cfg_file = path / "preprocessor_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    # Hub files name the default image-processor class and the stock processor.
+    cfg["image_processor_type"] = cfg["image_processor_type"].removesuffix("Pil")
+    cfg["processor_class"] = STOCK_PROCESSORS[type(model).__name__]
+    cfg_file.write_text(json.dumps(cfg))
+    processor.tokenizer.save_pretrained(path)
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": processor.chat_template}))
+    if "onevision" in name:
+        (path / "processor_config.json").write_text(json.dumps({
+            "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": processor.num_image_tokens,
+            "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9"}))
+    return model, processor
+
+
+@pytest.mark.parametrize("name", FAMILY_BUILTINS)
+def test_local_hub_layout_checkpoint_loads_without_torchvision(name, tmp_path):
+    model, processor = _write_hub_layout(name, tmp_path)
+    session = mmkit.load(str(tmp_path), device="cpu")
+    assert session.adapter.architecture == type(model).__name__
+    # No torchvision here: the stock processor cannot be built, the image-only one is used.
+    assert isinstance(session.processor, image_only_class(STOCK_PROCESSORS[type(model).__name__]))
+    reference = Session(model, processor, name)
+    images, prompts = family_images()[:2], PROMPTS[:2]
+    ref_inputs = reference.prepare(images, prompts)
+    inputs = session.prepare(images, prompts)
+    assert torch.equal(inputs["input_ids"], ref_inputs["input_ids"])
+    assert torch.equal(inputs["pixel_values"], ref_inputs["pixel_values"])
+    with torch.inference_mode():
+        torch.testing.assert_close(session.model(**inputs).logits, reference.model(**ref_inputs).logits)
+
+
+def test_saved_session_names_the_stock_processor_and_reloads(tmp_path):
+    session = mmkit.load("tiny-random-qwen2-vl", device="cpu", methods=["fastv:layer=2,keep=0.25"])
+    out = tmp_path / "export"
+    session.save_pretrained(out)
+    saved = json.loads((out / "processor_config.json").read_text())
+    assert saved["processor_class"] == "Qwen2VLProcessor"  # a user with torchvision gets the stock processor
+    again = mmkit.load(str(out), device="cpu")
+    assert [h.spec for h in again.methods] == ["fastv:keep=0.25"]
+    images = family_images()[:2]
+    assert [r.text for r in again.generate(images, PROMPTS[:2], max_new_tokens=3)] == \
+           [r.text for r in session.generate(images, PROMPTS[:2], max_new_tokens=3)]
+
+
+def test_stock_processor_is_used_when_it_can_be_built(tmp_path, monkeypatch):
+    """Where torchvision is installed `AutoProcessor` builds the stock processor; mmkit then uses it as is."""
+    import transformers
+
+    _write_hub_layout("tiny-random-qwen2.5-vl", tmp_path)
+    built = {}
+
+    def stock_from_pretrained(path, *args, **kwargs):
+        # Stand-in for the stock class (whose video processor needs torchvision): the stock type, really built.
+        stock = transformers.Qwen2_5_VLProcessor.__new__(transformers.Qwen2_5_VLProcessor)
+        image_only = image_only_class("Qwen2_5_VLProcessor").from_pretrained  # noqa: F841 (documents the contrast)
+        from mmkit.models.processors import build_image_only_from_dir
+
+        donor = build_image_only_from_dir(str(path), "Qwen2_5_VLForConditionalGeneration")
+        stock.__dict__.update(donor.__dict__)
+        built["stock"] = stock
+        return stock
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", staticmethod(stock_from_pretrained))
+    session = mmkit.load(str(tmp_path), device="cpu")
+    assert session.processor is built["stock"]
+    assert type(session.processor) is transformers.Qwen2_5_VLProcessor
+    assert len(session.generate(family_images()[:2], PROMPTS[:2], max_new_tokens=2)) == 2
+
+
+def test_bad_family_checkpoint_is_a_one_line_error(tmp_path):
+    _write_hub_layout("tiny-random-qwen2-vl", tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "tokenizer_config.json").unlink()
+    with pytest.raises(MmkitError, match="tokenizer files are missing"):
+        mmkit.load(str(tmp_path), device="cpu")
+
+
+# -- loading options --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, impl", [("tiny-random-qwen2.5-vl", "eager"), ("tiny-random-qwen2.5-vl", "sdpa"),
+                                        ("tiny-random-onevision", "flex_attention"),
+                                        ("tiny-random-onevision", "eager")])
+def test_attn_implementation_is_loaded_and_reported(name, impl):
+    session = mmkit.load(name, device="cpu", attn_implementation=impl)
+    assert session.adapter.attn_implementation == impl
+    info = session.describe()
+    assert info["attn_implementation"] == impl
+    assert info["attn_per_layer"] == f"decoder layers 0-3: {impl}; vision tower: {impl}"
+    base = mmkit.load(name, device="cpu")
+    images = family_images()[:2]
+    inputs = session.prepare(images, PROMPTS[:2])
+    real = inputs["attention_mask"].bool()  # padded positions' outputs are implementation-defined
+    with torch.inference_mode():
+        torch.testing.assert_close(session.model(**inputs).logits[real], base.model(**inputs).logits[real],
+                                   atol=1e-4, rtol=1e-4)
+    session.apply("fastv:layer=2,keep=0.5")
+    assert "mmkit backend" in session.describe()["attn_per_layer"]
+
+
+def test_attn_implementation_reaches_from_pretrained(tmp_path):
+    _write_hub_layout("tiny-random-onevision", tmp_path)
+    session = mmkit.load(str(tmp_path), device="cpu", attn_implementation="eager")
+    assert session.adapter.attn_implementation == "eager"
+    with pytest.raises(MmkitError, match="attn_implementation"):
+        mmkit.load(str(tmp_path), device="cpu", attn_implementation="no_such_attention")
+
+
+def test_unsupported_attention_is_a_one_line_error():
+    # transformers has no flex attention for the Qwen-VL families.
+    with pytest.raises(MmkitError, match="flex_attention.*cannot run here"):
+        mmkit.load("tiny-random-qwen2-vl", device="cpu", attn_implementation="flex_attention")
+
+
+@pytest.mark.parametrize("methods", [["fastv:layer=2,keep=0.5"], ["pyramiddrop", "vcd"], ["sparsevlm", "vhr"]])
+def test_device_map_splits_the_decoder_and_methods_keep_working(tmp_path, methods):
+    """accelerate's big-model placement with the decoder split: layers 0-1 on the CPU, layers 2-3 offloaded (their
+    weights stay on the meta device and accelerate's hooks bring them in per forward, as for a second GPU). The
+    model is not moved afterwards, and methods give the same answers as on the unsplit model."""
+    _write_hub_layout("tiny-random-qwen2-vl", tmp_path / "ckpt")
+    device_map = {"model.visual": "cpu", "model.language_model.embed_tokens": "cpu",
+                  "model.language_model.layers.0": "cpu", "model.language_model.layers.1": "cpu",
+                  "model.language_model.layers.2": "disk", "model.language_model.layers.3": "disk",
+                  "model.language_model.norm": "cpu", "model.language_model.rotary_emb": "cpu", "lm_head": "cpu"}
+    mapped = mmkit.load(str(tmp_path / "ckpt"), device_map=device_map, offload_folder=str(tmp_path / "offload"),
+                        methods=methods)
+    assert mapped.adapter.decoder_layers[2].self_attn.q_proj.weight.device.type == "meta"
+    assert "model.language_model.layers.2=disk" in mapped.describe()["device_map"]
+    plain = mmkit.load(str(tmp_path / "ckpt"), device="cpu", methods=methods)
+    images = family_images()
+    a = mapped.generate(images, PROMPTS, max_new_tokens=4)
+    b = plain.generate(images, PROMPTS, max_new_tokens=4)
+    assert [r.text for r in a] == [r.text for r in b]
+    assert [r.stats.visual_tokens_kept for r in a] == [r.stats.visual_tokens_kept for r in b]
+    sa, sb = mapped.answer_logprobs(images, PROMPTS), plain.answer_logprobs(images, PROMPTS)
+    assert torch.tensor(sa.logprobs) == pytest.approx(torch.tensor(sb.logprobs), abs=1e-4)
+
+
+def test_quantization_config_is_passed_through(tmp_path, monkeypatch):
+    import transformers
+
+    _write_hub_layout("tiny-random-qwen2-vl", tmp_path)
+    seen = {}
+    original = transformers.Qwen2VLForConditionalGeneration.from_pretrained
+
+    def spy(path, *args, **kwargs):
+        seen.update(kwargs)
+        kwargs.pop("quantization_config")
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Qwen2VLForConditionalGeneration, "from_pretrained", spy)
+    marker = {"quant_method": "stand-in"}
+    mmkit.load(str(tmp_path), device="cpu", quantization_config=marker)
+    assert seen["quantization_config"] is marker
+
+
+def test_builtin_refuses_device_map_with_the_fix():
+    with pytest.raises(MmkitError, match="save it with `save_pretrained`"):
+        mmkit.load("tiny-random-qwen2-vl", device_map="auto")
