@@ -29,6 +29,12 @@ _QWEN_REFUSALS = {
     "paint": "it reads per-patch vision-tower features of the LLaVA-1.5 layout; not yet adapted",
     "agla": "its augmented view is built from a fixed-size image tile; not yet adapted",
 }
+_NEXT_REFUSALS = {
+    "visionzip": "anyres tiles and row newlines are packed into the image tokens; not yet adapted",
+    "vflowopt": "anyres tiles and row newlines are packed into the image tokens; not yet adapted",
+    "paint": "it reads per-patch vision-tower features of the LLaVA-1.5 layout; not yet adapted",
+    "agla": "its augmented view is built from a single image tile; not yet adapted",
+}
 _ONEVISION_REFUSALS = {
     "visionzip": "anyres tiles and row newlines are packed into the image tokens; not yet adapted",
     "vflowopt": "anyres tiles and row newlines are packed into the image tokens; not yet adapted",
@@ -42,7 +48,8 @@ FAMILIES: dict[str, Family] = {
         Family("llava-1.5", "LlavaForConditionalGeneration", "vision_tower", True,
                "one fixed grid of patch tokens per image", "tiny-random"),
         Family("llava-next", "LlavaNextForConditionalGeneration", "vision_tower", True,
-               "anyres: base tile plus high-resolution tiles, unpadded, with row newlines", "tiny-random-next"),
+               "anyres: base tile plus high-resolution tiles, unpadded, with row newlines", "tiny-random-next",
+               _NEXT_REFUSALS),
         Family("llava-onevision", "LlavaOnevisionForConditionalGeneration", "vision_tower", False,
                "anyres: base tile plus high-resolution tiles, unpadded, with row newlines", "tiny-random-onevision",
                _ONEVISION_REFUSALS),

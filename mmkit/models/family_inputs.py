@@ -39,3 +39,22 @@ def decode_position_ids(adapter, attention_mask: torch.Tensor, step_len: int = 1
     if deltas is not None:
         text = text + deltas.to(text.device).view(-1, 1)
     return text[None].expand(3, -1, -1)
+
+
+def patch_pixel_noise(adapter, inputs: dict, seed: int) -> torch.Tensor | None:
+    """Standard-normal noise shaped like Qwen-VL's flattened patches (`pixel_values` (patches, C*T*P*P) with
+    `image_grid_thw`), drawn per image from `seed` in the image's own pixel layout: one value per pixel and channel,
+    shared by the T temporal copies of a still image (the processor repeats the frame T times). Each image's noise
+    depends only on its size and the seed, not on the batch. None for per-image pixel tensors (LLaVA families)."""
+    pixels, grid = inputs.get("pixel_values"), inputs.get("image_grid_thw")
+    if pixels is None or grid is None or pixels.dim() != 2:
+        return None
+    vision = adapter.config.vision_config
+    channels, temporal = int(vision.in_channels), int(vision.temporal_patch_size)
+    per_pixel = pixels.shape[1] // (channels * temporal)
+    parts = []
+    for t, h, w in grid.tolist():
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        noise = torch.randn((t * h * w, channels, 1, per_pixel), generator=generator, dtype=torch.float32)
+        parts.append(noise.expand(-1, -1, temporal, -1).reshape(t * h * w, -1))
+    return torch.cat(parts).to(pixels.device)

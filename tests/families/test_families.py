@@ -286,3 +286,27 @@ def test_quantization_config_is_passed_through(tmp_path, monkeypatch):
 def test_builtin_refuses_device_map_with_the_fix():
     with pytest.raises(MmkitError, match="save it with `save_pretrained`"):
         mmkit.load("tiny-random-qwen2-vl", device_map="auto")
+
+
+@pytest.mark.parametrize("name", QWEN_BUILTINS)
+def test_vcd_noise_on_flattened_patches_is_per_pixel_and_batch_independent(name):
+    """Qwen-VL's pixel_values rows are patches, not images: VCD's noise must vary over patches and pixels (not
+    repeat one patch-sized vector), be shared by the temporal copies of a still frame, and not depend on the batch."""
+    from mmkit.models.family_inputs import patch_pixel_noise
+
+    session = mmkit.load(name, device="cpu")
+    images = family_images()
+    batch = session.prepare(images, PROMPTS)
+    noise = patch_pixel_noise(session.adapter, batch, seed=7)
+    assert noise.shape == batch["pixel_values"].shape
+    vision = session.model.config.vision_config
+    per_t = noise.view(noise.shape[0], vision.in_channels, vision.temporal_patch_size, -1)
+    assert torch.equal(per_t[:, :, 0], per_t[:, :, 1])
+    assert not torch.allclose(noise[0], noise[1])
+    assert abs(float(noise.std()) - 1.0) < 0.1
+    counts = batch["image_grid_thw"].prod(-1).tolist()
+    for i, image in enumerate(images):
+        single = patch_pixel_noise(session.adapter, session.prepare([image], [PROMPTS[i]]), seed=7)
+        start = sum(counts[:i])
+        assert torch.equal(noise[start:start + counts[i]], single)
+    assert patch_pixel_noise(mmkit.load("tiny-random", device="cpu").adapter, {}, seed=7) is None

@@ -1,0 +1,107 @@
+"""Every registered method on every new family: it runs (batched rows equal single rows, outputs change, `remove()`
+restores the model exactly), or `apply` refuses it with one line naming the family and the reason, before any hook
+or forward. The README's support matrix is generated from the same tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import mmkit
+from mmkit.cli import main
+from mmkit.errors import MmkitError
+from mmkit.models.families import FAMILIES, refusal
+from mmkit.registry import list_methods
+from mmkit.support_matrix import README, render_matrix, readme_with_matrix
+
+from families_lib import FAMILY_BUILTINS, family_images
+
+PROMPTS = ["What is in the image?", "Is there a red cube?", "Describe the scene in detail, please."]
+# Settings that make each method act on the tiny models (VAR: random weights have no massive activations, so the
+# sink threshold is lowered until some tokens are sinks, and few random-weight heads pass the paper's image-centric
+# bounds, so they are widened; VISOR's fixed budget 1 forces its cross-attention path).
+SPECS = {
+    "fastv": "fastv:layer=2,keep=0.25", "pyramiddrop": "pyramiddrop", "sparsevlm": "sparsevlm",
+    "var": "var:start_layer=1,tau=1.5,p=0.2,min_visual=0.01,rho=0.99", "vcd": "vcd", "vhr": "vhr",
+    "dyvte": "dyvte:gates={gates}", "visor": "visor:weights={visor},budget=1",
+}
+
+
+def _family_of(name: str):
+    return next(f for f in FAMILIES.values() if f.builtin == name)
+
+
+@pytest.fixture(scope="module", params=FAMILY_BUILTINS)
+def trained(request, tmp_path_factory):
+    """(builtin name, session, {"gates": dir, "visor": dir}): DyVTE gates and VISOR blocks trained for this model
+    with the smallest settings (their weights are model-specific)."""
+    name = request.param
+    out = tmp_path_factory.mktemp(name.replace(".", "_"))
+    runner = CliRunner()
+    paths = {}
+    if refusal(_family_of(name), "dyvte") is None:
+        result = runner.invoke(main, ["train-gates", "--model", name, "--samples", "8", "--steps", "5", "--width",
+                                      "4", "--batch-size", "8", "--out", str(out / "gates"), "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        paths["gates"] = str(out / "gates")
+    if refusal(_family_of(name), "visor") is None:
+        result = runner.invoke(main, ["train-visor", "--model", name, "--tiny", "--out", str(out / "visor")])
+        assert result.exit_code == 0, result.output
+        paths["visor"] = str(out / "visor")
+    session = mmkit.load(name, device="cpu")
+    yield name, session, paths
+    session.close()
+
+
+def _logits(session, inputs):
+    with torch.inference_mode():
+        return session.model(**inputs, use_cache=False).logits[:, -1]
+
+
+@pytest.mark.parametrize("method", [m.name for m in list_methods()])
+def test_method_runs_or_is_refused_at_apply(trained, method):
+    name, session, paths = trained
+    family = _family_of(name)
+    images = family_images()
+    inputs = session.prepare(images, PROMPTS)
+    base_logits = _logits(session, inputs)
+    base_scores = session.answer_logprobs(images, PROMPTS).logprobs
+    reason = refusal(family, method)
+    if reason is not None:
+        with pytest.raises(MmkitError) as err:
+            session.apply(SPECS.get(method, method).format(**paths) if method in SPECS else method)
+        message = str(err.value)
+        assert "\n" not in message and family.name in message and family.architecture in message
+        assert session.methods == []
+        assert torch.equal(_logits(session, inputs), base_logits)  # nothing was installed
+        return
+    spec = SPECS[method].format(**paths)
+    handle = session.apply(spec)
+    try:
+        batch = session.generate(images, PROMPTS, max_new_tokens=3)
+        for i, (image, prompt) in enumerate(zip(images, PROMPTS)):
+            assert session.generate([image], [prompt], max_new_tokens=3)[0].text == batch[i].text
+        scores = session.answer_logprobs(images, PROMPTS).logprobs
+        assert torch.tensor(scores) != pytest.approx(torch.tensor(base_scores), abs=1e-6), f"{spec} changed nothing"
+    finally:
+        handle.remove()
+    assert torch.equal(_logits(session, inputs), base_logits)
+
+
+def test_every_family_refuses_at_most_a_few_methods():
+    names = {m.name for m in list_methods()}
+    for family in FAMILIES.values():
+        assert set(family.refuses) <= names, f"{family.name} refuses unknown methods"
+
+
+def test_readme_support_matrix_matches_registry():
+    text = README.read_text()
+    assert readme_with_matrix(text) == text, "README support matrix is stale: run `python -m mmkit.support_matrix`"
+    table = render_matrix()
+    for method in list_methods():
+        assert f"| {method.name} |" in table
+    for family in FAMILIES.values():
+        assert family.name in table
