@@ -74,8 +74,9 @@ class ForwardContext:
     def start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         self.prefill = True
         self.image_mask = input_ids == self.image_token_id
-        # Only a 2-D padding mask tells which positions are padding (static-cache generation passes a 4-D one).
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        # Only a 2-D padding mask tells which positions are padding (static-cache generation passes a 4-D one, or
+        # for decoders with sliding-window layer types such as Qwen2's, a dict of them per layer type).
+        if attention_mask is not None and (not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape):
             attention_mask = None
         self.attention_mask = attention_mask
         batch, n = input_ids.shape
