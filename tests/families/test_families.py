@@ -310,3 +310,38 @@ def test_vcd_noise_on_flattened_patches_is_per_pixel_and_batch_independent(name)
         start = sum(counts[:i])
         assert torch.equal(noise[start:start + counts[i]], single)
     assert patch_pixel_noise(mmkit.load("tiny-random", device="cpu").adapter, {}, seed=7) is None
+
+
+@pytest.mark.parametrize("name", FAMILY_BUILTINS)
+def test_remote_code_export_runs_with_plain_transformers(name, tmp_path):
+    """Both export kinds on the new families: `mmkit.load(DIR)` and plain transformers with trust_remote_code give
+    the exporting session's logits and answers (the remote path builds the image-only processor here)."""
+    from transformers import AutoModelForImageTextToText
+
+    spec = "fastv:layer=2,keep=0.25"
+    session = mmkit.load(name, device="cpu", methods=[spec])
+    images = family_images()
+    inputs = session.prepare(images, PROMPTS)
+    with torch.inference_mode():
+        expected = session.model(**inputs).logits
+    texts = [r.text for r in session.generate(images, PROMPTS, max_new_tokens=4)]
+    session.save_pretrained(tmp_path / "export", remote_code=True)
+    session.close()
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    arch = config["architectures"][0]
+    assert config["auto_map"] == {"AutoModelForImageTextToText": f"modeling_mmkit.Mmkit{arch}"}
+
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", trust_remote_code=True)
+    assert [h.spec for h in model.mmkit_session.methods] == ["fastv:keep=0.25"]
+    tokenizer = model.mmkit_session.processor.tokenizer
+    with torch.inference_mode():
+        torch.testing.assert_close(model(**inputs).logits, expected)
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    new = out[:, inputs["input_ids"].shape[1]:].tolist()
+    eos = tokenizer.eos_token_id
+    plain = [tokenizer.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True).strip()
+             for row in new]
+    assert plain == texts
+    reloaded = mmkit.load(str(tmp_path / "export"), device="cpu")
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded.model(**reloaded.prepare(images, PROMPTS)).logits, expected)
