@@ -94,11 +94,17 @@ def load_model_and_processor(model: str, device=None, dtype=None, attn_implement
     return hf_model.eval(), processor, source
 
 
+def _first_sentence(err: Exception) -> str:
+    """transformers' errors run to several sentences of advice; a one-line error keeps the statement."""
+    line = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return line.split(". ")[0].rstrip(".")
+
+
 def _set_attn_implementation(hf_model, name) -> None:
     try:
         hf_model.set_attn_implementation(name)
     except (ValueError, ImportError) as err:
-        raise MmkitError(f"attention implementation {name!r} cannot run here: {str(err).splitlines()[0]}") from None
+        raise MmkitError(f"attention implementation {name!r} cannot run here: {_first_sentence(err)}") from None
 
 
 def _from_pretrained(name: str, torch_dtype, load_options: dict | None = None):
@@ -129,7 +135,7 @@ def _from_pretrained(name: str, torch_dtype, load_options: dict | None = None):
     except (ValueError, ImportError) as err:
         # Unknown or unavailable attention implementation, a device map that does not fit, a missing quantizer.
         raise MmkitError(f"cannot load {name!r} with {', '.join(sorted(kwargs)) or 'these settings'}: "
-                         f"{str(err).splitlines()[0]}") from None
+                         f"{_first_sentence(err)}") from None
     try:
         if arch in STOCK_PROCESSORS:
             processor = load_family_processor(name, arch)

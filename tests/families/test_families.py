@@ -345,3 +345,23 @@ def test_remote_code_export_runs_with_plain_transformers(name, tmp_path):
     reloaded = mmkit.load(str(tmp_path / "export"), device="cpu")
     with torch.inference_mode():
         torch.testing.assert_close(reloaded.model(**reloaded.prepare(images, PROMPTS)).logits, expected)
+
+
+def test_generate_and_info_commands_on_a_family_model(tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "scene.png"
+    Image.fromarray(family_images()[1]).save(image)
+    result = CliRunner().invoke(main, ["generate", "--model", "tiny-random-qwen3-vl", "--image", str(image),
+                                       "--prompt", "What is shown?", "--method", "fastv:layer=2,keep=0.5",
+                                       "--max-new-tokens", "3", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    assert record["visual_tokens"] > 0 and record["visual_tokens_kept_per_layer"][3] == record["visual_tokens"] // 2
+    eager = CliRunner().invoke(main, ["info", "--model", "tiny-random-qwen2-vl", "--device", "cpu",
+                                      "--attn-implementation", "eager", "--json"])
+    assert json.loads(eager.output)["attn_implementation"] == "eager"
+    bad = CliRunner().invoke(main, ["info", "--model", "tiny-random-qwen2-vl", "--device", "cpu",
+                                    "--attn-implementation", "flex_attention"])
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
+    assert "does not support an attention implementation through torch's flex_attention" in bad.output
