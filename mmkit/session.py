@@ -15,6 +15,7 @@ from mmkit.images import load_image
 from mmkit.models.adapters import adapter_for
 from mmkit.patching.attention import TextAttentionSwitch
 from mmkit.patching.context import ForwardContext, install_context_hooks
+from mmkit.patching.probe import AttentionProbe
 from mmkit.registry import MethodInfo, config_to_spec, get_method, method_for_config, parse_spec
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,9 @@ class Session:
         self.source = source
         self.adapter = adapter_for(model)
         self.context = ForwardContext(num_layers=self.adapter.num_layers, image_token_id=self.adapter.image_token_id)
-        self.text_attention = TextAttentionSwitch(model, self.adapter.language_model)
+        self.text_attention = TextAttentionSwitch(model, self.adapter.language_model,
+                                                  [layer.self_attn for layer in self.adapter.decoder_layers])
+        self.probe = AttentionProbe(self)
         self._hooks = install_context_hooks(model, self.context)
         self._handles: list[MethodHandle] = []
 
