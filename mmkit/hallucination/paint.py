@@ -312,5 +312,5 @@ register_method(
     "paint", PAINTConfig, apply_paint, kind="hallucination",
     description="Boost attention to local and summary image tokens chosen from CLIP attention, scaled per head by "
                 "visual sensitivity (arXiv 2501.12206).",
-    slots=("attention_scores",),
+    slots=("attention_scores",), needs_calibration=True,
 )
