@@ -7,7 +7,7 @@ text after its image).
 
 Staged sparsification. At each scoring layer l (default 2, 6, 15 of 32), every visual token is scored by the
 attention the raters give it in layer l (mean over heads and raters; only the rater rows are computed, exactly,
-from that layer's own q/k while the layer runs SDPA). From layer l + 1 on only the top visual tokens stay: after
+from that layer's own q/k while the layer runs its own attention). From layer l + 1 on only the top visual tokens stay: after
 stage s a row keeps round(keep[s] * N) of its N original image tokens (the paper's 300/200/110-of-576 schedule,
 i.e. its "192 tokens" average budget, is the default; its "128" and "64" settings are 303/110/36 and 66/30/17).
 
