@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +81,7 @@ def save_session(session, out_dir: str | os.PathLike, overwrite: bool = False, r
     from safetensors.torch import save_file
 
     from mmkit import __version__
+    from mmkit.atomic import atomic_directory
     from mmkit.registry import config_to_dict
 
     out = Path(out_dir)
@@ -92,11 +91,11 @@ def save_session(session, out_dir: str | os.PathLike, overwrite: bool = False, r
         if branched:
             raise MmkitError(f"{', '.join(branched)} decode with extra branches inside Session.generate, which plain "
                              "transformers' generate does not run; export them without --remote-code")
+    if out.exists() and not out.is_dir():
+        raise MmkitError(f"{out} is a file, not a directory; pick a new --out directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MmkitError(f"{out} exists and is not empty; pick a new --out directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+        raise MmkitError(f"{out} exists and is not empty; pick a new --out directory (or overwrite)")
+    with atomic_directory(out) as tmp:
         attn = session.model.config.text_config._attn_implementation
         session.model.save_pretrained(tmp)
         session.processor.save_pretrained(tmp)
@@ -118,12 +117,6 @@ def save_session(session, out_dir: str | os.PathLike, overwrite: bool = False, r
             name = REMOTE_CLASSES[session.adapter.architecture]
             config["auto_map"] = {"AutoModelForImageTextToText": f"{REMOTE_CODE_FILE[:-3]}.{name}"}
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
