@@ -149,6 +149,8 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
         raise MmkitError(f"--decoding must be greedy or sample, got {decoding!r}")
     if batch_size < 1:
         raise MmkitError(f"--batch-size must be >= 1, got {batch_size}")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise MmkitError(f"--out {out} is a file; the run writes a directory there, pick a new --out")
     limit = spec.default_limit if limit is None else limit
     max_new_tokens = max_new_tokens or spec.max_new_tokens
     rank, world, state = _process_shard()
