@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +33,44 @@ def test_export_refuses_non_empty_dir_and_leaves_no_partial(tmp_path):
     session = mmkit.load("tiny-random")
     with pytest.raises(MmkitError, match="not empty"):
         session.save_pretrained(target)
-    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+
+
+def test_export_failing_mid_write_keeps_the_previous_export(tmp_path, monkeypatch):
+    """A failure after the model files are written (here: the processor) leaves the earlier export whole and no
+    temporary directory behind, with and without overwrite."""
+    target = tmp_path / "export"
+    mmkit.load("tiny-random", methods=["fastv:keep=0.25"]).save_pretrained(target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    session = mmkit.load("tiny-random", methods=["fastv:keep=0.1"])
+    written = []
+
+    def fail(directory, *args, **kwargs):
+        written.extend(p.name for p in Path(directory).iterdir())
+        raise OSError("disk full")
+
+    monkeypatch.setattr(session.processor, "save_pretrained", fail)
+    with pytest.raises(OSError, match="disk full"):
+        session.save_pretrained(target, overwrite=True)
+    assert "model.safetensors" in written  # the failure came after writing had started
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert [h.spec for h in mmkit.load(str(target)).methods] == ["fastv:keep=0.25"]
+
+
+def test_export_overwrite_replaces_the_directory(tmp_path, images, prompts):
+    target = tmp_path / "export"
+    mmkit.load("tiny-random", methods=["fastv:keep=0.5"]).save_pretrained(target)
+    (target / "stale.txt").write_text("from an older export")
+    session = mmkit.load("tiny-random", methods=["visionzip:keep=0.25"])
+    expected = forward_logits(session, session.prepare(images, prompts))
+    session.save_pretrained(target, overwrite=True)
+    assert not (target / "stale.txt").exists()
+    reloaded = mmkit.load(str(target))
+    assert [h.spec for h in reloaded.methods] == [h.spec for h in session.methods]
+    assert torch.equal(forward_logits(reloaded, reloaded.prepare(images, prompts)), expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
 def test_broken_export_gets_clear_error(tmp_path):

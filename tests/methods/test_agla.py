@@ -161,6 +161,7 @@ def _tiny_clip(path):
 
 def test_clip_matcher(session, images, prompts, tmp_path):
     _tiny_clip(tmp_path)
+    base = torch.tensor(session.answer_logprobs(images, prompts, choices=["yes", "no"]).logprobs)
     handle = session.apply(f"agla:matcher=clip,clip_model={tmp_path}")
     inputs = session.prepare(images, prompts)
     assert handle.impl.matcher.prompts(inputs["input_ids"]) == prompts
@@ -168,12 +169,13 @@ def test_clip_matcher(session, images, prompts, tmp_path):
         grid, itc = handle.impl.matcher.relevance(inputs)
     assert grid.shape == (3, 4, 4) and bool((grid >= 0).all()) and bool((grid > 0).any())
     assert itc.shape == (3,) and bool((itc.abs() <= 1.0 + 1e-5).all())
-    base = None
     result = session.generate(images, prompts, max_new_tokens=4)
-    assert len(result) == 3
+    assert len(result) == 3 and all(r.stats.new_tokens >= 1 for r in result)
     # The keep fraction follows the official 1 - ITC/2 rule.
     assert torch.allclose(handle.impl.last_keep, (1 - itc / 2).clamp(max=1 - 1e-5))
-    assert base is None
+    # The CLIP-masked view enters the ensemble: the answer scores move away from the plain model's.
+    with_agla = torch.tensor(session.answer_logprobs(images, prompts, choices=["yes", "no"]).logprobs)
+    assert not torch.allclose(with_agla, base, atol=1e-4)
 
 
 def test_clip_matcher_reports_a_path_that_does_not_load(session, tmp_path):
