@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,9 @@ def save_session(session, out_dir: str | os.PathLike, overwrite: bool = False, r
         methods: list[dict[str, Any]] = []
         for i, handle in enumerate(session.methods):
             entry = config_to_dict(getattr(handle.impl, "export_config", lambda: handle.config)())
+            files = _carry_files(handle, entry, tmp, f"method_{i}_{handle.info.name}")
+            if files:
+                entry["files"] = files
             state = handle.impl.export_state() if hasattr(handle.impl, "export_state") else None
             if state:
                 filename = f"method_{i}_{handle.info.name}.safetensors"
@@ -120,6 +124,30 @@ def save_session(session, out_dir: str | os.PathLike, overwrite: bool = False, r
     return out
 
 
+def _carry_files(handle, entry: dict[str, Any], tmp: Path, prefix: str) -> dict[str, str]:
+    """Copy the local files or directories a method's config points at (fields marked `"export": "copy"`) into the
+    export, so that it does not depend on paths outside it. Returns {field: name inside the export}."""
+    import dataclasses
+
+    files = {}
+    for f in dataclasses.fields(handle.config):
+        value = entry["config"].get(f.name)
+        if f.metadata.get("export") != "copy" or not value:
+            continue
+        source = Path(value).expanduser()
+        if not source.exists():
+            raise MmkitError(f"{handle.info.name}: {f.name}={value} no longer exists, so the export cannot carry it; "
+                             "point it at the files again or export without this method")
+        name = f"{prefix}_{f.name}"
+        if source.is_dir():
+            shutil.copytree(source, tmp / name)
+        else:
+            shutil.copy2(source, tmp / name)
+        files[f.name] = name
+        entry["config"][f.name] = None  # filled with the export's own copy when it is loaded
+    return files
+
+
 def read_manifest(directory: Path) -> dict[str, Any] | None:
     path = Path(directory) / MMKIT_CONFIG
     if not path.exists():
@@ -134,6 +162,9 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         state = entry.get("state")
         if state and not (Path(directory) / state).is_file():
             raise MmkitError(f"export {directory} is incomplete: {state} is missing; re-export the model")
+        for name in entry.get("files", {}).values():
+            if not (Path(directory) / name).exists():
+                raise MmkitError(f"export {directory} is incomplete: {name} is missing; re-export the model")
     return manifest
 
 
@@ -144,6 +175,9 @@ def apply_manifest(session, directory: Path, manifest: dict[str, Any]) -> None:
     from mmkit.registry import config_from_dict
 
     for entry in manifest["methods"]:
+        if entry.get("files"):
+            entry = {**entry, "config": {**entry["config"],
+                                         **{k: str(Path(directory) / name) for k, name in entry["files"].items()}}}
         handle = session.apply(config_from_dict(entry))
         if entry.get("state"):
             if not hasattr(handle.impl, "load_state"):

@@ -101,24 +101,25 @@ def test_export_cli(tmp_path):
     assert refused.exit_code == 2 and "without --remote-code" in refused.output
 
 
-@pytest.mark.parametrize("spec", ["visionzip:keep=0.25", "vflowopt:vision_keep=0.5", "fastv:layer=2,keep=0.25"])
-def test_remote_code_export_runs_with_plain_transformers(tmp_path, images, prompts, spec):
-    """`AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)` gets the methods attached: the
-    same logits as the exporting session, and plain `generate` gives the session's answers."""
+def _check_remote_code(model_name, spec, tmp_path, images, prompts, class_name, expect_spec=None):
+    """Export with remote code, load with plain transformers: the methods come back attached, with the exporting
+    session's logits and greedy answers; `mmkit.load` of the same directory reproduces it too."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    session = mmkit.load("tiny-random", methods=[spec])
+    session = mmkit.load(model_name, methods=[spec])
     inputs = session.prepare(images, prompts)
     expected = forward_logits(session, inputs)
     texts = [r.text for r in session.generate(images, prompts, max_new_tokens=4)]
+    specs = [h.spec for h in session.methods]
     session.save_pretrained(tmp_path / "export", remote_code=True)
     session.close()
     config = json.loads((tmp_path / "export" / "config.json").read_text())
-    assert config["auto_map"] == {"AutoModelForImageTextToText": "modeling_mmkit.MmkitLlavaForConditionalGeneration"}
+    assert config["auto_map"] == {"AutoModelForImageTextToText": f"modeling_mmkit.{class_name}"}
 
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(tmp_path / "export")
-    assert [h.spec for h in model.mmkit_session.methods] == [spec.replace("layer=2,", "")]
+    assert type(model).__name__ == class_name
+    assert [h.spec for h in model.mmkit_session.methods] == (expect_spec or specs)
     with torch.inference_mode():
         assert torch.equal(model(**inputs).logits, expected)
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False,
@@ -128,13 +129,47 @@ def test_remote_code_export_runs_with_plain_transformers(tmp_path, images, promp
     plain = [processor.tokenizer.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True).strip()
              for row in new.tolist()]
     assert plain == texts
+    model.mmkit_session.close()
     # mmkit.load ignores the remote code and reproduces the export as before.
     reloaded = mmkit.load(str(tmp_path / "export"))
     assert torch.equal(forward_logits(reloaded, reloaded.prepare(images, prompts)), expected)
+    reloaded.close()
 
 
-def test_remote_code_export_refuses_branched_methods(tmp_path):
-    session = mmkit.load("tiny-random", methods=["vcd"])
+@pytest.mark.parametrize("spec", ["visionzip:keep=0.25", "vflowopt:vision_keep=0.5", "fastv:layer=2,keep=0.25"])
+def test_remote_code_export_runs_with_plain_transformers(tmp_path, images, prompts, spec):
+    """`AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)` gets the methods attached: the
+    same logits as the exporting session, and plain `generate` gives the session's answers."""
+    _check_remote_code("tiny-random", spec, tmp_path, images, prompts, "MmkitLlavaForConditionalGeneration",
+                       expect_spec=[spec.replace("layer=2,", "")])
+
+
+def test_remote_code_export_carries_learned_state(tmp_path, images, prompts):
+    """DyVTE gates (learned state) travel in a remote-code export and act when plain transformers loads it."""
+    from safetensors.torch import save_file
+
+    from mmkit.pruning.dyvte import ExitGates
+
+    gates = ExitGates((1, 2, 3), 64, 4, width=8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # layer 2's gate fires for every sample: a visible effect on the logits
+        gates.w2.zero_()
+        gates.b2.copy_(torch.tensor([-10.0, 10.0, -10.0]))
+    path = tmp_path / "gates.safetensors"
+    save_file(gates.state_tensors(), str(path))
+    _check_remote_code("tiny-random", f"dyvte:gates={path}", tmp_path, images, prompts,
+                       "MmkitLlavaForConditionalGeneration", expect_spec=["dyvte:gates=exported"])
+    manifest = json.loads((tmp_path / "export" / "mmkit_config.json").read_text())
+    assert manifest["remote_code"] and manifest["methods"][0]["state"].endswith(".safetensors")
+
+
+def test_remote_code_export_of_llava_next(tmp_path, images, prompts):
+    _check_remote_code("tiny-random-next", "fastv:layer=2,keep=0.25", tmp_path, images, prompts,
+                       "MmkitLlavaNextForConditionalGeneration")
+
+
+@pytest.mark.parametrize("spec", ["vcd", "agla", "vhr"])
+def test_remote_code_export_refuses_branched_methods(tmp_path, spec):
+    session = mmkit.load("tiny-random", methods=[spec])
     with pytest.raises(MmkitError, match="without --remote-code"):
         session.save_pretrained(tmp_path / "export", remote_code=True)
     assert not (tmp_path / "export").exists()

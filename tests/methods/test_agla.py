@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import forward_logits
+from conftest import forward_logits, tiny_clip
 from mmkit.errors import MmkitError
 from mmkit.hallucination.agla import AGLAConfig, keep_mask, mask_pixels, pixel_saliency
 
@@ -136,31 +136,8 @@ def test_sampling_is_seeded(session, images, prompts):
     assert a != [r.text for r in session.generate(images, prompts, max_new_tokens=8, do_sample=True, seed=6)]
 
 
-def _tiny_clip(path):
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for code in range(33, 127):
-        vocab.setdefault(chr(code), len(vocab))
-        vocab.setdefault(chr(code) + "</w>", len(vocab))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=56, patch_size=14),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(path)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-
-
 def test_clip_matcher(session, images, prompts, tmp_path):
-    _tiny_clip(tmp_path)
+    tiny_clip(tmp_path)
     base = torch.tensor(session.answer_logprobs(images, prompts, choices=["yes", "no"]).logprobs)
     handle = session.apply(f"agla:matcher=clip,clip_model={tmp_path}")
     inputs = session.prepare(images, prompts)
