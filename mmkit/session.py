@@ -324,7 +324,9 @@ class Session:
         image. See docs/grounding.md.
         """
         from mmkit.grounding.vlsam import default_sam, ground
+        from mmkit.models.families import check_grounding
 
+        check_grounding(self.adapter.family)  # before the SAM checkpoint is loaded
         if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
             images = [images]
         return ground(self, default_sam(sam, self.device), list(images), query=query, config=config)

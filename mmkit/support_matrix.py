@@ -31,11 +31,18 @@ def render_matrix() -> str:
             if why is not None:
                 reasons.setdefault((method.name, why), []).append(family.name)
         lines.append(f"| {method.name} | {method.kind} | " + " | ".join(cells) + " |")
+    # VL-SAM grounding is a pipeline over a session, not a registered method; its support is per family too.
+    cells = []
+    for family in families:
+        cells.append("yes" if family.grounding_refused is None else "refused")
+        if family.grounding_refused is not None:
+            reasons.setdefault(("ground", family.grounding_refused), []).append(family.name)
+    lines.append("| ground (VL-SAM) | grounding | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Built-in tiny model per family (tests and plumbing): "
                  + ", ".join(f"`{f.builtin}` ({f.name})" for f in families) + ".")
     if reasons:
-        lines += ["", "A refused method stops at `apply` with one line saying why:", ""]
+        lines += ["", "A refused method stops at `apply` (grounding at `ground`) with one line saying why:", ""]
         lines += [f"- `{method}` on {', '.join(names)}: {why}" for (method, why), names in reasons.items()]
     return "\n".join(lines)
 

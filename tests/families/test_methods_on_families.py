@@ -105,3 +105,26 @@ def test_readme_support_matrix_matches_registry():
         assert f"| {method.name} |" in table
     for family in FAMILIES.values():
         assert family.name in table
+
+
+@pytest.mark.parametrize("name", ["tiny-random-next", *FAMILY_BUILTINS])
+def test_grounding_is_refused_up_front_where_its_maps_cannot_be_placed(name, tmp_path):
+    """VL-SAM reads one square grid of patch tokens; on other layouts every entry point says so in one line before
+    loading SAM or running the model (square Qwen images would otherwise pass by accident, others fail late)."""
+    from PIL import Image
+
+    from mmkit.grounding.vlsam import ground
+
+    session = mmkit.load(name, device="cpu")
+    family = _family_of(name)
+    assert refusal(family, "ground") is not None
+    with pytest.raises(MmkitError, match=f"VL-SAM grounding does not support {family.name}"):
+        session.ground(family_images()[:1], query="cube", sam="/no/such/sam")  # refused before SAM is looked up
+    with pytest.raises(MmkitError, match="VL-SAM grounding does not support"):
+        ground(session, None, family_images()[:1])
+    image = tmp_path / "scene.png"
+    Image.fromarray(family_images()[0]).save(image)
+    result = CliRunner().invoke(main, ["ground", "--model", name, "--image", str(image), "--query", "cube",
+                                       "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert result.exit_code == 2 and "VL-SAM grounding does not support" in result.output
+    assert not (tmp_path / "out").exists()
