@@ -365,3 +365,18 @@ def test_generate_and_info_commands_on_a_family_model(tmp_path):
                                     "--attn-implementation", "flex_attention"])
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
     assert "does not support an attention implementation through torch's flex_attention" in bad.output
+
+
+@pytest.mark.parametrize("bench", ["pope", "vqa"])
+def test_eval_command_on_a_family_model(bench, tmp_path):
+    """`mmkit eval` on the reference world with a method: visual tokens and kept tokens per sample are what the
+    family's processor and the method produce (random weights: the answer metrics themselves mean nothing)."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["eval", "--model", "tiny-random-qwen2.5-vl", "--bench", bench, "--limit", "4",
+                                       "--batch-size", "2", "--method", "fastv:layer=2,keep=0.5", "--device", "cpu",
+                                       "--no-progress", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "results.json").read_text())
+    efficiency = record["efficiency"]
+    assert efficiency["visual_tokens"] == 16  # reference-world images are 336 px squares: 4 x 4 merged tokens
+    assert efficiency["visual_tokens_kept"] == pytest.approx((16 + 16 + 8 + 8) / 4)
