@@ -203,8 +203,8 @@ class TokenDropper:
             mask = _apply_key_valid(mask, _pad_valid(self.valid, mask.shape[-1]))
             # A padded slot may see no valid key; let it see itself so its row never softmaxes to NaN (a NaN value
             # would poison real rows even at zero weight).
-            eye = torch.eye(m, mask.shape[-1], dtype=torch.bool, device=idx.device)[None, None]
-            eye = eye & ~self.valid[:, None, :, None]
+            eye = torch.eye(m, mask.shape[-1], dtype=torch.bool, device=mask.device)[None, None]
+            eye = eye & ~self.valid.to(mask.device)[:, None, :, None]
             mask = mask | eye if mask.dtype == torch.bool else mask.masked_fill(eye, 0.0)
         kwargs["attention_mask"] = mask
         return kwargs
@@ -255,6 +255,9 @@ def _pad_valid(valid: torch.Tensor, length: int) -> torch.Tensor:
 def _take(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """x.gather(dim, index) where index is (B, m) over axis `dim`; size-1 batch or head axes broadcast."""
     batch, m = index.shape
+    # Family handling: with a device map the rotary tables and masks live where the decoder made them, the index
+    # where the hidden states are; gather on the tensor's device.
+    index = index.to(x.device)
     if x.shape[0] == 1 and batch > 1:
         x = x.expand(batch, *x.shape[1:])
     view = [batch] + [1] * (x.dim() - 1)
@@ -267,7 +270,7 @@ def _take(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
 def _apply_key_valid(mask: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     if valid is None:
         return mask
-    key_ok = valid[:, None, None, :]
+    key_ok = valid.to(mask.device)[:, None, None, :]
     if mask.dtype == torch.bool:
         return mask & key_ok
     return mask.masked_fill(~key_ok, torch.finfo(mask.dtype).min)
