@@ -133,7 +133,10 @@ def _write_pope_parquet(path: Path, images: Path, rows) -> None:
         columns["image"].append({"bytes": cache[name], "path": None})
         columns["category"].append(split)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    schema = pa.schema([(k, image_type if k == "image" else pa.string()) for k in columns])
+    # The feature metadata HF `datasets` writes, so `datasets` (and so lmms-eval) decodes `image` as a PIL image.
+    features = {k: {"_type": "Image"} if k == "image" else {"dtype": "string", "_type": "Value"} for k in columns}
+    schema = pa.schema([(k, image_type if k == "image" else pa.string()) for k in columns],
+                       metadata={"huggingface": json.dumps({"info": {"features": features}})})
     pq.write_table(pa.table(columns, schema=schema), path, row_group_size=256)
 
 
