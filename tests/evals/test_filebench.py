@@ -145,3 +145,16 @@ def test_vqa_file_per_type_and_report_with_builtin_runs(tmp_path, session):
     table = report_table([load_run(tmp_path / "f"), load_run(tmp_path / "b")])
     assert "vqa/vqa " in table and "vqa/all" in table and "acc/object" in table
     assert builtin["n"] == 2
+
+
+def test_parquet_categories_in_results_and_report(world, tmp_path, session):
+    result = run_eval(session=session, bench="pope", data=world / "pope" / "parquet", batch_size=8,
+                      max_new_tokens=3, out=tmp_path / "p", progress=False)
+    samples = _samples(tmp_path / "p")
+    assert set(result["metrics"]["by_category"]) == {"random", "popular", "adversarial"}
+    for category, metrics in result["metrics"]["by_category"].items():
+        rows = [r for r in samples if r["kind"] == category]
+        assert metrics["accuracy"] == pope_metrics([r["parsed"] for r in rows], [r["answer"] for r in rows])["accuracy"]
+        assert metrics["n"] == len(rows) > 0
+    table = report_table([load_run(tmp_path / "p")])
+    assert "  category=adversarial" in table and "unparsed" in table
