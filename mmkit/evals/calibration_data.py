@@ -85,7 +85,8 @@ def _from_coco(coco, suffix: str, seed: int, n: int, loader) -> list[Calibration
 
 
 def user_samples(data=None, images=None, coco=None, n: int | None = None, seed: int = 0,
-                 prompt_suffix: str | None = None, kinds_excluded: tuple[str, ...] = ()) -> list[CalibrationItem] | None:
+                 prompt_suffix: str | None = None,
+                 kinds_excluded: tuple[str, ...] = ()) -> list[CalibrationItem] | None:
     """`n` samples (all when None) from `data` / `coco` in a seeded order, or None when neither is given (the
     caller's reference-world default applies). Items whose kind is in `kinds_excluded` are dropped first."""
     if data is None and coco is None:

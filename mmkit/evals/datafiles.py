@@ -56,6 +56,7 @@ class FileQuestion:
     kind: str = ""
     choices: tuple[str, ...] = ()
     truth: tuple[str, ...] = field(default=())
+    question_id: str = ""  # as written in the file
 
 
 def _fail(where: str, what: str) -> MmkitError:
@@ -172,12 +173,13 @@ def _pope_jsonl(path: Path, images: Path | None, suffix: str) -> list[FileQuesti
     out, qids = [], set()
     for lineno, row in _jsonl_rows(path):
         where = f"{path}:{lineno}"
-        qid = f"{path.name}:{_field(row, 'question_id', where)}"
+        question_id = _field(row, "question_id", where)
+        qid = f"{path.name}:{question_id}"
         _check_unique(qids, qid, where)
         name = _field(row, "image", where)
         out.append(FileQuestion(
-            qid=qid, prompt=_field(row, "text", where) + suffix, answer=_yes_no(_field(row, "label", where), where,
-                                                                                  "label"),
+            qid=qid, question_id=question_id, prompt=_field(row, "text", where) + suffix,
+            answer=_yes_no(_field(row, "label", where), where, "label"),
             image=_image_file(name, images, path, where), image_name=name, file=path.name,
             kind=str(row.get("category", "")),
         ))
@@ -207,17 +209,18 @@ def _pope_parquet(path: Path, suffix: str) -> list[FileQuestion]:
     n = len(table["question_id"])
     if n == 0:
         raise _fail(str(path), "is empty (0 rows)")
-    out, qids = [], set()
+    out = []
     for row in range(n):
         where = f"{path} row {row}"
         values = {c: table[c][row] for c in columns}
         for key in ("question_id", "question", "answer"):
             if values[key] is None:
                 raise _fail(where, f"{key} is empty")
-        qid = f"{path.name}:{values['question_id']}"
-        _check_unique(qids, qid, where)
+        # lmms-eval's POPE numbers questions per category, so ids repeat within a file: rows identify questions.
+        qid = f"{path.name}:{row}"
         out.append(FileQuestion(
-            qid=qid, prompt=str(values["question"]) + suffix, answer=_yes_no(values["answer"], where, "answer"),
+            qid=qid, question_id=str(values["question_id"]), prompt=str(values["question"]) + suffix,
+            answer=_yes_no(values["answer"], where, "answer"),
             image=ImageRef(parquet=str(path), row=row, where=where),
             image_name=str(values.get("image_source") or f"row {row}"), file=path.name,
             kind=str(values.get("category") or ""),
@@ -245,7 +248,8 @@ def read_vqa(data: str | os.PathLike, images: str | os.PathLike | None = None,
         qids: set[str] = set()
         for lineno, row in _jsonl_rows(path):
             where = f"{path}:{lineno}"
-            qid = f"{path.name}:{row.get('question_id', lineno)}"
+            question_id = str(row.get("question_id", lineno))
+            qid = f"{path.name}:{question_id}"
             _check_unique(qids, qid, where)
             name = _field(row, "image", where)
             question = _field(row, "question", where)
@@ -263,7 +267,7 @@ def read_vqa(data: str | os.PathLike, images: str | os.PathLike | None = None,
                 if not answer:
                     raise _fail(where, "answer is empty")
                 prompt = question + prompt_suffix
-            out.append(FileQuestion(qid=qid, prompt=prompt, answer=answer,
+            out.append(FileQuestion(qid=qid, question_id=question_id, prompt=prompt, answer=answer,
                                     image=_image_file(name, images_dir, path, where), image_name=name,
                                     file=path.name, kind=str(row.get("type", "")), choices=choices))
     return out

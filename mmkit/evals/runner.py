@@ -285,26 +285,32 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
     return result
 
 
+def _generate_chunk(session, images: list, chunk: list, chunk_idx: int, max_new_tokens: int, decoding: str,
+                    seed: int) -> list[tuple[Any, dict[str, Any]]]:
+    """Answer the chunk in one batch: per question, the generation result and its efficiency fields."""
+    started = time.perf_counter()
+    results = session.generate(images, [q.prompt for q in chunk], max_new_tokens=max_new_tokens,
+                               do_sample=decoding == "sample", seed=seed * 1_000_003 + chunk_idx)
+    generate_ms = (time.perf_counter() - started) * 1000.0
+    return [(res, {
+        "visual_tokens": res.stats.visual_tokens, "visual_tokens_kept": res.stats.visual_tokens_kept,
+        "tokens_per_layer": res.stats.tokens_per_layer, "new_tokens": res.stats.new_tokens,
+        "visual_tokens_cross": res.stats.visual_tokens_cross,
+        "prefill_ms_batch": res.stats.prefill_ms, "generate_ms_batch": generate_ms, "batch_size": len(chunk),
+    }) for res in results]
+
+
 def _answer_records(session, bench: str, chunk: list, chunk_idx: int, done: set[str], world_seed: int,
                     max_new_tokens: int, decoding: str, seed: int) -> list[dict[str, Any]]:
     """Generate the chunk's answers in one batch; one scored record per question not in `done`."""
     from mmkit.world.scenes import generate_scene
 
     scenes = [generate_scene(world_seed, q.scene_index) for q in chunk]
-    started = time.perf_counter()
-    results = session.generate(
-        [s.image for s in scenes], [q.prompt for q in chunk], max_new_tokens=max_new_tokens,
-        do_sample=decoding == "sample", seed=seed * 1_000_003 + chunk_idx,
-    )
-    generate_ms = (time.perf_counter() - started) * 1000.0
+    answers = _generate_chunk(session, [s.image for s in scenes], chunk, chunk_idx, max_new_tokens, decoding, seed)
     return [{
         "qid": q.qid, "scene_index": q.scene_index, "kind": q.kind, "split": q.split, "prompt": q.prompt,
-        "answer": q.answer, "text": res.text, **_score(bench, q, res.text, scene),
-        "visual_tokens": res.stats.visual_tokens, "visual_tokens_kept": res.stats.visual_tokens_kept,
-        "tokens_per_layer": res.stats.tokens_per_layer, "new_tokens": res.stats.new_tokens,
-        "visual_tokens_cross": res.stats.visual_tokens_cross,
-        "prefill_ms_batch": res.stats.prefill_ms, "generate_ms_batch": generate_ms, "batch_size": len(chunk),
-    } for q, scene, res in zip(chunk, scenes, results) if q.qid not in done]
+        "answer": q.answer, "text": res.text, **_score(bench, q, res.text, scene), **cost,
+    } for q, scene, (res, cost) in zip(chunk, scenes, answers) if q.qid not in done]
 
 
 def _file_answer_records(session, file_bench, chunk: list, chunk_idx: int, done: set[str], max_new_tokens: int,
@@ -313,18 +319,11 @@ def _file_answer_records(session, file_bench, chunk: list, chunk_idx: int, done:
     from mmkit.evals.filebench import score
 
     images = [file_bench.loader.load(q.image) for q in chunk]
-    started = time.perf_counter()
-    results = session.generate(images, [q.prompt for q in chunk], max_new_tokens=max_new_tokens,
-                               do_sample=decoding == "sample", seed=seed * 1_000_003 + chunk_idx)
-    generate_ms = (time.perf_counter() - started) * 1000.0
+    answers = _generate_chunk(session, images, chunk, chunk_idx, max_new_tokens, decoding, seed)
     return [{
-        "qid": q.qid, "file": q.file, "image": q.image_name, "kind": q.kind, "prompt": q.prompt,
-        "answer": q.answer, "text": res.text, **score(file_bench, q, res.text),
-        "visual_tokens": res.stats.visual_tokens, "visual_tokens_kept": res.stats.visual_tokens_kept,
-        "tokens_per_layer": res.stats.tokens_per_layer, "new_tokens": res.stats.new_tokens,
-        "visual_tokens_cross": res.stats.visual_tokens_cross,
-        "prefill_ms_batch": res.stats.prefill_ms, "generate_ms_batch": generate_ms, "batch_size": len(chunk),
-    } for q, res in zip(chunk, results) if q.qid not in done]
+        "qid": q.qid, "question_id": q.question_id, "file": q.file, "image": q.image_name, "kind": q.kind,
+        "prompt": q.prompt, "answer": q.answer, "text": res.text, **score(file_bench, q, res.text), **cost,
+    } for q, (res, cost) in zip(chunk, answers) if q.qid not in done]
 
 
 class _Group:

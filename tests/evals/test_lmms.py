@@ -145,7 +145,7 @@ def test_lmms_eval_stock_pope_task_on_a_local_parquet(tmp_path):
     assert logged, "lmms-eval wrote no samples log"
     theirs = [json.loads(line) for line in logged[-1].read_text().splitlines()]
     preds = {int(s["pope_accuracy"]["question_id"]): s["pope_accuracy"]["prediction"] for s in theirs}
-    assert preds == {int(s["qid"].split(":")[1]): s["text"].lower().strip() for s in samples}
+    assert preds == {int(s["question_id"]): s["text"].lower().strip() for s in samples}
     # lmms-eval's stock aggregation recomputed from mmkit's answers: an exact "yes"/"no" is required there.
     pred = [s["text"].lower().strip() for s in samples]
     gt = [s["answer"] for s in samples]
