@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -146,16 +144,12 @@ def export_world(out: str | os.PathLike, world_seed: int = 1, n_images: int = 50
     written. `out` must not exist or be empty unless `overwrite`."""
     if n_images < 1:
         raise MmkitError(f"--images must be >= 1, got {n_images}")
+    from mmkit.atomic import atomic_directory
+
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise MmkitError(f"{out} is a file; --out must be a directory to create")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise MmkitError(f"{out} exists and is not empty; pick another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        counts = _write_world(tmp / "world", world_seed, n_images, parquet)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp / "world", out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return counts
+    with atomic_directory(out) as tmp:
+        return _write_world(tmp, world_seed, n_images, parquet)
