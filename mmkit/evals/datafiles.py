@@ -204,6 +204,7 @@ def _pope_parquet(path: Path, suffix: str) -> list[FileQuestion]:
     if missing:
         raise _fail(str(path), f"has no column {', '.join(missing)} (expected lmms-eval's POPE layout: "
                                f"{', '.join(POPE_PARQUET_COLUMNS)}, category, image_source)")
+    _check_parquet_images(handle, path)
     columns = [c for c in ("question_id", "question", "answer", "category", "image_source") if c in names]
     table = handle.read(columns=columns).to_pydict()
     n = len(table["question_id"])
@@ -226,6 +227,26 @@ def _pope_parquet(path: Path, suffix: str) -> list[FileQuestion]:
             kind=str(values.get("category") or ""),
         ))
     return out
+
+
+def _check_parquet_images(handle, path: Path) -> None:
+    """Every row has image bytes: read from the column statistics, so no image is decoded before the run; only a
+    row group that reports missing bytes is read, to name the row."""
+    meta = handle.metadata
+    start = 0
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for j in range(group.num_columns):
+            column = group.column(j)
+            if column.path_in_schema not in ("image", "image.bytes"):
+                continue
+            stats = column.statistics
+            if stats is None or stats.null_count is None or stats.null_count > 0:
+                cells = handle.read_row_group(g, columns=["image"]).column("image").to_pylist()
+                for i, cell in enumerate(cells):
+                    if not (cell.get("bytes") if isinstance(cell, dict) else cell):
+                        raise _fail(f"{path} row {start + i}", "has no image bytes")
+        start += group.num_rows
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -149,6 +149,24 @@ def test_bad_parquet_names_file_and_row(tmp_path):
                              "image": [{"bytes": b"x", "path": None}] * 2}), path)
     result = CliRunner().invoke(main, ["eval", "--model", "tiny-random", "--bench", "pope", "--data", str(path)])
     assert result.exit_code == 2 and f"{path} row 1" in result.stderr and "not yes or no" in result.stderr
+    pq.write_table(pa.table({"question_id": ["1", "2"], "question": ["Is there a cup?"] * 2, "answer": ["yes", "no"],
+                             "image": [{"bytes": b"x", "path": None}, {"bytes": None, "path": "a.jpg"}]}), path)
+    result = CliRunner().invoke(main, ["eval", "--model", "tiny-random", "--bench", "pope", "--data", str(path)])
+    assert result.exit_code == 2 and f"{path} row 1: has no image bytes" in result.stderr
     pq.write_table(pa.table({"question_id": ["1"], "question": ["q"]}), path)
     result = CliRunner().invoke(main, ["eval", "--model", "tiny-random", "--bench", "pope", "--data", str(path)])
     assert result.exit_code == 2 and "no column answer, image" in result.stderr
+
+
+def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    from mmkit.world import coco_export
+
+    def fail(root, *args):
+        (root / "val").mkdir(parents=True)
+        (root / "val" / "partial.png").write_bytes(b"x")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(coco_export, "_write_world", fail)
+    with pytest.raises(RuntimeError):
+        coco_export.export_world(tmp_path / "world", n_images=1)
+    assert list(tmp_path.iterdir()) == []
