@@ -158,8 +158,9 @@ def read_pope(data: str | os.PathLike, images: str | os.PathLike | None = None,
     """POPE questions from a question file (JSON lines with question_id, image, text, label; images under
     `images`), a parquet file in lmms-eval's POPE layout, or a directory of either."""
     images_dir = _images_dir(images)
-    files = _data_files(data, ("*.parquet",)) if Path(data).is_dir() and any(Path(data).rglob("*.parquet")) else \
-        _data_files(data, ("*.json", "*.jsonl"))
+    # A directory: its parquet shards (lmms-eval's layout), else its question files.
+    parquet_dir = Path(data).is_dir() and any(Path(data).rglob("*.parquet"))
+    files = _data_files(data, ("*.parquet",) if parquet_dir else ("*.json", "*.jsonl"))
     out: list[FileQuestion] = []
     for path in files:
         if path.suffix == ".parquet":
@@ -389,7 +390,10 @@ def load_coco(coco: str | os.PathLike) -> CocoCaptions:
     refs: dict[int, list[str]] = {}
     for ann in _coco_list(captions, "annotations", cap_path, ("image_id", "caption")):
         refs.setdefault(ann["image_id"], []).append(str(ann["caption"]))
-    return CocoCaptions(root, split, list(cats.values()), files, present, refs, vocabulary_for(cats.values()))
+    # `mmkit world export` marks its files, so an exported world is scored with the world's own mention rules.
+    info = instances.get("info") if isinstance(instances.get("info"), dict) else {}
+    vocabulary = vocabulary_for(cats.values(), reference_world="mmkit_world_seed" in info)
+    return CocoCaptions(root, split, list(cats.values()), files, present, refs, vocabulary)
 
 
 def sample_image_ids(image_ids, n: int, seed: int) -> list[int]:

@@ -224,17 +224,15 @@ class _WorldVocabulary:
         return list(dict.fromkeys(mentioned_categories(text)))
 
 
-def vocabulary_for(categories: Iterable[str]):
-    """The vocabulary for a dataset's category names: the reference world's when every name is a world category
-    (an exported world), else the COCO table, extended with any name it lacks (matched as written, with plurals)."""
-    from mmkit.world.scenes import CATEGORIES
-
-    names = list(dict.fromkeys(categories))
-    if names and set(names) <= set(CATEGORIES):
+def vocabulary_for(categories: Iterable[str], reference_world: bool = False):
+    """The vocabulary for a dataset's category names: the reference world's mention rules for an exported world,
+    else the COCO table for the 80 COCO categories; for other category sets, each name (matched as written, with
+    plurals) with its COCO words when it is a COCO category."""
+    if reference_world:
         return _WorldVocabulary()
-    extra = [n for n in names if n not in COCO_SYNONYMS]
-    if not extra:
+    names = list(dict.fromkeys(n.lower() for n in categories))
+    if set(names) == set(COCO_CATEGORIES):
         return coco_vocabulary()
-    table = {c: COCO_SYNONYMS[c] for c in COCO_CATEGORIES}
-    table.update({n.lower(): () for n in extra if n.lower() not in table})
-    return ObjectVocabulary(table, colour_words=("orange",))
+    # Only the dataset's categories can be true, so only they are looked for (with the COCO words where known).
+    return ObjectVocabulary({n: COCO_SYNONYMS.get(n, ()) for n in names},
+                            colour_words=("orange",) if "orange" in names else ())

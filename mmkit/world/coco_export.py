@@ -82,7 +82,7 @@ def _write_world(root: Path, world_seed: int, n_images: int, parquet: bool) -> d
                                 "segmentation": rle_encode(obj.mask), "colour": obj.colour})
         captions.append({"id": index + 1, "image_id": image_id, "caption": reference_caption(scene)})
     info = {"description": f"mmkit reference world, world seed {world_seed}, scenes 0-{n_images - 1}",
-            "version": "1.0"}
+            "version": "1.0", "mmkit_world_seed": world_seed}
     categories = [{"id": i, "name": c, "supercategory": "object"} for c, i in cat_ids.items()]
     (root / "annotations" / f"instances_{SPLIT}.json").write_text(json.dumps(
         {"info": info, "images": images, "annotations": annotations, "categories": categories}))

@@ -10,7 +10,7 @@ from realdata import COCO_IMAGES, POPE_ROWS, coco_name, write_coco, write_pope
 from mmkit.cli import main
 from mmkit.evals.datafiles import read_chair, read_pope, read_vqa, sample_image_ids
 from mmkit.evals.filebench import parse_choice, parse_pope_answer, vqa_file_correct
-from mmkit.evals.objects import COCO_CATEGORIES, COCO_SYNONYMS, ObjectVocabulary, coco_vocabulary
+from mmkit.evals.objects import COCO_CATEGORIES, COCO_SYNONYMS, ObjectVocabulary, coco_vocabulary, vocabulary_for
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -32,6 +32,13 @@ def test_coco_table_covers_the_80_categories_once():
     assert len(COCO_CATEGORIES) == 80 == len(set(COCO_CATEGORIES)) and set(COCO_SYNONYMS) == set(COCO_CATEGORIES)
     with pytest.raises(ValueError, match="names both"):
         ObjectVocabulary({"cup": ("mug",), "bowl": ("mug",)})
+
+
+def test_vocabulary_of_other_category_sets():
+    assert vocabulary_for(COCO_CATEGORIES) is coco_vocabulary()
+    assert vocabulary_for(["cup", "Desk Lamp"]).mentions("Two desk lamps, a mug and a dog.") == ["desk lamp", "cup"]
+    # An exported world keeps the world's own words ("disc" is a circle there).
+    assert vocabulary_for(["cup", "circle"], reference_world=True).mentions("a mug and a disc") == ["cup", "circle"]
 
 
 def test_pope_answer_parsing_as_the_reference():
