@@ -43,6 +43,7 @@ def _samples(out: Path) -> list[dict]:
 @pytest.mark.skipif(not HAS_REFERENCE, reason="the reference model weights are not in the repo")
 @pytest.mark.parametrize("split", ["random", "popular", "adversarial"])
 def test_pope_files_match_the_builtin_bench(world, reference, tmp_path, split):
+    """POPE question files of the exported world: the built-in bench's answers and metrics, split by split."""
     path = world / "pope" / f"world_pope_{split}.json"
     n = len(path.read_text().splitlines())
     builtin = run_eval(session=reference, bench="pope", split=split, world_seed=WORLD_SEED, limit=n, batch_size=8,
@@ -54,11 +55,18 @@ def test_pope_files_match_the_builtin_bench(world, reference, tmp_path, split):
     assert {k: files["metrics"][k] for k in SHARED} == {k: builtin["metrics"][k] for k in SHARED}
     assert files["metrics"]["by_file"][path.name]["f1"] == files["metrics"]["f1"]
     assert files["metrics"]["unparsed"] == sum(r["unparsed"] for r in _samples(tmp_path / "files"))
-    if split != "adversarial":
-        return
-    # The lmms-eval parquet layout, the split picked by its category column: the same answers again.
+
+
+@pytest.mark.skipif(not HAS_REFERENCE, reason="the reference model weights are not in the repo")
+def test_pope_parquet_matches_the_builtin_bench(world, reference, tmp_path):
+    """The lmms-eval parquet layout, a split picked by its category column: the built-in bench's answers again."""
+    split = "adversarial"
+    n = len((world / "pope" / f"world_pope_{split}.json").read_text().splitlines())
+    builtin = run_eval(session=reference, bench="pope", split=split, world_seed=WORLD_SEED, limit=n, batch_size=8,
+                       out=tmp_path / "builtin", progress=False)
     parquet = run_eval(session=reference, bench="pope", data=world / "pope" / "parquet", split=split,
-                       prompt_suffix="", batch_size=8, progress=False)
+                       prompt_suffix="", batch_size=8, out=tmp_path / "parquet", progress=False)
+    assert [r["text"] for r in _samples(tmp_path / "parquet")] == [r["text"] for r in _samples(tmp_path / "builtin")]
     assert {k: parquet["metrics"][k] for k in SHARED} == {k: builtin["metrics"][k] for k in SHARED}
     assert list(parquet["metrics"]["by_category"]) == [split]
     assert parquet["efficiency"]["visual_tokens"] == builtin["efficiency"]["visual_tokens"]
