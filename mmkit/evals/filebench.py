@@ -9,6 +9,7 @@ reference captions.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,14 @@ class FileBench:
     loader: datafiles.ImageLoader = field(default_factory=datafiles.ImageLoader)
 
 
+def _fingerprint(questions: list) -> str:
+    """A digest of the questions asked (ids, prompts, answers, images, truths): a resume refuses changed files."""
+    digest = hashlib.sha256()
+    for q in questions:
+        digest.update("\t".join([q.qid, q.prompt, q.answer, q.image_name, ",".join(q.truth)]).encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
 def _name(path: str) -> str:
     p = Path(path)
     return p.stem if p.is_file() else p.name
@@ -55,7 +64,7 @@ def load_file_bench(bench: str, data=None, images=None, coco=None, split: str | 
         prompt = datafiles.CHAIR_PROMPT if prompt is None else prompt
         questions, coco_data = datafiles.read_chair(coco, n=n, seed=seed, prompt=prompt)
         settings = {"coco": str(Path(coco).resolve()), "coco_split": coco_data.split, "images": n,
-                    "sample_seed": seed, "prompt": prompt}
+                    "sample_seed": seed, "prompt": prompt, "fingerprint": _fingerprint(questions)}
         return FileBench(bench, coco_data.split, questions, settings, vocabulary=coco_data.vocabulary)
     if bench not in ("pope", "vqa"):
         raise MmkitError(f"--data / --coco apply to the pope, vqa and chair benches, not {bench!r}")
@@ -78,7 +87,8 @@ def load_file_bench(bench: str, data=None, images=None, coco=None, split: str | 
             raise MmkitError(f"--limit must be >= 1, got {limit}")
         questions = questions[:limit]
     settings = {"data": str(Path(data).resolve()), "images": None if images is None else str(Path(images).resolve()),
-                "select": split, "questions": len(questions), "prompt_suffix": suffix}
+                "select": split, "questions": len(questions), "prompt_suffix": suffix,
+                "fingerprint": _fingerprint(questions)}
     return FileBench(bench, label, questions, settings)
 
 

@@ -111,6 +111,9 @@ def test_pope_file_resumes_after_a_kill(tmp_path, session):
     expected = pope_metrics([r["parsed"] for r in samples], [r["answer"] for r in samples])
     assert first["metrics"]["f1"] == expected["f1"] and first["files"]["questions"] == len(POPE_ROWS)
     assert "different run" in _error(lambda: run_eval(**dict(kw, prompt_suffix="")))
+    # The same file name with other questions is another run too.
+    write_pope(data, [(i, obj, "no" if label == "yes" else "yes") for i, obj, label in POPE_ROWS])
+    assert "differs in files" in _error(lambda: run_eval(**kw))
 
 
 def _error(fn) -> str:
