@@ -12,8 +12,6 @@ from mmkit.evals.objects import coco_vocabulary
 from mmkit.evals.report import load_run, report_table
 from mmkit.evals.runner import run_eval
 
-ROOT = Path(__file__).resolve().parents[2]
-HAS_REFERENCE = (ROOT / "mmkit" / "models" / "weights" / "reference" / "model.safetensors").is_file()
 WORLD_SEED, SCENES = 1, 2
 SHARED = ("accuracy", "precision", "recall", "f1", "yes_ratio", "n")
 
@@ -40,7 +38,6 @@ def _samples(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.skipif(not HAS_REFERENCE, reason="the reference model weights are not in the repo")
 @pytest.mark.parametrize("split", ["random", "popular", "adversarial"])
 def test_pope_files_match_the_builtin_bench(world, reference, tmp_path, split):
     """POPE question files of the exported world: the built-in bench's answers and metrics, split by split."""
@@ -57,7 +54,6 @@ def test_pope_files_match_the_builtin_bench(world, reference, tmp_path, split):
     assert files["metrics"]["unparsed"] == sum(r["unparsed"] for r in _samples(tmp_path / "files"))
 
 
-@pytest.mark.skipif(not HAS_REFERENCE, reason="the reference model weights are not in the repo")
 def test_pope_parquet_matches_the_builtin_bench(world, reference, tmp_path):
     """The lmms-eval parquet layout, a split picked by its category column: the built-in bench's answers again."""
     split = "adversarial"
@@ -72,7 +68,6 @@ def test_pope_parquet_matches_the_builtin_bench(world, reference, tmp_path):
     assert parquet["efficiency"]["visual_tokens"] == builtin["efficiency"]["visual_tokens"]
 
 
-@pytest.mark.skipif(not HAS_REFERENCE, reason="the reference model weights are not in the repo")
 def test_chair_and_vqa_readers_match_the_builtin_benches(world, reference, tmp_path):
     builtin = run_eval(session=reference, bench="chair", world_seed=WORLD_SEED, limit=SCENES, batch_size=4,
                        out=tmp_path / "b", progress=False)

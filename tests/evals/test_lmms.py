@@ -104,7 +104,6 @@ def test_loglikelihood_batched_matches_single_and_answer_logprobs(images, prompt
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_LMMS, reason="lmms_eval is not installed; run scripts/install_lmms.sh")
-@pytest.mark.skipif(not HAS_REFERENCE, reason="the reference model weights are not in mmkit/models/weights/reference")
 def test_lmms_eval_stock_pope_task_on_a_local_parquet(tmp_path):
     """`--model mmkit` on lmms-eval's own POPE task (its stock pope.yaml and utils module), pointed at a local parquet
     in the lmms-eval POPE schema instead of the hub: the answers and lmms-eval's own metrics equal those of
