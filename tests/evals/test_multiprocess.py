@@ -40,7 +40,6 @@ def test_two_process_eval_matches_one_process(tmp_path):
 @pytest.mark.slow
 def test_two_process_file_bench_matches_one_process(tmp_path):
     """Sharding applies to file benches too: a POPE question file over 2 processes merges into one result."""
-    sys.path.insert(0, str(Path(__file__).parent))
     from realdata import POPE_ROWS, write_coco, write_pope
 
     coco = write_coco(tmp_path / "coco")
