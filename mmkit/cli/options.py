@@ -20,3 +20,15 @@ attn_option = click.option(
     type=click.Choice(["sdpa", "eager", "flex_attention", "flash_attention_2"]),
     help="Attention implementation to load the model with (default: transformers' choice, usually sdpa).",
 )
+
+
+def calibration_data_options(fn):
+    """--data / --images / --coco of `mmkit eval`, for commands that calibrate or train on samples."""
+    fn = click.option("--coco", default=None,
+                      help="Draw samples from a COCO directory (descriptions and existence questions from its "
+                           "annotations) instead of the reference world.")(fn)
+    fn = click.option("--images", default=None, help="Image directory of --data.")(fn)
+    fn = click.option("--data", default=None,
+                      help="Draw samples from a POPE question file / lmms-eval POPE parquet or VQA JSON lines "
+                           "instead of the reference world.")(fn)
+    return fn
