@@ -352,7 +352,7 @@ class Session:
             "image_token": getattr(self.processor, "image_token", "<image>"),
             "visual_layout": self.adapter.family.visual_layout,
             "visual_tokens": _visual_tokens(cfg, image_size, patch, self.processor),
-            "attn_implementation": self.adapter.attn_implementation,
+            "attn_implementation": _loaded_attention(self),
             "attn_per_layer": _attention_placement(self),
             "image_size": image_size,
             "patch_size": patch,
@@ -390,7 +390,7 @@ def _visual_tokens(cfg, image_size, patch, processor=None):
         counter = getattr(processor, "_get_num_multimodal_tokens", None)
         try:
             counts = counter(image_sizes=[list(s) for s in _INFO_IMAGE_SIZES])["num_image_tokens"]
-        except Exception:  # a processor without the count API: say it varies rather than guess
+        except (AttributeError, TypeError, KeyError, ValueError):  # no count API: say it varies rather than guess
             return "varies with image size"
         return "varies with image size: " + ", ".join(
             f"{int(n)} at {h}x{w}" for (h, w), n in zip(_INFO_IMAGE_SIZES, counts))
@@ -398,6 +398,12 @@ def _visual_tokens(cfg, image_size, patch, processor=None):
         return None
     n = (image_size // patch) ** 2
     return n if cfg.vision_feature_select_strategy == "default" else n + 1
+
+
+def _loaded_attention(session) -> str:
+    """The implementation the decoder was loaded with (while methods hold the mmkit backend, the one it wraps)."""
+    switch = session.text_attention
+    return str(switch.original) if switch.count else session.adapter.attn_implementation
 
 
 def _attention_placement(session) -> str:

@@ -224,7 +224,9 @@ def test_attn_implementation_is_loaded_and_reported(name, impl):
         torch.testing.assert_close(session.model(**inputs).logits[real], base.model(**inputs).logits[real],
                                    atol=1e-4, rtol=1e-4)
     session.apply("fastv:layer=2,keep=0.5")
-    assert "mmkit backend" in session.describe()["attn_per_layer"]
+    info = session.describe()
+    assert info["attn_per_layer"].startswith(f"decoder layers 0-3: mmkit backend around {impl}")
+    assert info["attn_implementation"] == impl
 
 
 def test_attn_implementation_reaches_from_pretrained(tmp_path):
