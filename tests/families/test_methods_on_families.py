@@ -128,3 +128,33 @@ def test_grounding_is_refused_up_front_where_its_maps_cannot_be_placed(name, tmp
                                        "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert result.exit_code == 2 and "VL-SAM grounding does not support" in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", FAMILY_BUILTINS)
+def test_no_op_settings_equal_the_baseline(name):
+    """FastV keeping every token and VHR with alpha 1 change nothing on any family, bit for bit."""
+    session = mmkit.load(name, device="cpu")
+    inputs = session.prepare(family_images(), PROMPTS)
+    base = _logits(session, inputs)
+    for spec in ("fastv:layer=2,keep=1.0", "vhr:alpha=1"):
+        handle = session.apply(spec)
+        assert torch.equal(_logits(session, inputs), base), spec
+        assert torch.tensor(session.answer_logprobs(family_images(), PROMPTS).logprobs).isfinite().all()
+        handle.remove()
+    session.close()
+
+
+@pytest.mark.parametrize("name", FAMILY_BUILTINS)
+@pytest.mark.parametrize("pair", [("fastv:layer=2,keep=0.5", "vcd"), ("vhr", "sparsevlm"), ("pyramiddrop", "var")])
+def test_pruning_composes_with_mitigation_on_families(name, pair):
+    """A pruning and a mitigation method in one session, batched rows equal to single rows (3-D positions and
+    token types must survive both the drop and the extra branches)."""
+    session = mmkit.load(name, device="cpu", methods=list(pair))
+    images = family_images()
+    batch = [r.text for r in session.generate(images, PROMPTS, max_new_tokens=3)]
+    single = [session.generate([im], [p], max_new_tokens=3)[0].text for im, p in zip(images, PROMPTS)]
+    assert batch == single
+    scores = session.answer_logprobs(images, PROMPTS).logprobs
+    for i, (im, p) in enumerate(zip(images, PROMPTS)):
+        assert session.answer_logprobs([im], [p]).logprobs[0] == pytest.approx(scores[i], abs=1e-4)
+    session.close()
