@@ -128,6 +128,10 @@ def test_grounding_is_refused_up_front_where_its_maps_cannot_be_placed(name, tmp
                                        "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert result.exit_code == 2 and "VL-SAM grounding does not support" in result.output
     assert not (tmp_path / "out").exists()
+    evaluated = CliRunner().invoke(main, ["eval", "--model", name, "--bench", "ground", "--limit", "2", "--out",
+                                          str(tmp_path / "eval"), "--device", "cpu", "--no-progress"])
+    assert evaluated.exit_code == 2 and "VL-SAM grounding does not support" in evaluated.output
+    assert not (tmp_path / "eval").exists()  # refused before the run directory is made
 
 
 @pytest.mark.parametrize("name", FAMILY_BUILTINS)
