@@ -351,6 +351,7 @@ class Session:
             "image_token_id": self.adapter.image_token_id,
             "image_token": getattr(self.processor, "image_token", "<image>"),
             "visual_layout": self.adapter.family.visual_layout,
+            "vision_cls_token": self.adapter.has_cls_token,
             "visual_tokens": _visual_tokens(cfg, image_size, patch, self.processor),
             "attn_implementation": _loaded_attention(self),
             "attn_per_layer": _attention_placement(self),

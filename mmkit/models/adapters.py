@@ -32,6 +32,12 @@ class LlavaAdapter:
         return FAMILIES[self.architecture]
 
     @property
+    def has_cls_token(self) -> bool:
+        """Whether the vision tower has a CLS token (CLIP: yes; SigLIP and the Qwen-VL towers: no). Read this, not
+        `vision_feature_select_strategy`: OneVision's "full" keeps every SigLIP patch, with no CLS among them."""
+        return self.family.cls_token
+
+    @property
     def attn_implementation(self) -> str:
         """The attention implementation the decoder was loaded with (what runs where no method intervenes)."""
         return str(self.text_config._attn_implementation)

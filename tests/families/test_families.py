@@ -112,6 +112,7 @@ def test_info_prints_family_visual_tokens_and_attention(name):
     assert f"{real} at 336x504" in info["visual_tokens"]
     assert info["attn_implementation"] == "sdpa"
     assert "sdpa" in info["attn_per_layer"]
+    assert info["vision_cls_token"] is False  # SigLIP and the Qwen-VL towers have none
     text = CliRunner().invoke(main, ["info", "--model", name, "--device", "cpu"]).output
     assert "family" in text and "attn_implementation" in text
 
