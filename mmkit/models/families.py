@@ -30,25 +30,24 @@ _GROUNDING_TILES = "its attention maps assume one square grid of patch tokens pe
 _GROUNDING_NATIVE = "its attention maps assume one square grid of patch tokens per image (the LLaVA-1.5 layout), " \
                     "and native-resolution grids of any aspect ratio are not yet mapped back to the image"
 
-_QWEN_REFUSALS = {
-    "visionzip": "its dominant tokens are ranked by attention inside the vision tower before the LLM, and the "
-                 "Qwen-VL patch merger packs 2 x 2 patches per visual token; not yet adapted",
-    "vflowopt": "it reduces tokens inside the vision tower, whose Qwen-VL patch merger packs 2 x 2 patches per "
-                "visual token; not yet adapted",
-    "paint": "it reads per-patch vision-tower features of the LLaVA-1.5 layout; not yet adapted",
-    "agla": "its augmented view is built from a fixed-size image tile; not yet adapted",
-}
+_TILED_REDUCTION = ("vision-side reduction supports the LLaVA-1.5 layout (one tile per image) only: anyres tiles "
+                    "and row newlines are packed into the image tokens; not yet adapted")
+_PAINT = ("it reads per-patch vision-tower features of the LLaVA-1.5 layout (one image = one run of patch tokens); "
+          "not yet adapted")
 _NEXT_REFUSALS = {
-    "visionzip": "anyres tiles and row newlines are packed into the image tokens; not yet adapted",
-    "vflowopt": "anyres tiles and row newlines are packed into the image tokens; not yet adapted",
-    "paint": "it reads per-patch vision-tower features of the LLaVA-1.5 layout; not yet adapted",
-    "agla": "its augmented view is built from a single image tile; not yet adapted",
+    "visionzip": _TILED_REDUCTION,
+    "vflowopt": _TILED_REDUCTION,
+    "paint": _PAINT,
+    "agla": "its augmented view is built for LLaVA-1.5-layout models (one image tile per row); not yet adapted",
 }
-_ONEVISION_REFUSALS = {
-    "visionzip": "anyres tiles and row newlines are packed into the image tokens; not yet adapted",
-    "vflowopt": "anyres tiles and row newlines are packed into the image tokens; not yet adapted",
-    "paint": "it reads per-patch vision-tower features of the LLaVA-1.5 layout; not yet adapted",
-    "agla": "its augmented view is built from a single image tile; not yet adapted",
+_ONEVISION_REFUSALS = dict(_NEXT_REFUSALS)
+_QWEN_REFUSALS = {
+    "visionzip": "its dominant tokens are ranked by attention inside the vision tower before the LLM (the LLaVA-1.5 "
+                 "layout), and the Qwen-VL patch merger packs 2 x 2 patches per visual token; not yet adapted",
+    "vflowopt": "it reduces tokens inside the vision tower (the LLaVA-1.5 layout), and the Qwen-VL patch merger packs "
+                "2 x 2 patches per visual token; not yet adapted",
+    "paint": _PAINT,
+    "agla": "its augmented view is built for LLaVA-1.5-layout models (one fixed-size tile per image); not yet adapted",
 }
 
 FAMILIES: dict[str, Family] = {
