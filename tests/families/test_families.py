@@ -383,3 +383,56 @@ def test_eval_command_on_a_family_model(bench, tmp_path):
     efficiency = record["efficiency"]
     assert efficiency["visual_tokens"] == 16  # reference-world images are 336 px squares: 4 x 4 merged tokens
     assert efficiency["visual_tokens_kept"] == pytest.approx((16 + 16 + 8 + 8) / 4)
+
+
+QWEN_HUB_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_qwen_checkpoint_with_hub_style_tokenizer(tmp_path):
+    """A Qwen2.5-VL directory as Qwen ships it: the tokenizer knows `<|image_pad|>` and the vision markers only as
+    added special tokens (no `image_token` attribute), the chat template writes them, and config.json holds their
+    ids. The image-only processor falls back to the stock placeholder name, and spans are found at that id."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        padding_side="left")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+
+    model, processor = build_family_builtin("tiny-random-qwen2.5-vl")
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.image_token_id = ids["<|image_pad|>"]
+    model.config.video_token_id = ids["<|video_pad|>"]
+    model.config.vision_start_token_id = ids["<|vision_start|>"]
+    model.config.vision_end_token_id = ids["<|vision_end|>"]
+    model.save_pretrained(tmp_path)
+    processor.image_processor.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_HUB_TEMPLATE}))
+
+    session = mmkit.load(str(tmp_path), device="cpu")
+    assert session.processor.image_token == "<|image_pad|>"
+    images = family_images()
+    inputs = session.prepare(images, PROMPTS)
+    counts = (inputs["input_ids"] == ids["<|image_pad|>"]).sum(1).tolist()
+    assert counts == (inputs["image_grid_thw"].prod(-1) // 4).tolist()
+    assert "<|im_start|>assistant" in session.chat_prompt("x")
+    batch = session.generate(images, PROMPTS, max_new_tokens=3)
+    assert [r.stats.visual_tokens for r in batch] == counts
+    session.apply("fastv:layer=2,keep=0.5")
+    kept = [r.stats.visual_tokens_kept[3] for r in session.generate(images, PROMPTS, max_new_tokens=2)]
+    assert all(abs(k - c / 2) <= 0.5 for k, c in zip(kept, counts))  # half of each row's own image tokens
