@@ -67,20 +67,31 @@ TINY_SPEC = ReferenceSpec(
 SPECS = {"reference": REFERENCE_SPEC, "tiny": TINY_SPEC}
 
 
-def vocabulary() -> list[str]:
-    """The tokenizer's word list after the specials: world words in lower and capitalised form, frame words,
-    punctuation and digits, sorted so token ids do not depend on set order."""
-    from mmkit.world.vocab import world_words
-
-    words: set[str] = set()
-    for word in world_words():
+def _forms(words) -> set[str]:
+    forms: set[str] = set()
+    for word in words:
         for form in (word, word.lower(), word[:1].upper() + word[1:]):
             if form and not any(ch.isspace() for ch in form):
-                words.add(form)
-    words.update(TEMPLATE_WORDS)
-    words.update(EXTRA_SYMBOLS)
-    words.difference_update(SPECIAL_TOKENS)
-    return sorted(words)
+                forms.add(form)
+    return forms
+
+
+def vocabulary() -> list[str]:
+    """The tokenizer's word list after the specials.
+
+    First the original list, from which the ids of the first shipped model were built: world words
+    (`mmkit.world.vocab.world_words`) in lower and capitalised form, frame words, punctuation and digits, sorted so
+    ids do not depend on set order. Then, sorted, the forms of the words added later (`added_words`, the detailed
+    caption style) that the original list lacks: appended, so every original word keeps its id.
+    """
+    from mmkit.world.vocab import added_words, world_words
+
+    base = _forms(world_words())
+    base.update(TEMPLATE_WORDS)
+    base.update(EXTRA_SYMBOLS)
+    base.difference_update(SPECIAL_TOKENS)
+    added = _forms(added_words()) - base - set(SPECIAL_TOKENS)
+    return sorted(base) + sorted(added)
 
 
 def build_tokenizer():
