@@ -150,7 +150,7 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
     if batch_size < 1:
         raise MmkitError(f"--batch-size must be >= 1, got {batch_size}")
     limit = spec.default_limit if limit is None else limit
-    max_new_tokens = max_new_tokens or spec.max_new_tokens
+    max_new_tokens = max_new_tokens or spec.max_new_tokens_for(split)
     rank, world, state = _process_shard()
     if session is None:
         import mmkit
