@@ -45,6 +45,10 @@ def _init_source(value: str | None) -> str | None:
 @click.option("--batch", default=None, type=click.IntRange(1), help="Batch size of the align and instruct phases.")
 @click.option("--workers", default=None, type=click.IntRange(0), help="Data-generating worker processes.")
 @click.option("--eval-every", default=None, type=click.IntRange(0), help="Held-out evaluation every N steps (0: end).")
+@click.option("--eval-scenes", default=None, type=click.IntRange(0),
+              help="Held-out scenes per evaluation (POPE); 0 skips every evaluation, the final one included.")
+@click.option("--eval-captions", default=None, type=click.IntRange(0), help="Held-out captions per evaluation.")
+@click.option("--log-every", default=None, type=click.IntRange(1), help="Log losses every N steps.")
 @click.option("--max-minutes", default=None, type=click.FloatRange(min=0.1),
               help="Stop early (and save) once this much wall time is spent.")
 @click.option("--stop-at", default=None, type=click.IntRange(1), help="Stop after this step (schedule unchanged).")
@@ -61,6 +65,12 @@ def _init_source(value: str | None) -> str | None:
               help="Caption mix: legacy (the shipped recipe, short captions for 'Describe the image in detail.') or "
                    "detailed (detailed captions for that prompt, short ones for 'Describe the image briefly.'). "
                    "[default: legacy]")
+@click.option("--detailed-share", default=None, type=click.FloatRange(0, 1, min_open=True),
+              help="With --captions detailed: thin each scene's other questions so that detailed captions are this "
+                   "fraction of the instruct stream [default: keep all, about 1 in 13].")
+@click.option("--answer-loss", type=click.Choice(["token", "sample"]), default=None,
+              help="Mean the answer loss over all answer tokens of a batch (token, the shipped recipe) or per answer "
+                   "first (sample, so a long caption weighs as much as a yes/no answer). [default: token]")
 @click.option("--checkpoint-every", default=None, type=click.IntRange(0),
               help="Write a resumable checkpoint every N steps (0: only when --max-minutes or --stop-at ends the run).")
 @click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False),
@@ -68,8 +78,10 @@ def _init_source(value: str | None) -> str | None:
 @click.option("--resume", is_flag=True,
               help="Continue from the checkpoint in the checkpoint directory (same settings); starts at step 0 if "
                    "there is none.")
-def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_every, max_minutes, stop_at, lr, warmup,
-                    init_from, scene_offset, snapshots, caption_mix, checkpoint_every, checkpoint_dir, resume):
+def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_every, eval_scenes, eval_captions,
+                    log_every, max_minutes, stop_at, lr, warmup,
+                    init_from, scene_offset, snapshots, caption_mix, detailed_share, answer_loss, checkpoint_every,
+                    checkpoint_dir, resume):
     """Train mmkit's reference LLaVA model and save it as an HF directory.
 
     Deterministic for a seed on CPU (a resumed run included); prints the held-out POPE F1 per split and CHAIR_S at
@@ -84,8 +96,10 @@ def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_eve
     overrides = {"seed": seed}
     init_from = _init_source(init_from)
     for name, value in (("batch", batch), ("num_workers", workers), ("eval_every", eval_every),
+                        ("eval_scenes", eval_scenes), ("eval_captions", eval_captions), ("log_every", log_every),
                         ("max_minutes", max_minutes), ("stop_at", stop_at), ("lr", lr), ("warmup_steps", warmup),
                         ("init_from", init_from), ("scene_offset", scene_offset), ("caption_mix", caption_mix),
+                        ("detailed_share", detailed_share), ("answer_loss", answer_loss),
                         ("checkpoint_every", checkpoint_every)):
         if value is not None:
             overrides[name] = value

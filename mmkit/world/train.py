@@ -79,6 +79,12 @@ class TrainConfig:
     # Captions of the align and instruct phases: "legacy" (the shipped model's recipe: short captions for the
     # detailed prompt) or "detailed" (detailed captions for the detailed prompt, short ones for the brief prompt).
     caption_mix: str = "legacy"
+    # Detailed mix only: keep each scene's other questions with the probability that makes detailed captions this
+    # fraction of the instruct stream on average (None: every question of every scene, about 1 in 13 detailed).
+    detailed_share: float | None = None
+    # Loss over answer tokens: "token" (mean over all answer tokens of the batch, the shipped recipe; a detailed
+    # caption then weighs ~80 one-word answers) or "sample" (mean per answer, then over the batch).
+    answer_loss: str = "token"
     # New tokens of held-out captions in evaluations (None: 48 for the legacy mix, 128 for detailed captions).
     eval_max_new_tokens: int | None = None
     # Write a resumable checkpoint (weights, patch heads, optimiser, step, log) every this many steps (0: never).
@@ -102,6 +108,13 @@ class TrainConfig:
             raise ValueError(f"caption_mix must be one of {', '.join(CAPTION_MIXES)}, got {self.caption_mix!r}")
         if self.checkpoint_every < 0:
             raise ValueError("checkpoint_every must be >= 0")
+        if self.detailed_share is not None:
+            if self.caption_mix != "detailed":
+                raise ValueError("detailed_share needs caption_mix 'detailed'")
+            if not 0 < self.detailed_share <= 1:
+                raise ValueError(f"detailed_share must be in (0, 1], got {self.detailed_share}")
+        if self.answer_loss not in ("token", "sample"):
+            raise ValueError(f"answer_loss must be 'token' or 'sample', got {self.answer_loss!r}")
         if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:
             raise ValueError("eval_max_new_tokens must be >= 1")
 
@@ -180,7 +193,7 @@ class WorldStream(torch.utils.data.IterableDataset):
 
     def __init__(self, phase: str, world_seed: int, grid: int, tokenizer_json: str, num_image_tokens: int,
                  eos_id: int, seed: int, shuffle_buffer: int = 256, chunk: int = 16, scene_offset: int = 0,
-                 caption_mix: str = "legacy") -> None:
+                 caption_mix: str = "legacy", detailed_share: float | None = None) -> None:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         self.phase, self.world_seed, self.grid = phase, world_seed, grid
@@ -188,6 +201,7 @@ class WorldStream(torch.utils.data.IterableDataset):
         self.seed, self.shuffle_buffer, self.chunk = seed, shuffle_buffer, chunk
         self.scene_offset = scene_offset
         self.caption_mix = caption_mix
+        self.detailed_share = detailed_share
 
     def _items(self, start: int, tokenizer_core) -> Iterator[dict]:
         from mmkit.world.questions import BRIEF_CAPTION_PROMPT, detailed_caption, reference_caption, training_examples
@@ -207,7 +221,8 @@ class WorldStream(torch.utils.data.IterableDataset):
                                   (scene, BRIEF_CAPTION_PROMPT, reference_caption(scene))))
         else:
             pairs = ((scene, q.prompt, q.answer) for scene, q in
-                     training_examples(self.world_seed, self.chunk, start=start, caption_mix=self.caption_mix))
+                     training_examples(self.world_seed, self.chunk, start=start, caption_mix=self.caption_mix)
+                     if self._keep(scene, q))
         arrays: dict[int, tuple] = {}
         for scene, prompt, answer in pairs:
             if scene.index not in arrays:
@@ -217,6 +232,18 @@ class WorldStream(torch.utils.data.IterableDataset):
             answer_ids = _encode_answer(tokenizer_core, answer, self.eos_id)
             yield {"pixels": pixels, "category": cat, "colour": col,
                    "ids": np.asarray(prompt_ids + answer_ids, dtype=np.int64), "n_prompt": len(prompt_ids)}
+
+    def _keep(self, scene, question) -> bool:
+        """Whether the stream keeps `question` under `detailed_share`: detailed captions always; the scene's other
+        questions each with probability p, so that 1 / (1 + p * others) = detailed_share per scene."""
+        if self.detailed_share is None or (question.kind == "caption" and question.split == "detailed"):
+            return True
+        from mmkit.world.questions import questions_for_scene
+
+        if getattr(self, "_others", (None,))[0] != scene.index:  # once per scene: its questions besides the caption
+            self._others = (scene.index, len(questions_for_scene(scene, caption_mix="detailed")) - 1)
+        p = (1 / self.detailed_share - 1) / max(self._others[1], 1)
+        return random.Random(f"{self.seed}-{question.qid}-share").random() < p
 
     def __iter__(self) -> Iterator[dict]:
         from tokenizers import Tokenizer
@@ -293,8 +320,9 @@ def _patch_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return out.hidden_states[model.config.vision_feature_layer][:, 1:]
 
 
-def _lm_loss(model, patches: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token cross-entropy on answer tokens only; the image features fill the <image> positions."""
+def _lm_loss(model, patches: torch.Tensor, batch: dict[str, torch.Tensor], per_sample: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy on answer tokens only; the image features fill the <image> positions. The mean is
+    over all answer tokens of the batch, or with `per_sample` over each answer first, then over the answers."""
     ids, targets = batch["ids"], batch["targets"]
     image_features = model.model.multi_modal_projector(patches)
     embeds = model.get_input_embeddings()(ids)
@@ -304,7 +332,13 @@ def _lm_loss(model, patches: torch.Tensor, batch: dict[str, torch.Tensor]) -> to
     # The state at t predicts the token at t + 1; only answer tokens are scored, so only their states reach lm_head.
     select = targets[:, 1:]
     logits = model.lm_head(hidden[:, :-1][select]).float()
-    return nn.functional.cross_entropy(logits, ids[:, 1:][select])
+    if not per_sample:
+        return nn.functional.cross_entropy(logits, ids[:, 1:][select])
+    losses = nn.functional.cross_entropy(logits, ids[:, 1:][select], reduction="none")
+    rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(select)[select]
+    per_row = torch.zeros(ids.shape[0], device=losses.device).index_add_(0, rows, losses)
+    counts = select.sum(dim=1)
+    return (per_row[counts > 0] / counts[counts > 0]).mean()
 
 
 # ----------------------------------------------------------------------------------------------------- evaluation
@@ -455,7 +489,8 @@ def _loader(phase: str, cfg: TrainConfig, tokenizer, workers: int, batch_size: i
     spec = cfg.spec
     stream = WorldStream(phase, cfg.world_seed, spec.grid, tokenizer.backend_tokenizer.to_str(),
                          spec.num_image_tokens, tokenizer.eos_token_id, cfg.seed, cfg.shuffle_buffer,
-                         scene_offset=cfg.scene_offset, caption_mix=cfg.caption_mix)
+                         scene_offset=cfg.scene_offset, caption_mix=cfg.caption_mix,
+                         detailed_share=cfg.detailed_share)
     return torch.utils.data.DataLoader(
         stream, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
         collate_fn=functools.partial(collate, pad_id=tokenizer.pad_token_id),
@@ -581,6 +616,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, device: st
     elif resume:
         logger.info("no checkpoint in %s: starting at step 0", checkpoint_dir)
     t0 = time.time() - elapsed_before
+    cpu0 = time.process_time() - (saved["cpu_seconds"] if saved is not None else 0.0)
     stopped_early = cfg.stop_at is not None and step >= cfg.stop_at
     deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes else None
     if snapshot_dir is not None:
@@ -604,7 +640,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, device: st
     def checkpoint() -> None:
         save_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE, {
             "config": asdict(cfg), "workers": workers, "step": step, "samples": samples,
-            "seconds": round(time.time() - t0, 1), "log": log, "window": dict(window),
+            "seconds": round(time.time() - t0, 1), "cpu_seconds": time.process_time() - cpu0, "log": log,
+            "window": dict(window),
             "model": model.state_dict(), "heads": heads.state_dict(), "optimiser": optimiser.state_dict(),
             "torch_rng": torch.get_rng_state(),
         })
@@ -634,7 +671,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, device: st
                 if phase == "vision":
                     loss, lm = patch_loss, torch.zeros(())
                 else:
-                    lm = _lm_loss(model, patches, batch)
+                    lm = _lm_loss(model, patches, batch, per_sample=cfg.answer_loss == "sample")
                     loss = lm + cfg.patch_loss_weight * patch_loss
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -650,7 +687,10 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, device: st
                 count = window["count"]
                 entry = {"step": step, "phase": phase, "loss": window["loss"] / count, "lm_loss": window["lm"] / count,
                          "patch_acc": window["acc"] / count, "lr": lr, "samples": samples,
-                         "seconds": round(time.time() - t0, 1)}
+                         "seconds": round(time.time() - t0, 1),
+                         # CPU time of this process (data included when workers=0): on a shared machine the
+                         # wall time measures the load, this measures the work.
+                         "cpu_seconds": round(time.process_time() - cpu0, 1)}
                 log.append(entry)
                 logger.info("step %d %s loss %.4f lm %.4f patch_acc %.3f (%.0fs)", step, phase, entry["loss"],
                             entry["lm_loss"], entry["patch_acc"], entry["seconds"])

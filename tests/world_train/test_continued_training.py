@@ -155,7 +155,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
         assert torch.equal(a, b), name
 
     def strip(log):
-        return [{k: v for k, v in e.items() if k != "seconds"} for e in log]
+        return [{k: v for k, v in e.items() if k not in ("seconds", "cpu_seconds")} for e in log]
 
     assert strip(resumed_log) == strip(full_log)
     assert (tmp_path / "b" / CHECKPOINT_FILE).is_file()
@@ -170,3 +170,68 @@ def test_resume_refuses_a_different_run(tmp_path):
         train(replace(cfg, lr=0.5, stop_at=None), device="cpu", checkpoint_dir=tmp_path, resume=True)
     with pytest.raises(ValueError, match="data workers"):
         train(replace(cfg, num_workers=2, stop_at=None), device="cpu", checkpoint_dir=tmp_path, resume=True)
+
+
+def test_detailed_share_sets_the_fraction_of_detailed_captions():
+    from mmkit.world.train import WorldStream
+
+    tok = build_tokenizer()
+    counts = {}
+    for share in (None, 0.25):
+        stream = WorldStream("instruct", 0, TINY_SPEC.grid, tok.backend_tokenizer.to_str(), 4, tok.eos_token_id,
+                             seed=0, caption_mix="detailed", detailed_share=share)
+        items = list(stream._items(5000, tok.backend_tokenizer)) + list(stream._items(5016, tok.backend_tokenizer))
+        # Detailed captions are the only answers longer than 30 tokens.
+        detailed = sum(len(it["ids"]) - it["n_prompt"] > 30 for it in items)
+        counts[share] = (detailed, len(items))
+    assert counts[None][0] == counts[0.25][0] == 32  # one per scene, always kept
+    assert counts[None][0] / counts[None][1] < 0.1
+    assert 0.2 < counts[0.25][0] / counts[0.25][1] < 0.3
+
+
+def test_per_sample_answer_loss_by_hand():
+    """answer_loss="sample": the mean of each answer's token losses, then over answers (recomputed from the
+    per-token losses of the token-mean path)."""
+    from mmkit.world.train import _lm_loss
+
+    tok = build_tokenizer()
+    model = build_model(tok, TINY_SPEC, seed=0).eval()
+    n_img = TINY_SPEC.num_image_tokens
+    ids = torch.tensor([[1] + [4] * n_img + [10, 11, 12, 13, 14], [1] + [4] * n_img + [20, 21, 22, 0, 0]])
+    targets = torch.zeros_like(ids, dtype=torch.bool)
+    targets[0, n_img + 2:] = True  # 4 answer tokens
+    targets[1, n_img + 3:n_img + 4] = True  # 1 answer token
+    batch = {"ids": ids, "targets": targets, "attention_mask": (ids != 0).long()}
+    patches = torch.randn(2, n_img, TINY_SPEC.vision_hidden)
+    with torch.no_grad():
+        per_token = []
+        for row in range(2):
+            one = {k: v[row:row + 1] for k, v in batch.items()}
+            per_token.append(_lm_loss(model, patches[row:row + 1], one))
+        token_mean = _lm_loss(model, patches, batch)
+        sample_mean = _lm_loss(model, patches, batch, per_sample=True)
+    torch.testing.assert_close(sample_mean, (per_token[0] + per_token[1]) / 2)
+    torch.testing.assert_close(token_mean, (4 * per_token[0] + per_token[1]) / 5)
+
+
+def test_cli_stop_and_resume(tmp_path):
+    """`train-reference ... --stop-at` leaves a checkpoint next to --out; the same command with --resume finishes
+    the run from it."""
+    from click.testing import CliRunner
+
+    from mmkit.cli.train_reference import train_reference
+
+    out = tmp_path / "run"
+    args = ["--tiny", "--device", "cpu", "--out", str(out), "--workers", "0", "--steps", "1,1,2", "--batch", "2",
+            "--eval-scenes", "0", "--captions", "detailed", "--answer-loss", "sample", "--log-every", "1"]
+    first = CliRunner().invoke(train_reference, args + ["--stop-at", "3"])
+    assert first.exit_code == 0, first.output
+    assert "stopped early at step 3" in first.output and (tmp_path / "run-checkpoints" / "checkpoint.pt").is_file()
+    second = CliRunner().invoke(train_reference, args + ["--resume"])
+    assert second.exit_code == 0, second.output
+    log = json.loads((out / "training_log.json").read_text())
+    assert [e["step"] for e in log if "phase" in e] == [1, 2, 3, 4] and log[-1]["step"] == 4
+    from mmkit.cli import main
+
+    bad = CliRunner().invoke(main, ["train-reference", *args, "--resume", "--lr", "0.5"])
+    assert bad.exit_code == 2 and "differs in lr" in bad.stderr
