@@ -67,7 +67,7 @@ def _init_source(value: str | None) -> str | None:
                    "[default: legacy]")
 @click.option("--detailed-share", default=None, type=click.FloatRange(0, 1, min_open=True),
               help="With --captions detailed: thin each scene's other questions so that detailed captions are this "
-                   "fraction of the instruct stream [default: keep all, about 1 in 13].")
+                   "fraction of the instruct stream [default: keep all, about 1 in 12].")
 @click.option("--answer-loss", type=click.Choice(["token", "sample"]), default=None,
               help="Mean the answer loss over all answer tokens of a batch (token, the shipped recipe) or per answer "
                    "first (sample, so a long caption weighs as much as a yes/no answer). [default: token]")

@@ -80,7 +80,7 @@ class TrainConfig:
     # detailed prompt) or "detailed" (detailed captions for the detailed prompt, short ones for the brief prompt).
     caption_mix: str = "legacy"
     # Detailed mix only: keep each scene's other questions with the probability that makes detailed captions this
-    # fraction of the instruct stream on average (None: every question of every scene, about 1 in 13 detailed).
+    # fraction of the instruct stream on average (None: every question of every scene, about 1 in 12 detailed).
     detailed_share: float | None = None
     # Loss over answer tokens: "token" (mean over all answer tokens of the batch, the shipped recipe; a detailed
     # caption then weighs ~80 one-word answers) or "sample" (mean per answer, then over the batch).
