@@ -1,5 +1,6 @@
-"""Question sets over reference-world scenes: POPE existence, attribute / counting / spatial VQA, detailed
-captions and grounding, plus the mixed stream used for instruction tuning.
+"""Question sets over reference-world scenes: POPE existence, attribute / counting / spatial VQA, captions (a
+one-sentence short style and a several-sentence detailed style) and grounding, plus the mixed stream used for
+instruction tuning.
 
 Prompts are plain user text (the chat template is applied by the caller). Every question is a pure function of
 (world_seed, scene index, kind), with a stable `qid`.
@@ -272,8 +273,7 @@ DETAILED_WORDS = (
     "the", "is", "are", "there", "in", "image", "objects", "object", "one", "a", "and", "background", "grey",
     "small", "medium", "large", "top", "bottom", "left", "right", "center", "at", "on", "to", "of", "above",
     "below", "near", "far", "from", "edge", "edges", "size", "nothing", "else", "besides", "all", "other",
-    "another",
-    "plain", "shaded", "striped", "checkered", "mottled", "dark", "light",
+    "another", "plain", "shaded", "striped", "checkered", "mottled", "dark", "light",
 )
 
 
@@ -301,8 +301,9 @@ def object_position(scene: Scene, obj) -> tuple[str, str]:
 
 
 def _box_relation(scene: Scene, a, b) -> str | None:
-    """Where box `a` lies from box `b`: "to the left of", "to the right of", "above" or "below", along the axis of
-    the larger centre offset and only when the boxes are separated by SPATIAL_MARGIN on it; else None."""
+    """Where box `a` lies from box `b`: "to the left of", "to the right of", "above" or "below". The axis of the
+    larger centre offset is tried first, then the other; a relation holds only where the boxes are separated by
+    SPATIAL_MARGIN along that axis. None when they are separated along neither."""
     margin = SPATIAL_MARGIN * scene.size / 336
     dx = (a.box[0] + a.box[2] - b.box[0] - b.box[2]) / 2
     dy = (a.box[1] + a.box[3] - b.box[1] - b.box[3]) / 2
