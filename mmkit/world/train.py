@@ -11,6 +11,10 @@ Recipe (three phases in one run, one AdamW optimiser, warm-up then cosine decay 
    kept as an auxiliary term.
 
 The patch heads are training-only: the saved directory is a plain `LlavaForConditionalGeneration`.
+
+A run can also continue from trained weights (`init_from`; weights trained with fewer tokens get their embedding
+rows grown, `grow_token_rows`), train the detailed caption mix (`caption_mix="detailed"`), and write checkpoints
+that a later call resumes from with the same result as an uninterrupted run (`checkpoint_dir`, `resume`).
 """
 
 from __future__ import annotations
