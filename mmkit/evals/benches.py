@@ -70,10 +70,12 @@ def _question_source(bench: str, split: str) -> Callable:
     return lambda seed, n, start: q.ground_questions(seed, n, start=start)
 
 
-def select_questions(bench: str, split: str, world_seed: int, limit: int, chunk: int = 64) -> list:
-    """The first `limit` questions of the bench, scene by scene: the same list for the same arguments."""
+def select_questions(bench: str, split: str | None, world_seed: int, limit: int, chunk: int = 64) -> list:
+    """The first `limit` questions of the bench, scene by scene: the same list for the same arguments. `split`
+    None is the bench's default split."""
     if limit < 1:
         raise MmkitError(f"--limit must be >= 1, got {limit}")
+    _, split = bench_spec(bench, split)
     source = _question_source(bench, split)
     out: list = []
     start = 0

@@ -514,17 +514,13 @@ CHECKPOINT_FORMAT = 1
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
-    """Write a training checkpoint atomically (temporary file in the same directory, then rename)."""
+    """Write a training checkpoint atomically (temporary file beside it, then rename)."""
+    from mmkit.atomic import atomic_path
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
