@@ -204,6 +204,7 @@ class WorldStream(torch.utils.data.IterableDataset):
         self.scene_offset = scene_offset
         self.caption_mix = caption_mix
         self.detailed_share = detailed_share
+        self._others = (-1, 0)  # (scene index, its question count besides the detailed caption), see `_keep`
 
     def _items(self, start: int, tokenizer_core) -> Iterator[dict]:
         from mmkit.world.questions import BRIEF_CAPTION_PROMPT, detailed_caption, reference_caption, training_examples
@@ -242,7 +243,7 @@ class WorldStream(torch.utils.data.IterableDataset):
             return True
         from mmkit.world.questions import questions_for_scene
 
-        if getattr(self, "_others", (None,))[0] != scene.index:  # once per scene: its questions besides the caption
+        if self._others[0] != scene.index:  # counted once per scene
             self._others = (scene.index, len(questions_for_scene(scene, caption_mix="detailed")) - 1)
         p = (1 / self.detailed_share - 1) / max(self._others[1], 1)
         return random.Random(f"{self.seed}-{question.qid}-share").random() < p

@@ -140,12 +140,14 @@ def test_detailed_mix_stream_holds_both_caption_styles():
     assert others(legacy) == others(q for _, q in detailed)
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, workers):
     """Cut at step 3 (inside the align phase), resumed from the checkpoint: same weights and same log (timings
-    aside) as one uninterrupted run; the checkpoint records the step it was written at."""
+    aside) as one uninterrupted run, with data made in the trainer or in a worker process; the checkpoint records
+    the step it was written at."""
     from mmkit.world.train import CHECKPOINT_FILE, load_checkpoint, train
 
-    cfg = _tiny(caption_mix="detailed", checkpoint_every=2)
+    cfg = _tiny(caption_mix="detailed", checkpoint_every=2, num_workers=workers)
     full, _, full_log = train(cfg, device="cpu", checkpoint_dir=tmp_path / "a")
     _, _, cut_log = train(replace(cfg, stop_at=3), device="cpu", checkpoint_dir=tmp_path / "b")
     assert cut_log[-1]["step"] == 3 and cut_log[-1]["stopped_early"]
