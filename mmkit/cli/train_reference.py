@@ -79,9 +79,8 @@ def _init_source(value: str | None) -> str | None:
               help="Continue from the checkpoint in the checkpoint directory (same settings); starts at step 0 if "
                    "there is none.")
 def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_every, eval_scenes, eval_captions,
-                    log_every, max_minutes, stop_at, lr, warmup,
-                    init_from, scene_offset, snapshots, caption_mix, detailed_share, answer_loss, checkpoint_every,
-                    checkpoint_dir, resume):
+                    log_every, max_minutes, stop_at, lr, warmup, init_from, scene_offset, snapshots, caption_mix,
+                    detailed_share, answer_loss, checkpoint_every, checkpoint_dir, resume):
     """Train mmkit's reference LLaVA model and save it as an HF directory.
 
     Deterministic for a seed on CPU (a resumed run included); prints the held-out POPE F1 per split and CHAIR_S at
