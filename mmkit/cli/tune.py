@@ -25,7 +25,7 @@ def vflowopt(model, budget, out, seed, samples, trials, batch_size, device, dtyp
     """Tune VFlowOpt for a token budget by minimising the change of the last prompt token's final hidden state."""
     import mmkit
     from mmkit.errors import MmkitError
-    from mmkit.pruning.vflowopt import save_config, tune_vflowopt
+    from mmkit.tuning.vflowopt import save_config, tune_vflowopt
 
     session = mmkit.load(model, device=device, dtype=dtype)
 

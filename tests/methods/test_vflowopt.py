@@ -12,11 +12,10 @@ from mmkit.pruning.vflowopt import (
     VFlowOptConfig,
     importance_scores,
     patch_entropy,
-    save_config,
-    tune_vflowopt,
     vflowopt_plan,
     visual_share,
 )
+from mmkit.tuning.vflowopt import save_config, tune_vflowopt
 
 N = 64
 
