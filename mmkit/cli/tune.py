@@ -18,15 +18,22 @@ def tune():
 @click.option("--seed", type=int, default=0, show_default=True, help="Search seed (same seed, same result).")
 @click.option("--samples", type=int, default=16, show_default=True, help="Calibration samples.")
 @click.option("--trials", type=int, default=32, show_default=True, help="Configurations evaluated.")
+@click.option("--startup-trials", type=int, default=None,
+              help="Random configurations before TPE takes over [default: a third of --trials, at most 27].")
+@click.option("--paper-budget", is_flag=True,
+              help="The official search budget: 300 trials, 27 of them random (overrides --trials/--startup-trials).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @device_option
 @dtype_option
-def vflowopt(model, budget, out, seed, samples, trials, batch_size, device, dtype):
-    """Tune VFlowOpt for a token budget by minimising the change of the last prompt token's final hidden state."""
+def vflowopt(model, budget, out, seed, samples, trials, startup_trials, paper_budget, batch_size, device, dtype):
+    """Tune VFlowOpt for a token budget by minimising the change of the last prompt token's final hidden state
+    (optuna TPE search; needs the `tune` extra)."""
     import mmkit
     from mmkit.errors import MmkitError
-    from mmkit.tuning.vflowopt import save_config, tune_vflowopt
+    from mmkit.tuning.vflowopt import PAPER_STARTUP_TRIALS, PAPER_TRIALS, save_config, tune_vflowopt
 
+    if paper_budget:
+        trials, startup_trials = PAPER_TRIALS, PAPER_STARTUP_TRIALS
     session = mmkit.load(model, device=device, dtype=dtype)
 
     def progress(trial, distance, best):
@@ -34,7 +41,7 @@ def vflowopt(model, budget, out, seed, samples, trials, batch_size, device, dtyp
 
     try:
         config, record = tune_vflowopt(session, budget, samples=samples, trials=trials, seed=seed,
-                                       batch_size=batch_size, progress=progress)
+                                       batch_size=batch_size, startup_trials=startup_trials, progress=progress)
     except ValueError as err:
         raise MmkitError(str(err)) from None
     save_config(out, config, record, model)

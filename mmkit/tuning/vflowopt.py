@@ -5,7 +5,7 @@ optimisation): `tune_vflowopt` searches, `save_config` writes the JSON that `vfl
 from __future__ import annotations
 
 import math
-import random
+import warnings
 from typing import Any
 
 import torch
@@ -60,7 +60,7 @@ def _search_space(budget: float) -> dict[str, tuple[float, float]]:
 
 
 def _to_config(point: dict[str, float], budget: float, stage_layers: tuple[int, ...], num_layers: int,
-               positions: str) -> VFlowOptConfig | None:
+               model: str) -> VFlowOptConfig | None:
     """The configuration for a search point, the last stage's keep solved to meet the budget (None: infeasible)."""
     keeps = [point["first_keep"]] * (len(stage_layers) - 1)
     base = visual_share(point["vision_keep"], stage_layers, keeps + [1.0], num_layers)
@@ -71,25 +71,51 @@ def _to_config(point: dict[str, float], budget: float, stage_layers: tuple[int, 
         return None
     return VFlowOptConfig(vision_keep=point["vision_keep"], threshold=point["threshold"],
                           merge_cell=point["merge_cell"], entropy_weight=point["entropy_weight"],
-                          llm_layers=stage_layers, llm_keep=tuple(keeps + [last]), positions=positions)
+                          llm_layers=stage_layers, llm_keep=tuple(keeps + [last]), tuned_for=model or "untitled model")
+
+
+# The official search: scikit-optimize with 300 calls, 27 of them random initial points.
+PAPER_TRIALS = 300
+PAPER_STARTUP_TRIALS = 27
+
+# Objective value told to the sampler for a point whose last-stage keep cannot meet the budget (the largest
+# cosine distance there is), so it learns to avoid that region without a forward.
+_INFEASIBLE = 2.0
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise ValueError("tuning vflowopt needs optuna: pip install 'mmkit-vlm[tune]' (or pip install optuna)") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
 
 
 def tune_vflowopt(session, budget: float, samples: int = 16, trials: int = 32, seed: int = 0, batch_size: int = 8,
-                  stages: int = 2, calibration: tuple[list, list[str]] | None = None, progress=None
+                  stages: int = 2, startup_trials: int | None = None,
+                  calibration: tuple[list, list[str]] | None = None, progress=None
                   ) -> tuple[VFlowOptConfig, dict[str, Any]]:
     """Search VFlowOpt's hyper-parameters for `budget` (mean visual-token share over decoder layers).
 
     Objective: mean cosine distance between the last prompt token's final hidden state with and without
-    pruning, over the calibration set. A third of the trials sample the space uniformly; the rest perturb the
-    best point so far with a shrinking step. Deterministic for a seed. Returns the best configuration and a
-    record of the search.
+    pruning, over the calibration set (the official objective sums the cosine similarities; same optimum).
+    Sampler: optuna's TPE (multivariate), seeded, with `startup_trials` random points first (default: a third of
+    the trials, at most 27); `trials=PAPER_TRIALS, startup_trials=PAPER_STARTUP_TRIALS` is the official budget.
+    `trials` counts evaluated settings: points that cannot meet the budget are told a penalty and redrawn.
+    Deterministic for a seed. Returns the best configuration and a record of the search.
     """
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"budget must be in (0, 1], got {budget}")
     if samples < 1 or trials < 1 or batch_size < 1 or stages < 1:
         raise ValueError("samples, trials, batch_size and stages must be >= 1")
+    if startup_trials is None:
+        startup_trials = max(1, min(PAPER_STARTUP_TRIALS, trials // 3))
+    if startup_trials < 1:
+        raise ValueError(f"startup_trials must be >= 1, got {startup_trials}")
     if session.methods:
         raise ValueError("tune on a session without methods applied")
+    optuna = _optuna()
     num_layers = session.adapter.num_layers
     stage_layers = VFlowOptConfig(llm_keep=(1.0,) * stages).stage_layers(num_layers)
     images, prompts = calibration if calibration is not None else calibration_set(samples)
@@ -97,39 +123,41 @@ def tune_vflowopt(session, budget: float, samples: int = 16, trials: int = 32, s
                for i in range(0, len(prompts), batch_size)]
     reference = _last_hidden(session, batches)
     space = _search_space(budget)
-    rng = random.Random(seed)
-    n_init = max(1, trials // 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # multivariate TPE is "experimental"
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True)
+    study = optuna.create_study(direction="minimize", sampler=sampler)
     history: list[dict[str, Any]] = []
-    best: tuple[float, dict[str, float], VFlowOptConfig] | None = None
-    for trial in range(trials):
-        config = None
-        for _ in range(200):  # rejection sampling of infeasible points
-            if best is None or trial < n_init:
-                point = {k: rng.uniform(lo, hi) for k, (lo, hi) in space.items()}
-            else:
-                step = 0.25 * (1.0 - (trial - n_init) / max(1, trials - n_init)) + 0.02
-                point = {k: min(hi, max(lo, best[1][k] + rng.gauss(0.0, step * (hi - lo))))
-                         for k, (lo, hi) in space.items()}
-            config = _to_config(point, budget, stage_layers, num_layers, "original")
-            if config is not None:
-                break
+    best: tuple[float, VFlowOptConfig] | None = None
+    infeasible = 0
+    while len(history) < trials:
+        trial = study.ask()
+        point = {name: trial.suggest_float(name, lo, hi) for name, (lo, hi) in space.items()}
+        config = _to_config(point, budget, stage_layers, num_layers, session.source or "")
         if config is None:
-            raise ValueError(f"no feasible vflowopt setting reaches budget {budget} on this model")
+            study.tell(trial, _INFEASIBLE)
+            infeasible += 1
+            if infeasible > 50 * trials:
+                raise ValueError(f"no feasible vflowopt setting reaches budget {budget} on this model")
+            continue
         handle = session.apply(config)
         try:
             pruned = _last_hidden(session, batches)
         finally:
             handle.remove()
         distance = float((1.0 - torch.nn.functional.cosine_similarity(pruned, reference, dim=-1)).mean())
-        history.append({"trial": trial, "distance": distance, **{k: round(v, 6) for k, v in point.items()},
+        study.tell(trial, distance)
+        history.append({"trial": len(history), "distance": distance, **{k: round(v, 6) for k, v in point.items()},
                         "llm_keep": list(config.llm_keep)})
         if best is None or distance < best[0]:
-            best = (distance, point, config)
+            best = (distance, config)
         if progress is not None:
-            progress(trial, distance, best[0])
-    distance, _, config = best
+            progress(len(history) - 1, distance, best[0])
+    distance, config = best
     record = {"budget": budget, "objective": "mean cosine distance of the last prompt token's final hidden state",
-              "distance": distance, "samples": len(prompts), "trials": trials, "seed": seed,
+              "distance": distance, "samples": len(prompts), "trials": trials, "startup_trials": startup_trials,
+              "infeasible_draws": infeasible, "sampler": f"optuna {optuna.__version__} TPESampler(multivariate)",
+              "seed": seed,
               "achieved_share": visual_share(config.vision_keep, config.llm_layers, config.llm_keep, num_layers),
               "history": history}
     return config, record
@@ -149,4 +177,5 @@ def save_config(path, config: VFlowOptConfig, record: dict[str, Any], model: str
     atomic_write_json(path, config_document(config, record, model))
 
 
-__all__ = ["tune_vflowopt", "save_config", "config_document", "calibration_set"]
+__all__ = ["tune_vflowopt", "save_config", "config_document", "calibration_set", "PAPER_TRIALS",
+           "PAPER_STARTUP_TRIALS"]
