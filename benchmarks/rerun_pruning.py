@@ -74,7 +74,7 @@ def write_section(args, groups: list[str], done) -> None:
     lines += _summary(done, "main")
     visor = _summary(done, "visor")
     if visor:
-        lines += ["", "VISOR block:", ""] + visor
+        lines += ["", "VISOR, frozen-base approximation (own block):", ""] + visor
     lines += ["", "<details><summary>All runs</summary>", "", "```"]
     lines += [report_table(runs) for _, _, _, runs in done]
     lines += ["```", "", "</details>", ""]
