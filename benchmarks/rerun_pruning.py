@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import mmkit
-from mmkit.evals.io import atomic_write_text
+from mmkit.atomic import atomic_write_text
 from mmkit.evals.report import report_table
 from mmkit.evals.runner import run_eval
 from run_pruning import BENCHES, _summary, method_grid, run_name, visor_specs

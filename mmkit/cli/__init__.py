@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -19,12 +20,14 @@ COMMANDS = {
     "report": "mmkit.cli.report:report",
     "info": "mmkit.cli.info:info",
     "methods": "mmkit.cli.methods:methods",
+    "world": "mmkit.cli.world:world",
 }
 OPTIONAL_COMMANDS = {
     "train-reference": "mmkit.cli.train_reference:train_reference",
     "tune": "mmkit.cli.tune:tune",
     "train-gates": "mmkit.cli.train_gates:train_gates",
     "train-visor": "mmkit.cli.train_visor:train_visor",
+    "train-sam": "mmkit.cli.train_sam:train_sam",
     "ground": "mmkit.cli.ground:ground",
     "bench": "mmkit.cli.bench:bench",
 }
@@ -57,11 +60,24 @@ class MmkitGroup(click.Group):
         except MmkitError as err:
             click.echo(f"error: {err}", err=True)
             ctx.exit(2)
+        except click.UsageError as err:
+            # click prints usage, a hint and the error on three lines; one line says the same.
+            names, sub = [], err.ctx
+            while sub is not None and sub.parent is not None:  # the root's name depends on how mmkit was started
+                names.insert(0, sub.info_name)
+                sub = sub.parent
+            click.echo(f"error: {err.format_message()} (see `{' '.join(['mmkit', *names])} --help`)", err=True)
+            ctx.exit(2)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except BrokenPipeError:
+            # The reader went away (`mmkit methods | head`): stop quietly, as a command killed by SIGPIPE does,
+            # and keep Python's exit-time flush of stdout from raising again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)
         except Exception as err:  # noqa: BLE001 - the CLI's last line of defence; MMKIT_DEBUG=1 shows the trace
             if os.environ.get("MMKIT_DEBUG"):
                 raise

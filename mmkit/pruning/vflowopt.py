@@ -44,13 +44,14 @@ from mmkit.patching.pre_llm import (
     query_attention,
     visual_tokens_per_image,
 )
+from mmkit.models.shipped import shipped_dir
 from mmkit.patching.token_drop import TokenDropper, keep_top_visual
 from mmkit.registry import register_method
 
 logger = logging.getLogger(__name__)
 
 # Configurations tuned for the reference model (`mmkit tune vflowopt --samples 32 --trials 48 --seed 0`), by name.
-SHIPPED_TUNED = Path(__file__).resolve().parent.parent / "models" / "weights" / "vflowopt"
+SHIPPED_TUNED = shipped_dir("vflowopt")
 
 # The model the default (paper) values were tuned for: the released 25 % setting of the official code.
 PAPER_TUNED_FOR = "llava-onevision-qwen2-7b-ov"

@@ -172,7 +172,7 @@ def config_document(config: VFlowOptConfig, record: dict[str, Any], model: str) 
 
 def save_config(path, config: VFlowOptConfig, record: dict[str, Any], model: str) -> None:
     """Write the tuned configuration atomically (temporary file, then rename)."""
-    from mmkit.evals.io import atomic_write_json
+    from mmkit.atomic import atomic_write_json
 
     atomic_write_json(path, config_document(config, record, model))
 
