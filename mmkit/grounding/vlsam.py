@@ -63,6 +63,9 @@ class VLSAMConfig:
         "help": "0: points only; 1: + the mask fed back as a mask prompt; 2: + points resampled inside the mask."})
     multi_scale: bool = field(default=False, metadata={"help": "Also map the four half-size corner crops."})
     crop_fraction: float = field(default=0.5, metadata={"help": "Side of the corner crops, as a fraction."})
+    vocabulary: Literal["open", "world"] = field(default="open", metadata={
+        "help": "Object labels of a description: every object phrase the LVLM lists, labelled by its head noun "
+                "(open), or only the reference world's 20 categories (world; for the reference model)."})
     nms_iou: float = field(default=0.5, metadata={"help": "Box IoU above which a same-label detection is dropped."})
     nms_across_labels: bool = field(default=False, metadata={
         "help": "Also suppress overlapping detections of different labels (one label per object)."})
@@ -82,6 +85,8 @@ class VLSAMConfig:
             raise ValueError(f"point_at must be 'max' or 'centroid', got {self.point_at!r}")
         if self.query_route not in ("describe_first", "prompt"):
             raise ValueError(f"query_route must be 'describe_first' or 'prompt', got {self.query_route!r}")
+        if self.vocabulary not in ("open", "world"):
+            raise ValueError(f"vocabulary must be 'open' or 'world', got {self.vocabulary!r}")
         if self.token not in ("mention", "previous"):
             raise ValueError(f"token must be 'mention' or 'previous', got {self.token!r}")
         for name, lo in (("max_new_tokens", 1), ("upsample", 1), ("num_positive", 1), ("num_negative", 0),
@@ -106,7 +111,7 @@ class VLSAMConfig:
 # layer's attention only, and the first point at the region's weighted centroid (maxima sit on edges there).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
-    "reference": {"token": "previous", "layers": (0,), "point_at": "centroid"},
+    "reference": {"token": "previous", "layers": (0,), "point_at": "centroid", "vocabulary": "world"},
 }
 
 
@@ -189,6 +194,18 @@ def _query_label(query: str) -> tuple[str, list[str]]:
     return query, [query.split()[-1]]
 
 
+def _query_match(target: tuple[str, list[str]], labels: list[str]) -> str | None:
+    """The label of a description that names the query: the query's own label, or (free-text query) the
+    singular of its last word ("red balloons" matches a described "balloon")."""
+    from mmkit.grounding.phrases import singular
+
+    label, words = target
+    if label in labels:
+        return label
+    head = singular(words[-1].lower()) if words else ""
+    return head if head in labels else None
+
+
 def _category_words(category: str) -> list[str]:
     from mmkit.world.vocab import SYNONYMS, plural
 
@@ -245,9 +262,25 @@ class _Counter:
         self.sequences = 0
 
 
-def _describe(session, views: list[_View], cfg: VLSAMConfig, counter: _Counter) -> list[_Row]:
-    from mmkit.world.vocab import mentioned_categories
+def answer_labels(answer: str, vocabulary: str = "open") -> tuple[list[str], dict[str, list[str]]]:
+    """The object labels of an answer, in order of first mention, and per label the words that mention it:
+    "open" parses the answer's own object phrases (any noun: the head noun of each listed phrase), "world" keeps
+    the reference world's categories only (for the reference model, whose answers use those words)."""
+    from mmkit.grounding.phrases import answer_objects
 
+    phrases = answer_objects(answer, vocabulary)
+    labels = list(dict.fromkeys(p.label for p in phrases))
+    if vocabulary == "world":
+        return labels, {c: _category_words(c) for c in labels}
+    surface: dict[str, list[str]] = {label: [] for label in labels}
+    for p in phrases:
+        for w in (p.head.lower(), p.label):
+            if w not in surface[p.label]:
+                surface[p.label].append(w)
+    return labels, surface
+
+
+def _describe(session, views: list[_View], cfg: VLSAMConfig, counter: _Counter) -> list[_Row]:
     jobs = [(v, q) for v in range(len(views)) for q in cfg.describe_prompts]
     rows = []
     for start in range(0, len(jobs), cfg.batch_size):
@@ -257,8 +290,7 @@ def _describe(session, views: list[_View], cfg: VLSAMConfig, counter: _Counter) 
         counter.generate_calls += 1
         counter.sequences += len(chunk)
         for (v, q), res in zip(chunk, results):
-            labels = mentioned_categories(res.text)
-            surface = {c: _category_words(c) for c in labels}
+            labels, surface = answer_labels(res.text, cfg.vocabulary)
             rows.append(_Row(v, q, res.text, labels, surface, False))
     return rows
 
@@ -377,9 +409,11 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
             target = query_labels.get(views[r.view].image_index)
             if target is None:
                 rows.append(r)
-            elif target[0] in r.labels:
+            elif _query_match(target, r.labels) is not None:
                 # The description mentions the query: map that mention (the route the model is fluent in).
-                r.labels, r.surface = [target[0]], {target[0]: target[1]}
+                said = _query_match(target, r.labels)
+                words = list(dict.fromkeys(target[1] + r.surface.get(said, [])))
+                r.labels, r.surface = [target[0]], {target[0]: words}
                 rows.append(r)
                 described.add(r.view)
     for v, view in enumerate(views):
