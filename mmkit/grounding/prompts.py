@@ -201,3 +201,113 @@ def nms(boxes: Sequence[Sequence[float]], scores: Sequence[float], labels: Seque
                for j in kept):
             kept.append(i)
     return kept
+
+
+def mask_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected components of a 2-D bool mask, fast on image-sized masks: runs of each row are joined to the
+    overlapping runs of the row above with union-find. Returns (labels with 0 = background and 1..n, n), numbered
+    in raster order of each component's first pixel."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    h, w = mask.shape
+    padded = np.zeros((h, w + 2), dtype=np.int8)
+    padded[:, 1:-1] = mask
+    edges = np.diff(padded, axis=1)
+    runs = []  # (row, start, end) with end exclusive
+    for y in range(h):
+        starts = np.flatnonzero(edges[y] == 1)
+        ends = np.flatnonzero(edges[y] == -1)
+        runs.extend((y, int(s), int(e)) for s, e in zip(starts, ends))
+    parent = list(range(len(runs)))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    prev: list[int] = []  # run indices of the row above
+    row_start = 0
+    for k, (y, s, e) in enumerate(runs):
+        if k == row_start or runs[k - 1][0] != y:
+            prev = [j for j in range(row_start, k) if runs[j][0] == y - 1] if k else []
+            row_start = k
+        for j in prev:
+            if runs[j][1] < e and s < runs[j][2]:  # column intervals overlap: 4-connected
+                ra, rb = find(j), find(k)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+    labels = np.zeros((h, w), dtype=np.int32)
+    ids: dict[int, int] = {}
+    for k, (y, s, e) in enumerate(runs):
+        root = find(k)
+        if root not in ids:
+            ids[root] = len(ids) + 1
+        labels[y, s:e] = ids[root]
+    return labels, len(ids)
+
+
+def keep_prompted_component(mask: np.ndarray, points: Sequence[tuple[float, float]],
+                            point_labels: Sequence[int]) -> np.ndarray:
+    """One object per mask: when a mask falls apart into several connected pieces (two objects, or an object
+    plus stray pixels), keep the piece the prompt points at, so its box cannot stretch across objects.
+
+    The kept piece holds the first positive point (in pixel (x, y)); when that point lies off the mask, the
+    piece holding most positive points, then the one nearest the first positive point."""
+    labels, n = mask_components(mask)
+    if n <= 1:
+        return np.asarray(mask, dtype=bool)
+    h, w = labels.shape
+    pos = [(min(h - 1, max(0, int(y))), min(w - 1, max(0, int(x))))
+           for (x, y), lab in zip(points, point_labels) if lab == 1]
+    if not pos:
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+        return labels == int(np.argmax(sizes)) + 1
+    first = labels[pos[0]]
+    if first == 0:
+        hits = np.bincount([labels[p] for p in pos], minlength=n + 1)[1:]
+        if hits.max() > 0:
+            first = int(np.argmax(hits)) + 1
+        else:
+            ys, xs = np.nonzero(labels)
+            k = int(np.argmin((ys - pos[0][0]) ** 2 + (xs - pos[0][1]) ** 2))
+            first = labels[ys[k], xs[k]]
+    return labels == first
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    inter = np.count_nonzero(a & b)
+    union = np.count_nonzero(a | b)
+    return inter / union if union else 0.0
+
+
+def one_label_per_object(masks: Sequence[np.ndarray], scores: Sequence[float], labels: Sequence[str],
+                         iou_threshold: float = 0.5,
+                         priority: Sequence[float] | None = None) -> list[tuple[int, str]]:
+    """Suppression across labels: detections whose masks overlap (mask IoU above `iou_threshold`) are one
+    object, which gets one label, the label with the largest summed score among them (every view, question
+    and prompt that found it votes with its score), and is kept once, as the best-scoring detection of that
+    label. Equal votes go to the label of the detection with the highest `priority` (VL-SAM: the area of the
+    view that labelled it, so the full image outranks a crop). Returns (kept index, label) pairs, best score
+    first."""
+    priority = [0.0] * len(masks) if priority is None else list(priority)
+    if not len(masks) == len(scores) == len(labels) == len(priority):
+        raise ValueError("masks, scores, labels (and priority) must have the same length")
+    order = sorted(range(len(masks)), key=lambda i: -float(scores[i]))
+    taken = [False] * len(masks)
+    kept: list[tuple[int, str]] = []
+    for i in order:
+        if taken[i]:
+            continue
+        group = [j for j in order if not taken[j] and (j == i or mask_iou(masks[i], masks[j]) > iou_threshold)]
+        for j in group:
+            taken[j] = True
+        votes: dict[str, float] = {}
+        for j in group:
+            votes[labels[j]] = votes.get(labels[j], 0.0) + float(scores[j])
+        rank = {lab: max(priority[j] for j in group if labels[j] == lab) for lab in votes}
+        label = max(votes, key=lambda lab: (round(votes[lab], 9), rank[lab], lab == labels[i]))
+        best = next(j for j in group if labels[j] == label)  # group is in score order
+        kept.append((best, label))
+    return kept

@@ -67,8 +67,15 @@ class VLSAMConfig:
         "help": "Object labels of a description: every object phrase the LVLM lists, labelled by its head noun "
                 "(open), or only the reference world's 20 categories (world; for the reference model)."})
     nms_iou: float = field(default=0.5, metadata={"help": "Box IoU above which a same-label detection is dropped."})
-    nms_across_labels: bool = field(default=False, metadata={
-        "help": "Also suppress overlapping detections of different labels (one label per object)."})
+    nms_across_labels: bool = field(default=True, metadata={
+        "help": "One label per object: detections whose masks overlap (IoU above nms_iou) are one object, "
+                "labelled by the label with the largest summed score; else NMS only within a label."})
+    split_components: bool = field(default=True, metadata={
+        "help": "When a mask falls apart into pieces, keep the piece holding the first positive point, so a "
+                "box never spans two objects."})
+    view_containment: float = field(default=0.9, metadata={
+        "help": "A detection labelled from a crop's answer is kept only when this share of its mask lies "
+                "inside the crop (0: keep all)."})
     min_score: float = field(default=0.0, metadata={"help": "Detections scoring below this are dropped."})
     batch_size: int = field(default=8, metadata={"help": "LVLM rows (views x questions) per forward."})
 
@@ -101,6 +108,8 @@ class VLSAMConfig:
             raise ValueError(f"residual must be in [0, 1), got {self.residual}")
         if not 0.1 <= self.crop_fraction < 1.0:
             raise ValueError(f"crop_fraction must be in [0.1, 1), got {self.crop_fraction}")
+        if not 0.0 <= self.view_containment <= 1.0:
+            raise ValueError(f"view_containment must be in [0, 1], got {self.view_containment}")
         if not 0.0 < self.nms_iou <= 1.0:
             raise ValueError(f"nms_iou must be in (0, 1], got {self.nms_iou}")
 
@@ -362,6 +371,16 @@ def _grid_mask(mask: np.ndarray, box: tuple[int, int, int, int], grid: tuple[int
     return small >= 0.5
 
 
+def _found_in_view(mask: np.ndarray, view_box: tuple[int, int, int, int], containment: float) -> bool:
+    """Whether a mask counts as found in the view whose answer labelled it: at least `containment` of its
+    pixels lie inside the view (the full image always holds it; 0 accepts every mask)."""
+    total = int(np.count_nonzero(mask))
+    if containment <= 0.0 or total == 0:
+        return True
+    x0, y0, x1, y1 = view_box
+    return np.count_nonzero(mask[y0:y1, x0:x1]) >= containment * total
+
+
 def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = None,
            config: VLSAMConfig | None = None) -> list[GroundingResult]:
     """Ground objects in images with VL-SAM.
@@ -377,7 +396,8 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
     Returns:
         One GroundingResult per image.
     """
-    from mmkit.grounding.prompts import mask_to_box, nms, prompts_from_map, resample_prompt, upsample_map
+    from mmkit.grounding.prompts import (keep_prompted_component, mask_to_box, nms, one_label_per_object,
+                                         prompts_from_map, resample_prompt, upsample_map)
     from mmkit.images import load_image
     from mmkit.models.families import check_grounding
 
@@ -423,13 +443,9 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
             rows.append(_Row(v, prompt, "", [label], {label: words}, True))
     maps = _map_rows(session, views, rows, cfg, counter)
 
-    # Votes: in how many rows (views x questions) of its image a label was mentioned.
-    rows_per_image = np.bincount([views[r.view].image_index for r in rows], minlength=len(pil))
-    votes: dict[tuple[int, str], int] = {}
-    for r, m in zip(rows, maps):
-        for label in {entry[0] for entry in m}:
-            key = (views[r.view].image_index, label)
-            votes[key] = votes.get(key, 0) + 1
+    # Votes: which labels each row (view x question) mentions; a detection's vote is the share of the rows of
+    # its image whose view holds its mask that mention its label.
+    row_labels = [{entry[0] for entry in m} for m in maps]
 
     # Prompts (in full-image pixels) for every (row, label, region).
     prompts = []  # (image index, label, PointPrompt, (row index, entry index), score prior)
@@ -442,8 +458,7 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
             for p in prompts_from_map(up, (x1 - x0, y1 - y0), cfg.threshold, cfg.num_positive, cfg.num_negative,
                                       instances, min_point_distance=2.0 * cfg.upsample, point_at=cfg.point_at):
                 p.points = [(x + x0, y + y0) for x, y in p.points]
-                vote = votes[(view.image_index, label)] / max(1, rows_per_image[view.image_index])
-                prompts.append((view.image_index, label, p, (ri, ei), vote * p.peak))
+                prompts.append((view.image_index, label, p, (ri, ei), p.peak))
 
     results_masks: list[np.ndarray] = []
     results_scores = np.zeros(0)
@@ -471,16 +486,30 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
         results_masks, results_scores = pred.masks, pred.scores
 
     per_image: list[list[Detection]] = [[] for _ in pil]
-    for k, (i, label, p, _, prior) in enumerate(prompts):
+    view_area: list[list[int]] = [[] for _ in pil]   # per detection, the area of the view that labelled it
+    for k, (i, label, p, (ri, _), peak) in enumerate(prompts):
         mask = results_masks[k]
+        if cfg.split_components:
+            mask = keep_prompted_component(mask, pts[k], labs[k])
+        if not _found_in_view(mask, views[rows[ri].view].box, cfg.view_containment):
+            continue  # the label came from a crop that shows only part of this object
         box = mask_to_box(mask)
-        score = float(np.clip(results_scores[k], 0.0, 1.0)) * prior
+        holding = [rj for rj, r in enumerate(rows) if views[r.view].image_index == i
+                   and _found_in_view(mask, views[r.view].box, cfg.view_containment)]
+        vote = sum(label in row_labels[rj] for rj in holding) / max(1, len(holding))
+        score = float(np.clip(results_scores[k], 0.0, 1.0)) * vote * peak
         if box is None or score < cfg.min_score:
             continue
         per_image[i].append(Detection(label, box, mask, score, pts[k], labs[k]))
+        vx0, vy0, vx1, vy1 = views[rows[ri].view].box
+        view_area[i].append((vx1 - vx0) * (vy1 - vy0))
     for i, dets in enumerate(per_image):
-        keep = nms([d.box for d in dets], [d.score for d in dets],
-                   None if cfg.nms_across_labels else [d.label for d in dets], cfg.nms_iou)
+        if cfg.nms_across_labels:
+            merged = one_label_per_object([d.mask for d in dets], [d.score for d in dets],
+                                          [d.label for d in dets], cfg.nms_iou, priority=view_area[i])
+            dets = [Detection(label, dets[j].box, dets[j].mask, dets[j].score, dets[j].points,
+                              dets[j].point_labels) for j, label in merged]
+        keep = nms([d.box for d in dets], [d.score for d in dets], [d.label for d in dets], cfg.nms_iou)
         per_image[i] = [dets[j] for j in keep]
 
     n = len(pil)
