@@ -14,7 +14,9 @@ from mmkit.cli.options import device_option, dtype_option, model_option
               help="Directory for <stem>_overlay.png, <stem>_attn_<label>.png and <stem>_coco.json.")
 @click.option("--sam", default=None, help="SAM checkpoint directory or hub id (default: the shipped small SAM).")
 @click.option("--query", default=None, help="Ground only this object (default: every object the model lists).")
-@click.option("--multi-scale", is_flag=True, help="Also map the four half-size corner crops (5 views).")
+@click.option("--multi-scale/--single-scale", default=None,
+              help="Also map the four half-size corner crops (5 views), or only the full image (default: the "
+                   "preset's: on for paper, off for reference).")
 @click.option("--refine", default=2, show_default=True, type=click.IntRange(0, 2),
               help="Refinement rounds: 1 feeds the mask back, 2 also resamples the points inside it.")
 @click.option("--prompt", "prompts", multiple=True,
@@ -38,7 +40,9 @@ def ground(model, image, out_dir, sam, query, multi_scale, refine, prompts, pres
     picture = load_image(image)  # fail on a bad image before loading any model
     if query is not None and not query.strip():
         raise MmkitError("--query is empty; pass the object to ground, e.g. --query cup")
-    kwargs = {"multi_scale": multi_scale, "refine_steps": refine}
+    kwargs = {"refine_steps": refine}
+    if multi_scale is not None:
+        kwargs["multi_scale"] = multi_scale
     if prompts:
         kwargs["describe_prompts"] = tuple(prompts)
     backend = load_sam(sam, device=device)  # a bad --sam fails before the LVLM is loaded

@@ -74,6 +74,9 @@ def test_presets():
 
     paper = preset_config("paper")
     assert (paper.token, paper.layers, paper.point_at) == ("mention", (), "max")
+    # The paper's ablation credits the five views and the ten-question ensemble: both are on.
+    assert paper.multi_scale and len(set(paper.describe_prompts)) == 10
+    assert paper.vocabulary == "open" and preset_config("reference").vocabulary == "world"
     ref = preset_config("reference", refine_steps=1)
     assert (ref.token, ref.layers, ref.point_at, ref.refine_steps) == ("previous", (0,), "centroid", 1)
     with pytest.raises(MmkitError, match="preset"):
