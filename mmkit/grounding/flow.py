@@ -122,3 +122,50 @@ def object_maps(probs_per_layer: list[torch.Tensor], row_pos: torch.Tensor, vali
         idx = [remap[r] for r in rows if r in remap]
         maps.append(flow[idx].mean(0).reshape(gh, gw) if idx else torch.zeros(gh, gw))
     return maps
+
+
+def full_rollout_maps(probs_per_layer: list[torch.Tensor], row_pos: torch.Tensor, valid: torch.Tensor,
+                      image_cols: torch.Tensor, key_counts: torch.Tensor, object_rows: list[list[int]], *,
+                      head_weighting: bool = True, column_reg: bool = True,
+                      layers: tuple[int, ...] = ()) -> list[torch.Tensor]:
+    """VL-SAM's attention flow over the whole sequence, as in the paper (the rows of every token, image tokens
+    included, so image-to-image mixing inside the LLM is part of the flow):
+
+        W^l_h = mean over all queries of (max over all keys of S^l_h)        (MeanMax)
+        S'^l  = mean over heads of W^l_h * S^l_h;  S'^l_:j *= 1 - (L0_j - 1) / N
+        R^l   = (I + S'^l)(I + R^{l-1}),  R^0 = 0
+
+    The object row of R^L over the image columns is its map. `probs_per_layer[l]`: (H, R, L) with the valid rows
+    being every non-padding position in order; other arguments as in `object_maps`.
+    """
+    keep = valid.nonzero().flatten()
+    pos = row_pos[keep]
+    real = (key_counts > 0).nonzero().flatten()
+    if pos.shape != real.shape or not torch.equal(pos.to(real.device), real):
+        # MeanMax averages over every query, so every row is needed (not only those up to the objects).
+        raise ValueError("the full rollout needs the attention rows of every token of the sequence, in order")
+    n = n_tokens = real.shape[0]
+    n_layers = len(probs_per_layer)
+    if any(not -n_layers <= l < n_layers for l in layers):
+        raise ValueError(f"layers {layers} out of range for a {n_layers}-layer model")
+    chosen = sorted({l % n_layers for l in layers}) if layers else range(n_layers)
+    eye = torch.eye(n, dtype=torch.float64, device=real.device)
+    scale = (1.0 - (key_counts[real].double() - 1.0).clamp(min=0) / n_tokens).clamp(min=0)
+    flow = torch.zeros(n, n, dtype=torch.float64, device=real.device)
+    for l in chosen:
+        probs = probs_per_layer[l][:, keep][:, :, real].double()          # (H, N, N)
+        weights = probs.amax(-1).mean(-1) if head_weighting else torch.ones(probs.shape[0], dtype=torch.float64,
+                                                                            device=probs.device)
+        attn = (probs * weights[:, None, None]).mean(0)
+        if column_reg:
+            attn = attn * scale[None, :]
+        flow = (eye + attn) @ (eye + flow)
+    col = {int(p): i for i, p in enumerate(real.tolist())}
+    img = torch.tensor([col[int(p)] for p in image_cols.tolist()], dtype=torch.long, device=real.device)
+    gh, gw = grid_shape(img.shape[0])
+    remap = {int(r): i for i, r in enumerate(keep.tolist())}
+    maps = []
+    for rows in object_rows:
+        idx = [remap[r] for r in rows if r in remap]
+        maps.append(flow[idx][:, img].mean(0).float().reshape(gh, gw) if idx else torch.zeros(gh, gw))
+    return maps

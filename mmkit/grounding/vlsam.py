@@ -49,6 +49,10 @@ class VLSAMConfig:
         "help": "Row mapped per object: the mention token itself (VL-SAM) or the position that predicted it."})
     layers: tuple[int, ...] = field(default=(), metadata={
         "help": "Decoder layers whose attention enters the flow (empty: all layers, as VL-SAM; negative ok)."})
+    rollout: Literal["text", "full"] = field(default="text", metadata={
+        "help": "Attention flow: the rows of the text after the image with image tokens as sources (text; no "
+                "N x N matrix) or the paper's full rollout over every token's row, image tokens included (full; "
+                "captures an L x L matrix per layer and head)."})
     head_weighting: bool = field(default=True, metadata={"help": "MeanMax head weights (else a plain mean)."})
     column_reg: bool = field(default=True, metadata={"help": "Column regularisation against causal collapse."})
     residual: float = field(default=0.5, metadata={"help": "Identity weight of the rollout: A = (1-r) S + r I."})
@@ -94,6 +98,8 @@ class VLSAMConfig:
             raise ValueError(f"query_route must be 'describe_first' or 'prompt', got {self.query_route!r}")
         if self.vocabulary not in ("open", "world"):
             raise ValueError(f"vocabulary must be 'open' or 'world', got {self.vocabulary!r}")
+        if self.rollout not in ("text", "full"):
+            raise ValueError(f"rollout must be 'text' or 'full', got {self.rollout!r}")
         if self.token not in ("mention", "previous"):
             raise ValueError(f"token must be 'mention' or 'previous', got {self.token!r}")
         for name, lo in (("max_new_tokens", 1), ("upsample", 1), ("num_positive", 1), ("num_negative", 0),
@@ -136,7 +142,7 @@ PAPER_QUESTIONS: tuple[str, ...] = (
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The ablation credits most of VL-SAM's recall to the five views and the ten-question ensemble.
-    "paper": {"multi_scale": True, "describe_prompts": PAPER_QUESTIONS},
+    "paper": {"multi_scale": True, "describe_prompts": PAPER_QUESTIONS, "rollout": "full"},
     "reference": {"token": "previous", "layers": (0,), "point_at": "centroid", "vocabulary": "world"},
 }
 
@@ -326,7 +332,7 @@ def _map_rows(session, views: list[_View], rows: list[_Row], cfg: VLSAMConfig,
     """Per row, one (label, map on the view's token grid, claimed instances) per mention: "a white cup, a pink
     cup" gives two cup maps, "two blue cups" one map claiming two instances."""
     from mmkit.grounding.attention_maps import build_inputs, capture_rows
-    from mmkit.grounding.flow import object_maps
+    from mmkit.grounding.flow import full_rollout_maps, object_maps
 
     tokenizer = session.processor.tokenizer
     out: list[list[tuple[str, np.ndarray, int]]] = [[] for _ in rows]
@@ -355,7 +361,12 @@ def _map_rows(session, views: list[_View], rows: list[_Row], cfg: VLSAMConfig,
                     if q >= first_text:
                         objects.append((label, q, _count_before(tokenizer, id_list, p0, lo)))
             last = max((q for _, q, _ in objects), default=first_text)
-            per_row_rows.append(list(range(first_text, last + 1)))
+            # The full rollout reads every token's row (its head weights average over all queries); else the
+            # text after the image up to the last object.
+            if cfg.rollout == "full":
+                per_row_rows.append(list(range(int(inputs["attention_mask"][b].nonzero()[0]), seq_len)))
+            else:
+                per_row_rows.append(list(range(first_text, last + 1)))
             per_row_objects.append(objects)
         width = max(len(r) for r in per_row_rows)
         positions = torch.tensor([r + [r[-1]] * (width - len(r)) for r in per_row_rows], dtype=torch.long)
@@ -368,6 +379,13 @@ def _map_rows(session, views: list[_View], rows: list[_Row], cfg: VLSAMConfig,
             if not objects:
                 continue
             first = per_row_rows[b][0]
+            if cfg.rollout == "full":
+                maps = full_rollout_maps(
+                    [p[b] for p in cap.probs], cap.rows[b], cap.valid[b], cap.image_mask[b].nonzero().flatten(),
+                    cap.key_counts[b], [[q - first] for _, q, _ in objects],
+                    head_weighting=cfg.head_weighting, column_reg=cfg.column_reg, layers=cfg.layers)
+                out[i] = [(label, m.cpu().numpy(), n) for (label, _, n), m in zip(objects, maps)]
+                continue
             maps = object_maps(
                 [p[b] for p in cap.probs], cap.rows[b], cap.valid[b], cap.image_mask[b].nonzero().flatten(),
                 cap.key_counts[b], [[q - first] for _, q, _ in objects],
