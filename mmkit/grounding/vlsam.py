@@ -2,7 +2,8 @@
 
 Pipeline per batch of images (each step batched over images, views, questions and objects):
 1. Object words: the LVLM describes each view ("Describe the image in detail."; several questions form an
-   ensemble) and the categories it mentions are parsed, or a given query is grounded ("Where is the {x}?").
+   ensemble) and its own object list is parsed (`phrases`: head nouns, any words), or a given query is grounded
+   ("Where is the {x}?").
 2. Maps: one forward over prompt + answer captures the attention rows of the text after the image at every layer
    and head (`attention_maps.capture_rows`); `flow.object_maps` weights heads (MeanMax), regularises columns and
    rolls the attention out into a grid map per object.
@@ -10,7 +11,9 @@ Pipeline per batch of images (each step batched over images, views, questions an
    minima outside (`prompts.prompts_from_map`); counted mentions ("two cups") prompt several regions.
 4. SAM: every image is embedded once; all prompts are decoded in one call per round. Refinement feeds the mask
    back as a mask prompt, then restricts the map to the mask and resamples the points.
-5. Multi-scale views (the full image plus four corner crops) and the question ensemble vote; NMS merges all.
+5. Multi-scale views (the full image plus four corner crops) and the question ensemble vote. Merge: a mask keeps
+   the piece its prompt points at; a crop's label holds only for masks inside that crop; overlapping detections
+   of different labels are one object with the label of most summed score; then per-label NMS.
 """
 
 from __future__ import annotations
