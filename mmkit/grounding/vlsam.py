@@ -77,6 +77,8 @@ class VLSAMConfig:
     nms_across_labels: bool = field(default=True, metadata={
         "help": "One label per object: detections whose masks overlap (IoU above nms_iou) are one object, "
                 "labelled by the label with the largest summed score; else NMS only within a label."})
+    label_merge_iou: float = field(default=0.5, metadata={
+        "help": "Mask IoU above which detections of different labels are one object (with nms_across_labels)."})
     split_components: bool = field(default=True, metadata={
         "help": "When a mask falls apart into pieces, keep the piece holding the first positive point, so a "
                 "box never spans two objects."})
@@ -119,6 +121,8 @@ class VLSAMConfig:
             raise ValueError(f"crop_fraction must be in [0.1, 1), got {self.crop_fraction}")
         if not 0.0 <= self.view_containment <= 1.0:
             raise ValueError(f"view_containment must be in [0, 1], got {self.view_containment}")
+        if not 0.0 < self.label_merge_iou <= 1.0:
+            raise ValueError(f"label_merge_iou must be in (0, 1], got {self.label_merge_iou}")
         if not 0.0 < self.nms_iou <= 1.0:
             raise ValueError(f"nms_iou must be in (0, 1], got {self.nms_iou}")
 
@@ -544,7 +548,7 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
     for i, dets in enumerate(per_image):
         if cfg.nms_across_labels:
             merged = one_label_per_object([d.mask for d in dets], [d.score for d in dets],
-                                          [d.label for d in dets], cfg.nms_iou, priority=view_area[i])
+                                          [d.label for d in dets], cfg.label_merge_iou, priority=view_area[i])
             dets = [Detection(label, dets[j].box, dets[j].mask, dets[j].score, dets[j].points,
                               dets[j].point_labels) for j, label in merged]
         keep = nms([d.box for d in dets], [d.score for d in dets], [d.label for d in dets], cfg.nms_iou)

@@ -73,6 +73,8 @@ def test_found_in_view():
     assert _found_in_view(house, (40, 0, 100, 50), 0.9)
     with pytest.raises(ValueError, match="view_containment"):
         VLSAMConfig(view_containment=1.5)
+    with pytest.raises(ValueError, match="label_merge_iou"):
+        VLSAMConfig(label_merge_iou=0.0)
 
 
 class _OracleSam:
