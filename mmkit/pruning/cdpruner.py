@@ -31,7 +31,6 @@ from typing import Literal
 
 import torch
 
-from mmkit.patching.pre_llm import visual_tokens_per_image
 from mmkit.pruning.selection import (
     ImageBatch,
     Selection,
@@ -40,6 +39,7 @@ from mmkit.pruning.selection import (
     check_positions,
     identity_order,
     kept_count,
+    supported_tokens,
 )
 from mmkit.registry import register_method
 
@@ -217,7 +217,7 @@ class ClipRelevance:
 class CDPrunerHandle(SelectionHandle):
     def __init__(self, session, config: CDPrunerConfig):
         self.config = config
-        self.k = kept_count(config.keep, config.tokens, visual_tokens_per_image(session.adapter), "cdpruner")
+        self.k = kept_count(config.keep, config.tokens, supported_tokens(session), "cdpruner")
         self.tokenizer = session.processor.tokenizer
         self.template = session.chat_prompt("{prompt}")
         self.image_token = getattr(session.processor, "image_token", "<image>")

@@ -17,7 +17,6 @@ from typing import Literal
 
 import torch
 
-from mmkit.patching.pre_llm import visual_tokens_per_image
 from mmkit.pruning.selection import (
     ImageBatch,
     Selection,
@@ -26,6 +25,7 @@ from mmkit.pruning.selection import (
     check_positions,
     identity_order,
     kept_count,
+    supported_tokens,
 )
 from mmkit.registry import register_method
 
@@ -77,7 +77,7 @@ def maxmin_select(features: torch.Tensor, k: int) -> torch.Tensor:
 class DivPruneHandle(SelectionHandle):
     def __init__(self, session, config: DivPruneConfig):
         self.config = config
-        self.k = kept_count(config.keep, config.tokens, visual_tokens_per_image(session.adapter), "divprune")
+        self.k = kept_count(config.keep, config.tokens, supported_tokens(session), "divprune")
         super().__init__(session, self._select, positions=config.positions)
 
     def _select(self, batch: ImageBatch) -> Selection:

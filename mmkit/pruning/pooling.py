@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mmkit.patching.pre_llm import visual_tokens_per_image
 from mmkit.pruning.selection import (
     ImageBatch,
     Selection,
@@ -26,6 +25,7 @@ from mmkit.pruning.selection import (
     grid_side,
     identity_order,
     kept_count,
+    supported_tokens,
 )
 from mmkit.registry import register_method
 
@@ -62,11 +62,10 @@ def pool_features(features: torch.Tensor, side: int, grid: tuple[int, int]) -> t
 class PoolingHandle(SelectionHandle):
     def __init__(self, session, config: PoolingConfig):
         self.config = config
-        adapter = session.adapter
-        if adapter.vision_feature_select_strategy != "default":
+        n = supported_tokens(session)
+        if session.adapter.vision_feature_select_strategy != "default":
             raise ValueError("pooling needs the patch tokens only (vision_feature_select_strategy='default'); "
                              "this model also feeds the CLS token")
-        n = visual_tokens_per_image(adapter)
         self.k = kept_count(config.keep, config.tokens, n, "pooling")
         self.side = grid_side(n, "default")
         self.grid = pooled_grid(self.k, self.side)

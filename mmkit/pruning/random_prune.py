@@ -14,7 +14,6 @@ from typing import Literal
 
 import torch
 
-from mmkit.patching.pre_llm import visual_tokens_per_image
 from mmkit.pruning.selection import (
     ImageBatch,
     Selection,
@@ -23,6 +22,7 @@ from mmkit.pruning.selection import (
     check_positions,
     identity_order,
     kept_count,
+    supported_tokens,
 )
 from mmkit.registry import register_method
 
@@ -54,7 +54,7 @@ def random_subset(n: int, k: int, seed: int) -> torch.Tensor:
 class RandomPruneHandle(SelectionHandle):
     def __init__(self, session, config: RandomPruneConfig):
         self.config = config
-        self.k = kept_count(config.keep, config.tokens, visual_tokens_per_image(session.adapter), "random")
+        self.k = kept_count(config.keep, config.tokens, supported_tokens(session), "random")
         super().__init__(session, self._select, positions=config.positions)
 
     def _select(self, batch: ImageBatch) -> Selection:

@@ -101,6 +101,12 @@ class ProjectedReducer(PreLLMReducer):
         self._input_ids = self._vision_features = None
 
 
+def supported_tokens(session) -> int:
+    """Visual tokens per image of a model the pre-LLM reduction supports (clear error for the others)."""
+    check_supported(session.adapter)
+    return visual_tokens_per_image(session.adapter)
+
+
 def kept_count(keep: float, tokens: int, tokens_per_image: int, method: str) -> int:
     """Visual tokens per image a method keeps: `tokens` if > 0, else round(keep x the model's count), at least 1."""
     count = tokens if tokens > 0 else max(1, round(keep * tokens_per_image))
