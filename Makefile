@@ -31,4 +31,4 @@ test: $(STAMP) $(LMMS_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-wheel runs

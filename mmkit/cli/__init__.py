@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -62,6 +63,11 @@ class MmkitGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except BrokenPipeError:
+            # The reader went away (`mmkit methods | head`): stop quietly, as a command killed by SIGPIPE does,
+            # and keep Python's exit-time flush of stdout from raising again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)
         except Exception as err:  # noqa: BLE001 - the CLI's last line of defence; MMKIT_DEBUG=1 shows the trace
             if os.environ.get("MMKIT_DEBUG"):
                 raise
