@@ -26,7 +26,8 @@ def budget_specs(budget: int) -> dict[str, str]:
     """Method -> spec at a budget. Pre-LLM methods feed exactly `budget` visual tokens to the LLM. In-LLM methods
     cannot bring every layer to the budget (layers before their first drop read all 576 tokens), so they run at
     the setting the literature uses for that budget: FastV keeps `budget` from layer 2 on, SparseVLM its official
-    schedule, PyramidDrop keeps `budget` after its first stage (lambda = budget / 576, then lambda^2, lambda^3)."""
+    schedule, PyramidDrop the lambda whose three stages keep `budget` tokens on average (lambda + lambda^2 +
+    lambda^3 = 3 budget / 576), as multi-stage methods are matched by their average token count."""
     share = repr(budget / FULL)  # full precision: floor(share * 576) must give the budget back
     schedule = "/".join(repr(t / FULL) for t in SPARSEVLM_SCHEDULES[budget])
     return {
@@ -37,9 +38,18 @@ def budget_specs(budget: int) -> dict[str, str]:
         "visionzip": f"visionzip:keep={share}",
         "vflowopt": f"vflowopt:vision_keep={share}",
         "fastv": f"fastv:layer=2,keep={share}",
-        "pyramiddrop": f"pyramiddrop:ratio={share}",
+        "pyramiddrop": f"pyramiddrop:ratio={pyramid_ratio(budget)!r}",
         "sparsevlm": f"sparsevlm:keep={schedule}",
     }
+
+
+def pyramid_ratio(budget: int) -> float:
+    """lambda in (0, 1) with lambda + lambda^2 + lambda^3 = 3 budget / 576 (bisection), rounded to 4 digits."""
+    target, low, high = 3 * budget / FULL, 0.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if mid + mid ** 2 + mid ** 3 < target else (low, mid)
+    return round((low + high) / 2, 4)
 
 
 def run_name(spec: str | None) -> str:
@@ -191,8 +201,9 @@ def write_budget_section(session, args, out: Path) -> None:
         "cdpruner, random, pooling, visionzip, vflowopt's first stage) feed exactly that many visual tokens to the "
         "LLM. In-LLM methods cannot bring layers before their first drop below 576 tokens, so they run at the "
         "setting the literature uses for the budget: FastV keeps the budget from layer 2 on, SparseVLM its official "
-        "schedule (192: 300/200/110, 128: 303/110/36, 64: 66/30/17), PyramidDrop keeps the budget after its first "
-        "stage (lambda = budget / 576); the cost table says what that costs. vflowopt also drops inside the LLM "
+        "schedule (192: 300/200/110, 128: 303/110/36, 64: 66/30/17), PyramidDrop the lambda whose three stages "
+        "keep the budget on average (lambda + lambda^2 + lambda^3 = 3 x budget / 576); the cost table says what "
+        "that costs. vflowopt also drops inside the LLM "
         "(its default stages). DyVTE and VISOR have no token budget (they exit or read the image per layer) and "
         "are not in this table.",
         "",
@@ -219,3 +230,25 @@ def write_budget_section(session, args, out: Path) -> None:
     text = text[:text.index(END)] + section + "\n" + text[text.index(END):] if END in text else \
         text.rstrip() + "\n\n" + section
     atomic_write_text(path, text)
+
+
+def kept_figure(session, path: Path, budget: int = 64, scene_index: int = 0) -> None:
+    """One scene of held-out world seed 1 and its first POPE-random question: the patches the last decoder layer
+    reads under every method at `budget` tokens (and the unpruned model), one panel each."""
+    from mmkit.pruning.show_kept import _caption, kept_patches, render, save_panels
+    from mmkit.world.questions import pope_questions
+    from mmkit.world.scenes import generate_scene
+
+    question = pope_questions(1, scene_index + 1, split="random", start=scene_index)[0]
+    scene = generate_scene(1, question.scene_index)
+    panels = []
+    for name, spec in [("unpruned", None)] + list(budget_specs(budget).items()):
+        session.remove_all()
+        if spec:
+            session.apply(spec)
+        kept = kept_patches(session, scene.image, question.prompt)
+        last = kept.layers[-1]
+        panels.append(render(kept.image, kept.grid, last, f"{name}: {_caption(last, kept.grid)}"))
+    session.remove_all()
+    save_panels(panels, path, columns=5)
+    print(f"kept-patch figure: {path} ({question.prompt!r}, answer {question.answer})", flush=True)
