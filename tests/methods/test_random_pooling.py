@@ -93,3 +93,14 @@ def test_pooling_feeds_the_window_means_to_the_llm(session, images, prompts):
 def test_pooling_refuses_counts_without_a_grid(session):
     with pytest.raises(MmkitError, match="grid"):
         session.apply("pooling:tokens=13")
+
+
+def test_pooling_uneven_windows_follow_adaptive_pooling():
+    # 5 -> 2 per side: windows [0, 3) and [2, 5) (floor(i * 5 / 2) to ceil((i + 1) * 5 / 2)).
+    x = torch.randn(1, 25, 3)
+    got = pool_features(x, 5, (2, 2))
+    grid = x.view(5, 5, 3)
+    spans = [(0, 3), (2, 5)]
+    for r, (r0, r1) in enumerate(spans):
+        for c, (c0, c1) in enumerate(spans):
+            assert torch.allclose(got[0, r * 2 + c], grid[r0:r1, c0:c1].reshape(-1, 3).mean(0), atol=1e-6)

@@ -131,3 +131,24 @@ def test_shares_the_pre_llm_slot_and_refuses_llava_next(session, method):
             nxt.apply(f"{method}:tokens=16")
     finally:
         nxt.close()
+
+
+@pytest.mark.parametrize("spec", ["divprune:tokens=12", "cdpruner:tokens=12", "random:tokens=12", "pooling:tokens=16"])
+def test_remote_code_export_runs_with_plain_transformers(tmp_path, images, prompts, spec):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    session = mmkit.load("tiny-random", methods=[spec])
+    inputs = session.prepare(images, prompts)
+    expected = forward_logits(session, inputs)
+    texts = [r.text for r in session.generate(images, prompts, max_new_tokens=4)]
+    session.save_pretrained(tmp_path / "export", remote_code=True)
+    session.close()
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", trust_remote_code=True)
+    tokenizer = AutoProcessor.from_pretrained(tmp_path / "export").tokenizer
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs).logits, expected)
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    new = out[:, inputs["input_ids"].shape[1]:].tolist()
+    eos = tokenizer.eos_token_id
+    assert [tokenizer.decode(r[:r.index(eos)] if eos in r else r, skip_special_tokens=True).strip()
+            for r in new] == texts
