@@ -85,33 +85,45 @@ def minmax(scores: torch.Tensor) -> torch.Tensor:
 
 
 def dpp_kernel(features: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
-    """L = diag(r) S diag(r), S the cosine similarity of the features; (I, N, D), (I, N) -> (I, N, N) float32."""
-    unit = torch.nn.functional.normalize(features.float(), dim=-1)
-    r = relevance.float()
+    """L = diag(r) S diag(r), S the cosine similarity of the features; (I, N, D), (I, N) -> (I, N, N), float32
+    (float64 for float64 inputs)."""
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    unit = torch.nn.functional.normalize(features.to(dtype), dim=-1)
+    r = relevance.to(dtype)
     return r[:, :, None] * (unit @ unit.transpose(1, 2)) * r[:, None, :]
 
 
 def greedy_dpp(kernel: torch.Tensor, k: int) -> torch.Tensor:
     """Fast greedy MAP inference for a DPP (Chen et al. 2018), batched: (I, N, N) PSD kernels -> (I, k) picks in
     pick order. Each step picks argmax of the marginal gain d^2 = det(L_{S+j}) / det(L_S), kept up to date with
-    one new Cholesky row per step. Runs exactly k steps; once the kernel's rank is exhausted (d^2 <= 0 for every
-    candidate) the division is guarded, so the remaining picks are still distinct tokens, never NaN."""
+    one new Cholesky row per step, in float64 (float32 loses the Cholesky rows' orthogonality after some tens of
+    picks on real features). Runs exactly k steps. Once an image's kernel has no gain left above its own rounding
+    level (every candidate's d^2 <= sqrt(N) x the kernel dtype's epsilon x the largest diagonal entry: the rank is
+    exhausted), its remaining picks are the unpicked tokens with the largest L_jj (the most relevant), so the picks
+    are always k distinct tokens, never NaN."""
     n_img, n, _ = kernel.shape
+    eps = torch.finfo(kernel.dtype).eps if kernel.dtype.is_floating_point else torch.finfo(torch.float32).eps
+    kernel = kernel.double()
     rows = torch.arange(n_img, device=kernel.device)
-    gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()        # d_j^2 with S empty: L_jj
+    diag = torch.diagonal(kernel, dim1=1, dim2=2)
+    gains = diag.clone()                                           # d_j^2 with S empty: L_jj
+    floor = (n ** 0.5) * eps * diag.max(dim=1).values.clamp(min=1e-300)
     chol = kernel.new_zeros(n_img, k, n)                           # rows of the incremental Cholesky factor
     picked = torch.zeros(n_img, n, dtype=torch.bool, device=kernel.device)
     picks = []
     for step in range(k):
-        j = gains.masked_fill(picked, float("-inf")).argmax(dim=1)
+        masked = gains.masked_fill(picked, float("-inf"))
+        j = masked.argmax(dim=1)
+        alive = masked[rows, j] > floor
+        j = torch.where(alive, j, diag.masked_fill(picked, float("-inf")).argmax(dim=1))
         picks.append(j)
         picked[rows, j] = True
         if step == k - 1:
             break
         c_j = chol[rows, :step, j]                                 # (I, step)
         proj = torch.einsum("is,isn->in", c_j, chol[:, :step])
-        denom = gains[rows, j].clamp(min=1e-12).sqrt()
-        e = (kernel[rows, j] - proj) / denom[:, None]
+        denom = gains[rows, j].clamp(min=1e-300).sqrt()
+        e = torch.where(alive[:, None], (kernel[rows, j] - proj) / denom[:, None], torch.zeros_like(proj))
         chol[:, step] = e
         gains = gains - e * e
     return torch.stack(picks, dim=1)

@@ -52,11 +52,24 @@ def test_kernel_is_relevance_weighted_cosine():
             assert torch.isclose(kernel[i, j], rel[0, i] * cos * rel[0, j], atol=1e-6)
 
 
-def test_exhausted_rank_still_gives_distinct_picks():
-    # Rank-2 kernel, 5 picks: the guarded division keeps picking distinct tokens instead of NaN.
-    feats = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0], [2.0, 1.0]]])
-    picks = greedy_dpp(dpp_kernel(feats, torch.ones(1, 5)), 5)
-    assert sorted(picks[0].tolist()) == [0, 1, 2, 3, 4]
+def test_exhausted_rank_falls_back_to_relevance_order():
+    # Rank-6 kernel over 30 tokens, 20 picks: the first 6 are the log-det greedy's, then the kernel has no gain left
+    # and the rest are the unpicked tokens by decreasing relevance (L_jj = r_j^2); all distinct, no NaN.
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(1, 30, 6, generator=g, dtype=torch.float64)
+    relevance = torch.rand(1, 30, generator=g, dtype=torch.float64) + 0.05
+    kernel = dpp_kernel(feats, relevance).double()
+    picks = greedy_dpp(kernel, 20)[0].tolist()
+    assert picks[:6] == _greedy_logdet(kernel[0], 6)
+    rest = [j for j in torch.argsort(relevance[0], descending=True).tolist() if j not in picks[:6]]
+    assert picks[6:] == rest[:14]
+
+
+def test_large_budgets_keep_exactly_k_tokens(session, images, prompts):
+    # Near the projected features' rank (64 on tiny-random), the picks stay distinct: every row keeps k tokens.
+    session.apply("cdpruner:tokens=60")
+    results = session.generate(images, prompts, max_new_tokens=2)
+    assert all(r.stats.visual_tokens_kept == [60] * 4 for r in results)
 
 
 def test_instruction_is_the_users_prompt(session, images, prompts):
