@@ -47,9 +47,11 @@ def bench(preset, batch, methods, cases, device, dtype, reps, json_out):
             raise click.BadParameter("max-batch needs a CUDA device", param_hint="--cases")
         rows += b.max_batch_case(model, preset, methods)
     click.echo(b.format_rows(rows))
+    from mmkit.pruning.fastv import FastVConfig
+
     for spec in methods:
         cfg = parse_spec(spec)
-        if hasattr(cfg, "keep") and hasattr(cfg, "layer"):
+        if isinstance(cfg, FastVConfig):  # the token-FLOP bound is FastV's formula (one drop layer, one share)
             click.echo(f"token-FLOP bound for {spec}: {b.flop_bound(model, preset, cfg.layer, cfg.keep):.2f}x")
     if "kernels" in wanted:
         from mmkit.kernels.bench import bench_kernels
@@ -57,6 +59,6 @@ def bench(preset, batch, methods, cases, device, dtype, reps, json_out):
         for row in bench_kernels(device=str(dev)):
             click.echo(json.dumps(row))
     if json_out:
-        from mmkit.evals.io import atomic_write_json
+        from mmkit.atomic import atomic_write_json
 
         atomic_write_json(json_out, [dict(r.__dict__, speedup=r.speedup) for r in rows])
