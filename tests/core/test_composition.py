@@ -64,10 +64,15 @@ def pruning_specs(tiny_session, tmp_path_factory):
         "vflowopt": "vflowopt",
         "dyvte": f"dyvte:gates={tmp / 'gates.safetensors'}",
         "visor": f"visor:weights={tmp / 'visor.safetensors'},budget=1",
+        "divprune": "divprune:tokens=16",
+        "cdpruner": "cdpruner:tokens=16",
+        "random": "random:tokens=16",
+        "pooling": "pooling:tokens=16",
     }
 
 
-PRUNING_NAMES = ("fastv", "pyramiddrop", "sparsevlm", "visionzip", "vflowopt", "dyvte", "visor")
+PRUNING_NAMES = ("fastv", "pyramiddrop", "sparsevlm", "visionzip", "vflowopt", "dyvte", "visor", "divprune", "cdpruner",
+                 "random", "pooling")
 PAIRS = [(p, m, order) for p, m in itertools.product(PRUNING_NAMES, MITIGATION) for order in ("pm", "mp")]
 
 

@@ -74,20 +74,7 @@ def test_export_round_trip(images, prompts, tmp_path, spec):
         reloaded.close()
 
 
-MITIGATION = [
-    "vcd:alpha=1",
-    pytest.param("agla:layers=1", marks=pytest.mark.xfail(
-        strict=True, raises=IndexError,
-        reason="AGLA's relevance pass indexes the prompt's image mask against the reduced sequence of any pre-LLM "
-               "reduction (visionzip too)")),
-    pytest.param("paint:start_layer=1", marks=pytest.mark.xfail(
-        strict=True, raises=RuntimeError,
-        reason="PAINT refuses reduced image spans during the forward, not at apply")),
-    pytest.param("var:start_layer=1,tau=2", marks=pytest.mark.xfail(
-        strict=True, raises=RuntimeError,
-        reason="VAR reads the prompt-length image mask while decoding over a reduced cache")),
-    "vhr",
-]
+MITIGATION = ["vcd:alpha=1", "agla:layers=1", "paint:start_layer=1", "var:start_layer=1,tau=2", "vhr"]
 
 
 @pytest.mark.parametrize("mitigation", MITIGATION)
