@@ -40,6 +40,10 @@ def budget_specs(budget: int) -> dict[str, str]:
         "fastv": f"fastv:layer=2,keep={share}",
         "pyramiddrop": f"pyramiddrop:ratio={pyramid_ratio(budget)!r}",
         "sparsevlm": f"sparsevlm:keep={schedule}",
+        # The same selections with each kept token's original position id instead of renumbered ones.
+        "divprune, original positions": f"divprune:tokens={budget},positions=original",
+        "cdpruner, original positions": f"cdpruner:tokens={budget},positions=original",
+        "random, original positions": f"random:tokens={budget},positions=original",
     }
 
 
@@ -158,6 +162,22 @@ def table(out: Path, resamples: int = RESAMPLES) -> list[str]:
              "|---|" + "---:|" * len(BUDGETS)]
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(cells.get((m, b), "-") for b in BUDGETS) + " |")
+    lines += ["", "Against the random floor: method − random, in points of % of the unpruned model, with the 95 % "
+              "paired bootstrap interval (same resamples); (noise): the interval includes 0.", "",
+              "| method | " + " | ".join(f"{b} tokens" for b in BUDGETS) + " |", "|---|" + "---:|" * len(BUDGETS)]
+    for m in methods:
+        if m == "random":
+            continue
+        row = []
+        for b in BUDGETS:
+            spec, floor = run_name(budget_specs(b)[m]), run_name(budget_specs(b)["random"])
+            if spec not in shares or floor not in shares:
+                row.append("-")
+                continue
+            diff = shares[spec] - shares[floor]
+            low, high = np.percentile(diff[1:], [2.5, 97.5])
+            row.append(f"{diff[0]:+.1f} [{low:+.1f}, {high:+.1f}]" + (" (noise)" if low <= 0 <= high else ""))
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
     lines += ["", "Cost on POPE-random: visual tokens per decoder layer (mean over layers and samples) / prefill "
               "TFLOPs as a share of the baseline's.", "",
               "| method | " + " | ".join(f"{b} tokens" for b in BUDGETS) + " |", "|---|" + "---:|" * len(BUDGETS)]
@@ -213,10 +233,11 @@ def write_budget_section(session, args, out: Path) -> None:
                                         for b in BUDGETS) + ".", ""]
     lines += [
         "### What each method keeps at 64 tokens", "",
-        f"One scene of held-out world seed 1 and its first POPE question, every method at 64 tokens: the patches "
-        "the last decoder layer read are shown in colour, the dropped ones greyed (pooling: the 8 x 8 windows it "
-        "averages). Drawn by the same command with `mmkit.viz.kept.draw_kept` "
-        "(`mmkit generate --show-kept PATH.png` draws one method, one panel per decoder layer).", "",
+        "One scene of held-out world seed 1 and its first POPE-random question, every method at 64 tokens: the "
+        "patches the last decoder layer reads are in colour, the dropped ones greyed; pooling's tokens are all "
+        "merged (every patch is represented through an average: orange tint). Drawn by the same command with "
+        "`mmkit.pruning.show_kept` (`mmkit generate --show-kept PATH.png` draws one method, one panel per decoder "
+        "layer).", "",
         f"![kept patches at 64 tokens](img/{figure.name})", "",
     ]
     path = Path("benchmarks/pruning.md")
