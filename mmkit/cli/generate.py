@@ -2,7 +2,7 @@ import json
 
 import click
 
-from mmkit.cli.options import device_option, dtype_option, method_option, model_option
+from mmkit.cli.options import attn_option, device_option, dtype_option, method_option, model_option
 
 
 @click.command()
@@ -15,10 +15,12 @@ from mmkit.cli.options import device_option, dtype_option, method_option, model_
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling.")
 @device_option
 @dtype_option
+@attn_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--show-kept", "show_kept", default=None, metavar="PATH.png",
               help="Also draw, over the image, the patches each decoder layer kept for this prompt (PNG).")
-def generate(model, image, prompt, methods, max_new_tokens, sample, seed, device, dtype, as_json, show_kept):
+def generate(model, image, prompt, methods, max_new_tokens, sample, seed, device, dtype, attn_implementation,
+             as_json, show_kept):
     """Answer PROMPT about IMAGE, with optional methods; prints the answer and efficiency stats."""
     from pathlib import Path
 
@@ -28,7 +30,8 @@ def generate(model, image, prompt, methods, max_new_tokens, sample, seed, device
     if show_kept is not None and (Path(show_kept).suffix.lower() != ".png" or not Path(show_kept).parent.is_dir()):
         raise click.BadParameter(f"{show_kept} must be a .png path in an existing directory", param_hint="--show-kept")
     picture = load_image(image)  # fail on a bad image before spending time loading the model
-    session = mmkit.load(model, methods=list(methods), device=device, dtype=dtype)
+    session = mmkit.load(model, methods=list(methods), device=device, dtype=dtype,
+                         attn_implementation=attn_implementation)
     result = session.generate([picture], [prompt], max_new_tokens=max_new_tokens, do_sample=sample, seed=seed)[0]
     stats = result.stats
     record = {
