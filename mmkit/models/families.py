@@ -39,6 +39,7 @@ _NEXT_REFUSALS = {
     "vflowopt": _TILED_REDUCTION,
     "paint": _PAINT,
     "agla": "its augmented view is built for LLaVA-1.5-layout models (one image tile per row); not yet adapted",
+    **{name: _TILED_REDUCTION for name in ("divprune", "cdpruner", "random", "pooling")},
 }
 _ONEVISION_REFUSALS = dict(_NEXT_REFUSALS)
 _QWEN_REFUSALS = {
@@ -48,6 +49,9 @@ _QWEN_REFUSALS = {
                 "2 x 2 patches per visual token; not yet adapted",
     "paint": _PAINT,
     "agla": "its augmented view is built for LLaVA-1.5-layout models (one fixed-size tile per image); not yet adapted",
+    **{name: "it reduces the projected tokens of the LLaVA-1.5 layout before the LLM (one fixed grid per image, "
+             "positions renumbered), and Qwen-VL images are native-resolution grids with 3-D rotary positions; not "
+             "yet adapted" for name in ("divprune", "cdpruner", "random", "pooling")},
 }
 
 FAMILIES: dict[str, Family] = {
