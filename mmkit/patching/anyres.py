@@ -1,0 +1,76 @@
+"""Where each tile patch of a LLaVA-NeXT (anyres) image lands among the image's tokens.
+
+LLaVA-NeXT encodes every image as a base tile plus a grid of high-resolution tiles, projects each tile's patches,
+then packs them: the base tile's patches, followed by the high-resolution grid with the padding the processor
+added cropped away (unpadding) and an `image_newline` token after every row. A vision-side reduction plans per tile
+(before the projector) but must place its tokens in the packed sequence, so it needs that map.
+
+The map is taken from the model itself: its own `pack_image_features` is run on tiles whose "features" are the
+patches' indices (float64, exact) and whose newline is -1, so the layout can never disagree with transformers'.
+`pack_image_features` needs each image's size, which transformers passes only to `get_image_features`;
+`ImageSizeCapture` records it there with a wrapper set on this model instance only (no class is changed) and
+removed by `remove()`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEWLINE = -1
+
+
+class ImageSizeCapture:
+    """Records the `image_sizes` of the latest image encoding of one LLaVA-NeXT model instance."""
+
+    def __init__(self, inner_model: torch.nn.Module):
+        self.inner = inner_model
+        self.image_sizes: torch.Tensor | None = None
+        original = inner_model.get_image_features
+
+        def get_image_features(pixel_values, image_sizes, *args, **kwargs):
+            self.image_sizes = None if image_sizes is None else torch.as_tensor(image_sizes).detach().cpu().clone()
+            return original(pixel_values, image_sizes, *args, **kwargs)
+
+        # An instance attribute shadows the class method for this model only; deleting it restores the method.
+        inner_model.get_image_features = get_image_features
+
+    def take(self) -> torch.Tensor:
+        if self.image_sizes is None:
+            raise RuntimeError("the image sizes of this prefill were not seen; cannot place anyres tiles")
+        sizes, self.image_sizes = self.image_sizes, None
+        return sizes
+
+    def remove(self) -> None:
+        self.inner.__dict__.pop("get_image_features", None)
+
+
+def tiles_per_image(config, image_sizes: torch.Tensor) -> list[int]:
+    """How many tiles (base + high resolution) the model encodes for each image, as transformers computes it."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return [image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
+                                      patch_size=config.vision_config.image_size) for size in image_sizes.tolist()]
+
+
+def anyres_layout(inner_model: torch.nn.Module, image_sizes: torch.Tensor, n_tiles: int, n_feat: int
+                  ) -> list[torch.Tensor]:
+    """Per image, a long tensor over its packed image tokens: the global feature index `tile * n_feat + patch` of
+    the token (tiles numbered over the whole batch, as the projector sees them), or NEWLINE."""
+    config = inner_model.config
+    counts = tiles_per_image(config, image_sizes)
+    if sum(counts) != n_tiles:
+        raise RuntimeError(f"{n_tiles} tiles were encoded but the image sizes imply {sum(counts)}")
+    index = torch.arange(n_tiles * n_feat, dtype=torch.float64).view(n_tiles, n_feat, 1)
+    packed, _ = inner_model.pack_image_features(
+        list(torch.split(index, counts, dim=0)), image_sizes, vision_feature_select_strategy=config.vision_feature_select_strategy,
+        image_newline=torch.tensor([float(NEWLINE)], dtype=torch.float64),
+    )
+    return [p[:, 0].round().long() for p in packed]
+
+
+def visible_patches(layout: list[torch.Tensor], n_tiles: int, n_feat: int) -> torch.Tensor:
+    """(tiles, n_feat) bool: the patches that reach the language model (unpadding crops the others)."""
+    seen = torch.zeros(n_tiles * n_feat, dtype=torch.bool)
+    for tokens in layout:
+        seen[tokens[tokens != NEWLINE]] = True
+    return seen.view(n_tiles, n_feat)
