@@ -39,11 +39,7 @@ _NEXT_REFUSALS = {
     "paint": _PAINT,
     "agla": "its augmented view is built for LLaVA-1.5-layout models (one image tile per row); not yet adapted",
 }
-_ONEVISION_REFUSALS = {
-    **_NEXT_REFUSALS,
-    "visionzip": "its dominant tokens are ranked by CLS attention per tile; the SigLIP tower has no CLS token and "
-                 "OneVision resizes its high-resolution grid after tiling; not yet adapted",
-}
+_ONEVISION_REFUSALS = dict(_NEXT_REFUSALS)
 _QWEN_REFUSALS = {
     "visionzip": "its dominant tokens are ranked by attention inside the vision tower before the LLM (the LLaVA-1.5 "
                  "layout), and the Qwen-VL patch merger packs 2 x 2 patches per visual token; not yet adapted",

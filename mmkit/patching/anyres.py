@@ -1,4 +1,4 @@
-"""Where each tile patch of a LLaVA-NeXT (anyres) image lands among the image's tokens.
+"""Where each tile patch of a LLaVA-NeXT or LLaVA-OneVision (anyres) image lands among the image's tokens.
 
 LLaVA-NeXT encodes every image as a base tile plus a grid of high-resolution tiles, projects each tile's patches,
 then packs them: the base tile's patches, followed by the high-resolution grid with the padding the processor
@@ -20,15 +20,18 @@ NEWLINE = -1
 
 
 class ImageSizeCapture:
-    """Records the `image_sizes` of the latest image encoding of one LLaVA-NeXT model instance."""
+    """Records the `image_sizes` (and OneVision's `batch_num_images` / `vision_aspect_ratio`) of the latest image
+    encoding of one anyres model instance."""
 
     def __init__(self, inner_model: torch.nn.Module):
         self.inner = inner_model
         self.image_sizes: torch.Tensor | None = None
+        self.options: dict = {}
         original = inner_model.get_image_features
 
         def get_image_features(pixel_values, image_sizes, *args, **kwargs):
             self.image_sizes = None if image_sizes is None else torch.as_tensor(image_sizes).detach().cpu().clone()
+            self.options = {name: kwargs.get(name) for name in ("batch_num_images", "vision_aspect_ratio")}
             return original(pixel_values, image_sizes, *args, **kwargs)
 
         # An instance attribute shadows the class method for this model only; deleting it restores the method.
@@ -44,28 +47,51 @@ class ImageSizeCapture:
         self.inner.__dict__.pop("get_image_features", None)
 
 
-def tiles_per_image(config, image_sizes: torch.Tensor) -> list[int]:
-    """How many tiles (base + high resolution) the model encodes for each image, as transformers computes it."""
+def _onevision(config) -> bool:
+    return config.model_type == "llava_onevision"
+
+
+def tiles_per_image(config, image_sizes: torch.Tensor, batch_num_images=None) -> list[int]:
+    """How many tiles (base + high resolution) the model encodes for each image, as transformers computes it
+    (OneVision encodes an image of a multi-image prompt as its base tile only)."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+    tiled = [True] * len(image_sizes)
+    if _onevision(config) and batch_num_images is not None:
+        tiled = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
     return [image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
-                                      patch_size=config.vision_config.image_size) for size in image_sizes.tolist()]
+                                      patch_size=config.vision_config.image_size) if tile else 1
+            for size, tile in zip(image_sizes.tolist(), tiled)]
 
 
-def anyres_layout(inner_model: torch.nn.Module, image_sizes: torch.Tensor, n_tiles: int, n_feat: int
+def anyres_layout(inner_model: torch.nn.Module, capture: ImageSizeCapture, n_tiles: int, n_feat: int
                   ) -> list[torch.Tensor]:
-    """Per image, a long tensor over its packed image tokens: the global feature index `tile * n_feat + patch` of
-    the token (tiles numbered over the whole batch, as the projector sees them), or NEWLINE."""
+    """Per image of the latest encoding, a long tensor over its packed image tokens: the global feature index
+    `tile * n_feat + patch` of the token (tiles numbered over the whole batch, as the projector sees them), or
+    NEWLINE."""
     config = inner_model.config
-    counts = tiles_per_image(config, image_sizes)
+    options = capture.options
+    image_sizes = capture.take()
+    counts = tiles_per_image(config, image_sizes, options.get("batch_num_images"))
     if sum(counts) != n_tiles:
         raise RuntimeError(f"{n_tiles} tiles were encoded but the image sizes imply {sum(counts)}")
-    index = torch.arange(n_tiles * n_feat, dtype=torch.float64).view(n_tiles, n_feat, 1)
-    packed, _ = inner_model.pack_image_features(
-        list(torch.split(index, counts, dim=0)), image_sizes, vision_feature_select_strategy=config.vision_feature_select_strategy,
-        image_newline=torch.tensor([float(NEWLINE)], dtype=torch.float64),
-    )
-    return [p[:, 0].round().long() for p in packed]
+    index = list(torch.split(torch.arange(n_tiles * n_feat, dtype=torch.float64).view(n_tiles, n_feat, 1), counts))
+    newline = torch.tensor([float(NEWLINE)], dtype=torch.float64)
+    if _onevision(config):
+        aspect = options.get("vision_aspect_ratio") or config.vision_aspect_ratio
+        packed, _ = inner_model.pack_image_features(index, image_sizes, image_newline=newline,
+                                                    vision_aspect_ratio=aspect)
+    else:
+        packed, _ = inner_model.pack_image_features(
+            index, image_sizes, vision_feature_select_strategy=config.vision_feature_select_strategy,
+            image_newline=newline)
+    layout = [p[:, 0] for p in packed]
+    if any(bool((p != p.round()).any()) for p in layout):
+        # OneVision shrinks a grid of more than `anyres_max_N` tiles by bilinear interpolation after the
+        # projector: its tokens are blends of patches, so no patch can be kept or dropped on its own.
+        raise RuntimeError("visionzip cannot place tokens of an image whose high-resolution grid the model resizes "
+                           "after projection (OneVision anyres_max); use smaller images or an LLM-side method")
+    return [p.long() for p in layout]
 
 
 def visible_patches(layout: list[torch.Tensor], n_tiles: int, n_feat: int) -> torch.Tensor:

@@ -66,13 +66,13 @@ class ReductionPlan:
 PlanFn = Callable[[torch.Tensor], ReductionPlan]
 
 
-ANYRES = "LlavaNextForConditionalGeneration"
+ANYRES = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
 
 
 def check_supported(adapter, anyres: bool = False) -> None:
     """Raise a clear error for models whose image-token layout the pre-LLM reduction cannot map. `anyres`: the
     method places its tokens in LLaVA-NeXT's packed tiles itself (`ReductionPlan.placement`)."""
-    allowed = ("LlavaForConditionalGeneration", ANYRES) if anyres else ("LlavaForConditionalGeneration",)
+    allowed = ("LlavaForConditionalGeneration", *ANYRES) if anyres else ("LlavaForConditionalGeneration",)
     if adapter.architecture not in allowed:
         raise ValueError(
             f"vision-side token reduction supports LlavaForConditionalGeneration (LLaVA-1.5 layout) only; "
@@ -107,10 +107,11 @@ def feature_layer_index(adapter) -> int:
 
 
 def visual_tokens_per_image(adapter) -> int:
-    """Image tokens one image contributes (patch grid, plus CLS for the "full" feature strategy)."""
+    """Image tokens one image (one tile, for anyres models) contributes: the patch grid, plus CLS for the "full"
+    feature strategy of a tower that has one."""
     vc = adapter.config.vision_config
     n = (int(vc.image_size) // int(vc.patch_size)) ** 2
-    return n if adapter.vision_feature_select_strategy == "default" else n + 1
+    return n if adapter.vision_feature_select_strategy == "default" or not adapter.has_cls_token else n + 1
 
 
 class VisionLayerCapture:

@@ -114,6 +114,23 @@ def cls_scores_and_metric(q: torch.Tensor, k: torch.Tensor, num_heads: int, scal
     return cls_attn[:, offset:offset + n_feat].clone(), metric[:, offset:offset + n_feat]
 
 
+def received_attention_scores(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: float
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For towers without a CLS token (SigLIP): each token's attention received, averaged over heads and queries
+    (I, N), the CLS-free replacement the VisionZip ports for SigLIP models rank by; and the merge metric as in
+    `cls_scores_and_metric`. Computed one image at a time to bound the (H, N, N) attention matrix."""
+    n_img = q.shape[0]
+    heads = q.shape[-1] // num_heads
+    scores = []
+    for i in range(n_img):
+        qh = q[i:i + 1].float().view(1, -1, num_heads, heads).transpose(1, 2)
+        kh = k[i:i + 1].float().view(1, -1, num_heads, heads).transpose(1, 2)
+        scores.append(query_attention(qh, kh, scale).mean(dim=(1, 2)))    # (1, N)
+    kh = k.float().view(n_img, -1, num_heads, heads).transpose(1, 2)
+    metric = kh.mean(1)
+    return torch.cat(scores), metric / metric.norm(dim=-1, keepdim=True)
+
+
 def select_and_merge(features: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor, cls_out: torch.Tensor,
                      dominant: int, contextual: int, extra_cls: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -165,20 +182,25 @@ def select_and_merge(features: torch.Tensor, scores: torch.Tensor, metric: torch
 
 def anyres_visionzip_plan(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, out: torch.Tensor,
                           layout: list[torch.Tensor], num_heads: int, scale: float, dominant: int, contextual: int,
-                          feed_cls: bool) -> ReductionPlan:
+                          feed_cls: bool, has_cls: bool = True) -> ReductionPlan:
     """VisionZip on LLaVA-NeXT's tiles: the selection and merge of `visionzip_plan` run on every tile (base and
     high resolution) with that tile's own CLS attention, as VisionZip's LLaVA-NeXT code does, over the tile's
     patches that reach the language model (unpadding crops the others).
 
-    features (tiles, N, C); q, k, out (tiles, N + 1, C); layout: per image, `anyres_layout`. The image's tokens in
-    the LLM: the base tile as on LLaVA-1.5 ([CLS, dominant, contextual]); then the high-resolution dominant patches
-    in grid order with the newline of every row that keeps one; then each tile's CLS; then each tile's contextual
-    tokens (the official order).
+    features (tiles, N, C); q, k, out (tiles, N + 1, C) (N, C without CLS); layout: per image, `anyres_layout`.
+    The image's tokens in the LLM: the base tile as on LLaVA-1.5 ([CLS, dominant, contextual]); then the
+    high-resolution dominant patches in grid order with the newline of every row that keeps one; then each tile's
+    CLS; then each tile's contextual tokens (the official order). `has_cls=False` (SigLIP, OneVision): dominant
+    patches are ranked by the attention they receive (`received_attention_scores`) and no CLS is fed.
     """
     n_tiles, n_feat, _ = features.shape
     device = features.device
     visible = visible_patches(layout, n_tiles, n_feat).to(device)
-    scores, metric = cls_scores_and_metric(q, k, num_heads, scale, n_feat, cls_in_features=False)
+    if has_cls:
+        scores, metric = cls_scores_and_metric(q, k, num_heads, scale, n_feat, cls_in_features=False)
+    else:
+        scores, metric = received_attention_scores(q, k, num_heads, scale)
+        feed_cls = False
     edited = features.clone()
     changed = False
     # Per tile: plan rank of each patch (-1 dropped) and its group (0 CLS slot, 1 dominant, 2 contextual).
@@ -241,8 +263,9 @@ class VisionZipHandle:
         adapter = session.adapter
         check_supported(adapter, anyres=True)
         self.config = config
-        self.anyres = adapter.architecture == ANYRES
-        if self.anyres and adapter.vision_feature_select_strategy != "default":
+        self.anyres = adapter.architecture in ANYRES
+        self.has_cls = adapter.has_cls_token
+        if self.anyres and self.has_cls and adapter.vision_feature_select_strategy != "default":
             raise ValueError("visionzip on LLaVA-NeXT needs vision_feature_select_strategy='default' (patch "
                              "features without CLS, as the released checkpoints use)")
         self.tokens_per_image = visual_tokens_per_image(adapter)
@@ -262,9 +285,9 @@ class VisionZipHandle:
     def _plan(self, features: torch.Tensor) -> ReductionPlan:
         q, k, out = self._capture.take()
         if self.anyres:
-            layout = anyres_layout(self._inner, self._sizes.take(), features.shape[0], features.shape[1])
+            layout = anyres_layout(self._inner, self._sizes, features.shape[0], features.shape[1])
             return anyres_visionzip_plan(features, q, k, out, layout, self._capture.num_heads, self._capture.scale,
-                                         self.dominant, self.contextual, self.config.cls)
+                                         self.dominant, self.contextual, self.config.cls, self.has_cls)
         return visionzip_plan(features, q, k, out, self._capture.num_heads, self._capture.scale, self.dominant,
                               self.contextual, self._cls_in_features, self.config.cls)
 

@@ -27,6 +27,7 @@ SPECS = {
     "fastv": "fastv:layer=2,keep=0.25", "pyramiddrop": "pyramiddrop", "sparsevlm": "sparsevlm",
     "var": "var:start_layer=1,tau=1.5,p=0.2,min_visual=0.01,rho=0.99", "vcd": "vcd", "vhr": "vhr",
     "dyvte": "dyvte:gates={gates}", "visor": "visor:weights={visor},budget=1",
+    "visionzip": "visionzip:dominant=2,contextual=1",  # per 4-patch tile of the tiny anyres models
 }
 
 

@@ -142,16 +142,17 @@ def test_shares_the_pre_llm_slot(session):
         session.apply("visionzip:keep=0.25")
 
 
-# -- LLaVA-NeXT: anyres tiles (tiny-random-next: 28 px tiles of 2 x 2 patches, up to 2 x 2 high-resolution tiles) --
+# -- anyres tiles (tiny-random-next/-onevision: 28 px tiles of 2 x 2 patches, up to 2 x 2 high-resolution tiles) --
 
 NEXT_PROMPTS = ["What is in the image?", "Is there a red cube?", "Describe the scene in detail, please."]
 
 
-@pytest.fixture(scope="module")
-def next_session():
+@pytest.fixture(scope="module", params=["tiny-random-next", "tiny-random-onevision"])
+def next_session(request):
+    """LLaVA-NeXT (CLIP tiles with CLS) and LLaVA-OneVision (SigLIP tiles without CLS)."""
     import mmkit
 
-    session = mmkit.load("tiny-random-next", device="cpu")
+    session = mmkit.load(request.param, device="cpu")
     yield session
     session.close()
 
@@ -199,13 +200,14 @@ def test_llava_next_batch_of_different_images_equals_single_runs(next_session, n
         handle.remove()
 
 
-def _reference_next_images(model, inputs, dominant, contextual):
+def _reference_anyres_images(model, inputs, dominant, contextual, has_cls):
     """The image tokens VisionZip should give each image, written out per tile with loops from the tower's hidden
     states (attention and keys recomputed from the feature layer's input with the eager formula). Unpadding comes
     from transformers' own `unpad_image` on a grid of patch coordinates. Nothing shared with mmkit's code.
 
     Per tile, over its patches that survive unpadding: if more than dominant + contextual survive, the CLS token,
-    the dominant - 1 patches with the most CLS attention and `contextual` merged tokens (every step-th remaining
+    the dominant - 1 patches with the most CLS attention (without CLS: the dominant patches with the most attention
+    received, averaged over heads and queries) and `contextual` merged tokens (every step-th remaining
     patch a target, each other joined to its most key-similar target, target + mean(joined)); else all of them.
     Image = base tile [CLS, dominant, contextual]; high-resolution dominant patches in grid order with the newline
     of each row that has one; the high-resolution tiles' CLS tokens; their contextual tokens.
@@ -232,6 +234,7 @@ def _reference_next_images(model, inputs, dominant, contextual):
         x = layer.layer_norm1(out.hidden_states[li])
         q, k = layer.self_attn.q_proj(x), layer.self_attn.k_proj(x)
         hidden = out.hidden_states[cfg.vision_feature_layer]
+        off = 1 if has_cls else 0                      # where the patches start among the tower's tokens
         heads = layer.self_attn.num_heads
         proj = inner.multi_modal_projector
         newline = inner.image_newline
@@ -241,28 +244,34 @@ def _reference_next_images(model, inputs, dominant, contextual):
 
         def tile_plan(t, visible):
             """(kept patches in image order with their features, cls feature or None, contextual features)."""
-            feats = {j: hidden[t, 1 + j] for j in visible}
+            feats = {j: hidden[t, off + j] for j in visible}
             if len(visible) <= dominant + contextual:
                 return feats, None, []
             d = q.shape[-1] // heads
-            score = {}
-            for j in visible:
-                score[j] = sum(float(torch.softmax(
-                    torch.stack([q[t, 0, h * d:(h + 1) * d] @ k[t, c, h * d:(h + 1) * d] for c in range(k.shape[1])])
-                    * layer.self_attn.scale, 0)[1 + j]) for h in range(heads))
-            dom = sorted(sorted(visible, key=lambda j: -score[j])[:dominant - 1])
+            n_tok = k.shape[1]
+
+            def attention_row(h, row):
+                return torch.softmax(torch.stack([q[t, row, h * d:(h + 1) * d] @ k[t, c, h * d:(h + 1) * d]
+                                                  for c in range(n_tok)]) * layer.self_attn.scale, 0)
+
+            if has_cls:
+                score = {j: sum(float(attention_row(h, 0)[1 + j]) for h in range(heads)) for j in visible}
+            else:
+                rows = [attention_row(h, r) for h in range(heads) for r in range(n_tok)]
+                score = {j: sum(float(row[j]) for row in rows) / len(rows) for j in visible}
+            dom = sorted(sorted(visible, key=lambda j: -score[j])[:dominant - (1 if has_cls else 0)])
             rest = [j for j in visible if j not in dom]
             step = max(1, len(rest) // contextual)
             targets = [rest[i] for i in range(0, len(rest), step)][:contextual]
             others = [j for j in rest if j not in targets]
-            unit = {j: k[t, 1 + j].view(heads, -1).mean(0) / k[t, 1 + j].view(heads, -1).mean(0).norm() for j in rest}
+            unit = {j: k[t, off + j].view(heads, -1).mean(0) / k[t, off + j].view(heads, -1).mean(0).norm() for j in rest}
             joined = {tg: [] for tg in targets}
             for o in others:
                 sims = [float(unit[o] @ unit[tg]) for tg in targets]
                 joined[targets[sims.index(max(sims))]].append(o)
-            ctx = [hidden[t, 1 + tg] + (sum(hidden[t, 1 + m] for m in joined[tg]) / len(joined[tg])
+            ctx = [hidden[t, off + tg] + (sum(hidden[t, off + m] for m in joined[tg]) / len(joined[tg])
                                         if joined[tg] else 0) for tg in targets]
-            return {j: feats[j] for j in dom}, hidden[t, 0], ctx
+            return {j: feats[j] for j in dom}, (hidden[t, 0] if has_cls else None), ctx
 
         images, first = [], 0
         for i, size in enumerate(sizes.tolist()):
@@ -294,29 +303,48 @@ def _reference_next_images(model, inputs, dominant, contextual):
     return images
 
 
-def test_llava_next_tokens_match_a_direct_per_tile_implementation(next_session, next_images):
-    inputs = next_session.prepare(next_images, NEXT_PROMPTS)
-    expected = _reference_next_images(next_session.model, inputs, dominant=2, contextual=1)
+@pytest.mark.parametrize("name,has_cls", [("tiny-random-next", True), ("tiny-random-onevision", False)])
+def test_anyres_tokens_match_a_direct_per_tile_implementation(name, has_cls, next_images):
+    import mmkit
+
+    session = mmkit.load(name, device="cpu")
+    inputs = session.prepare(next_images, NEXT_PROMPTS)
+    expected = _reference_anyres_images(session.model, inputs, dominant=2, contextual=1, has_cls=has_cls)
     seen = {}
 
     def grab(module, args, kwargs):
         seen.update(embeds=kwargs["inputs_embeds"], mask=kwargs["attention_mask"])
 
-    handle = next_session.apply("visionzip:dominant=2,contextual=1")
-    hook = next_session.adapter.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    session.apply("visionzip:dominant=2,contextual=1")
+    hook = session.adapter.language_model.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        _next_logits(next_session, inputs)
+        _next_logits(session, inputs)
     finally:
         hook.remove()
-        handle.remove()
-    embed = next_session.model.get_input_embeddings()
-    image_id = next_session.adapter.image_token_id
+    embed = session.model.get_input_embeddings()
+    image_id = session.adapter.image_token_id
     with torch.inference_mode():
         for row in range(3):
             ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
             is_image = (ids == image_id).nonzero().flatten()
             start, end = int(is_image[0]), int(is_image[-1]) + 1
+            assert expected[row].shape[0] < end - start     # something was dropped
             want = torch.cat([embed(ids[:start]), expected[row], embed(ids[end:])])
             got = seen["embeds"][row][seen["mask"][row].bool()]
             assert got.shape == want.shape, row
             assert torch.allclose(got, want, atol=1e-5), row
+    session.close()
+
+
+def test_onevision_grid_resized_after_projection_is_a_clear_error(next_images):
+    """OneVision blends the patches of a grid larger than `anyres_max_N` tiles; such an image is refused in one
+    line instead of keeping arbitrary blends."""
+    import mmkit
+
+    session = mmkit.load("tiny-random-onevision", device="cpu")
+    session.model.config.vision_aspect_ratio = "anyres_max_1"   # the 2 x 2 grids of the tiny model get resized
+    inputs = session.prepare(next_images[:1], NEXT_PROMPTS[:1])
+    session.apply("visionzip:dominant=2,contextual=1")
+    with pytest.raises(RuntimeError, match="resizes after projection"):
+        _next_logits(session, inputs)
+    session.close()
