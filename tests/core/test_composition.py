@@ -244,3 +244,13 @@ def test_command_line_answers_with_pruning_and_mitigation(tmp_path):
     record = json.loads(result.stdout)
     assert record["methods"] == ["fastv:keep=0.25", "agla"]
     assert record["visual_tokens_kept"] < record["visual_tokens"]
+
+
+@pytest.mark.parametrize("mitigation", ["vcd", "var", "vhr"])
+def test_visionzip_composes_on_llava_onevision(images, mitigation):
+    """The anyres pre-LLM reduction (SigLIP, no CLS) under a mitigation method, both orders, on OneVision."""
+    session = mmkit.load("tiny-random-onevision", device="cpu")
+    for order in (("visionzip:dominant=2,contextual=1", MITIGATION[mitigation]),
+                  (MITIGATION[mitigation], "visionzip:dominant=2,contextual=1")):
+        run_pair(session, images[:2], list(order))
+    session.close()
