@@ -100,3 +100,48 @@ def visible_patches(layout: list[torch.Tensor], n_tiles: int, n_feat: int) -> to
     for tokens in layout:
         seen[tokens[tokens != NEWLINE]] = True
     return seen.view(n_tiles, n_feat)
+
+
+GRID, AFTER_GRID, LAST = 1, 0, 2   # placement groups: in grid order; per tile after the grid; per tile at the end
+
+
+def anyres_placement(layout: list[torch.Tensor], rank: torch.Tensor, group: torch.Tensor, n_feat: int,
+                     device: torch.device) -> tuple[torch.Tensor, ...]:
+    """`ReductionPlan.placement` for per-tile plans on the packed anyres layout.
+
+    rank (tiles, N): each patch's rank in its tile's plan order (-1 = dropped); group (tiles, N): GRID, AFTER_GRID
+    or LAST. Per image: the base tile's kept patches in plan order; then the high-resolution GRID patches in grid
+    order, with the newline of every row that keeps one (a single-tile image's one newline always stays); then
+    each tile's AFTER_GRID patches (tile order, then plan order); then each tile's LAST patches.
+    """
+    rank, group = rank.cpu(), group.cpu()
+    keys, withins, images, ranks = [], [], [], []
+    for tokens in layout:
+        n_tok = tokens.numel()
+        is_newline = tokens == NEWLINE
+        g = tokens.clamp(min=0)
+        tile, patch = g // n_feat, g % n_feat
+        tok_rank = torch.where(is_newline, -1, rank[tile, patch])
+        tok_group = torch.where(is_newline, -1, group[tile, patch])
+        first = int(tile[0])
+        p = torch.arange(n_tok)
+        base = ~is_newline & (tile == first)
+        local = tile - first
+        kept = tok_rank >= 0
+        raw = torch.where(base & kept, tok_rank, torch.full((n_tok,), -1, dtype=torch.long))
+        high = ~is_newline & ~base & kept
+        raw = torch.where(high & (tok_group == GRID), n_feat + p, raw)
+        raw = torch.where(high & (tok_group == AFTER_GRID), n_feat + n_tok + local * n_feat + tok_rank, raw)
+        raw = torch.where(high & (tok_group == LAST), n_feat + n_tok * (n_feat + 2) + local * n_feat + tok_rank, raw)
+        row = is_newline.long().cumsum(0) - is_newline.long()               # each token's row (its newline's too)
+        grid_in_row = torch.zeros(n_tok + 1, dtype=torch.long).index_add_(0, row, (high & (tok_group == GRID)).long())
+        single = not bool((~is_newline & ~base).any())
+        raw = torch.where(is_newline & ((grid_in_row[row] > 0) | single), n_feat + p, raw)
+        keep = raw >= 0
+        dense = torch.full((n_tok,), -1, dtype=torch.long)
+        dense[keep] = torch.argsort(torch.argsort(raw[keep]))               # distinct keys 0.. inside the span
+        keys.append(dense)
+        withins.append(p)
+        images.append(torch.where(is_newline, -1, tile))
+        ranks.append(tok_rank)
+    return tuple(torch.cat(x).to(device) for x in (keys, withins, images, ranks))

@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from mmkit.patching.anyres import NEWLINE, ImageSizeCapture, anyres_layout, visible_patches
+from mmkit.patching.anyres import ImageSizeCapture, anyres_layout, anyres_placement, visible_patches
 from mmkit.patching.pre_llm import (
     ANYRES,
     PreLLMReducer,
@@ -220,40 +220,7 @@ def anyres_visionzip_plan(features: torch.Tensor, q: torch.Tensor, k: torch.Tens
             groups = torch.tensor([0] * int(feed_cls) + [1] * n_dom + [2] * contextual, dtype=torch.long)
         rank[t, order] = torch.arange(order.numel())
         group[t, order] = groups
-    keys, withins, images, ranks = [], [], [], []
-    for tokens in layout:
-        n_tok = tokens.numel()
-        is_newline = tokens == NEWLINE
-        g = tokens.clamp(min=0)
-        tile, patch = g // n_feat, g % n_feat
-        tok_rank = torch.where(is_newline, -1, rank[tile, patch])
-        tok_group = torch.where(is_newline, -1, group[tile, patch])
-        first = int(tile[0])
-        p = torch.arange(n_tok)
-        base = ~is_newline & (tile == first)
-        local = tile - first
-        raw = torch.full((n_tok,), -1, dtype=torch.long)
-        kept = tok_rank >= 0
-        raw = torch.where(base & kept, tok_rank, raw)
-        high = ~is_newline & ~base & kept
-        raw = torch.where(high & (tok_group == 1), n_feat + p, raw)
-        raw = torch.where(high & (tok_group == 0), n_feat + n_tok + local, raw)
-        raw = torch.where(high & (tok_group == 2), n_feat + 2 * n_tok + local * n_feat + tok_rank, raw)
-        # A newline stays when its row keeps a dominant patch; a single-tile image's one newline always stays.
-        row = is_newline.long().cumsum(0) - is_newline.long()               # each token's row (its newline's too)
-        dominant_in_row = torch.zeros(n_tok + 1, dtype=torch.long).index_add_(
-            0, row, (high & (tok_group == 1)).long())
-        single = not bool((~is_newline & ~base).any())
-        keep_newline = is_newline & ((dominant_in_row[row] > 0) | single)
-        raw = torch.where(keep_newline, n_feat + p, raw)
-        keep_tok = raw >= 0
-        dense = torch.full((n_tok,), -1, dtype=torch.long)
-        dense[keep_tok] = torch.argsort(torch.argsort(raw[keep_tok]))
-        keys.append(dense)
-        withins.append(p)
-        images.append(torch.where(is_newline, -1, tile))
-        ranks.append(tok_rank)
-    placement = tuple(torch.cat(x).to(device) for x in (keys, withins, images, ranks))
+    placement = anyres_placement(layout, rank, group, n_feat, device)
     order = torch.zeros(n_tiles, 1, dtype=torch.long, device=device)  # unused: `placement` places the tokens
     return ReductionPlan(order=order, features=edited if changed else None, placement=placement)
 
