@@ -16,6 +16,10 @@ How it works on LLaVA (no copied forward, no module swaps):
    order inside that image's span. Rows that keep different numbers of tokens are left padded, so the reduced
    batch looks like an ordinary left-padded batch to the decoder.
 
+Anyres models (LLaVA-NeXT, LLaVA-OneVision): the projector sees every tile of every image, and an image's tokens
+are its tiles packed with unpadding and row newlines; a method plans per tile and says where each kept token goes
+in the packed image (`ReductionPlan.placement`, built with `mmkit.patching.anyres`).
+
 Positions: "contiguous" renumbers the reduced sequence 0..m-1 (what feeding a shorter image to the LLM does,
 VisionZip); "original" keeps each kept token's original position id (VFlowOpt).
 
