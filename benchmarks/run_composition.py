@@ -49,7 +49,10 @@ def configurations(pruning: list[str], mitigation: list[str]) -> list[tuple[str,
 
 
 def name_of(config: tuple[str, ...]) -> str:
-    return " + ".join(config) or "baseline"
+    """The run label the results carry: canonical specs (fields at their defaults are left out)."""
+    from mmkit.registry import config_to_spec, parse_spec
+
+    return " + ".join(config_to_spec(parse_spec(spec)) for spec in config) or "baseline"
 
 
 def dir_of(config: tuple[str, ...]) -> str:
@@ -147,7 +150,8 @@ def write_report(args, blocks, configs, pruning, mitigation) -> None:
         "25 % of the visual tokens (" + ", ".join(f"`{PRUNING[p]}`" for p in pruning) + "; DyVTE and VISOR at "
         "their learned operating point), applied before the mitigation. Sampled cells: T=1, top-p 1, mean ± sample "
         "std over seeds. With this few questions one answer moves F1 by about 0.02-0.03: read differences below "
-        "that as noise.",
+        "that as noise. The machine was shared with other CPU jobs while this ran (load average about 11 on 2 "
+        "cores), so time ratios carry tens of percent of noise; FLOP ratios and kept tokens are exact.",
         "",
         "## Does the mitigation's gain survive pruning?",
         "",
