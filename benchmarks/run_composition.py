@@ -37,6 +37,7 @@ PRUNING = {
     "visor": "visor",
 }
 REPORT = Path("benchmarks/composition.md")
+ANALYSIS = "## What the numbers say"  # a hand-written section at the end of the report, kept across rewrites
 PLOT = Path("benchmarks/img/composition-pareto.png")
 
 
@@ -204,7 +205,11 @@ def write_report(args, blocks, configs, pruning, mitigation) -> None:
         lines.append(f"-- {key[0]}/{key[1]} {key[2]} seed {key[3]} --")
         lines.append(report_table(runs))
     lines += ["```", ""]
-    atomic_write_text(REPORT, "\n".join(lines))
+    analysis = ""
+    if REPORT.exists() and ANALYSIS in REPORT.read_text():
+        text = REPORT.read_text()
+        analysis = text[text.index(ANALYSIS):]
+    atomic_write_text(REPORT, "\n".join(lines) + ("\n" + analysis if analysis else ""))
 
 
 def plot(blocks, configs, pruning, mitigation) -> bool:
