@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import mmkit
-from mmkit.evals.io import atomic_write_text
+from mmkit.atomic import atomic_write_text
 from mmkit.evals.report import label, plot_pareto, primary_value, report_table
 from mmkit.evals.runner import run_eval
 from mmkit.registry import list_methods

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +83,7 @@ def save_session(session, out_dir: str | os.PathLike, overwrite: bool = False, r
     from safetensors.torch import save_file
 
     from mmkit import __version__
+    from mmkit.atomic import atomic_directory
     from mmkit.registry import config_to_dict
 
     out = Path(out_dir)
@@ -93,11 +93,11 @@ def save_session(session, out_dir: str | os.PathLike, overwrite: bool = False, r
         if branched:
             raise MmkitError(f"{', '.join(branched)} decode with extra branches inside Session.generate, which plain "
                              "transformers' generate does not run; export them without --remote-code")
+    if out.exists() and not out.is_dir():
+        raise MmkitError(f"{out} is a file, not a directory; pick a new --out directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MmkitError(f"{out} exists and is not empty; pick a new --out directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+        raise MmkitError(f"{out} exists and is not empty; pick a new --out directory (or overwrite)")
+    with atomic_directory(out) as tmp:
         attn = session.model.config.text_config._attn_implementation
         session.model.save_pretrained(tmp)
         session.processor.save_pretrained(tmp)
@@ -105,6 +105,9 @@ def save_session(session, out_dir: str | os.PathLike, overwrite: bool = False, r
         for i, handle in enumerate(session.methods):
             impl = handle.impl
             entry = config_to_dict(impl.export_config() if isinstance(impl, ExportsConfig) else handle.config)
+            files = _carry_files(handle, entry, tmp, f"method_{i}_{handle.info.name}")
+            if files:
+                entry["files"] = files
             state = impl.export_state() if isinstance(impl, ExportsState) else None
             if state:
                 filename = f"method_{i}_{handle.info.name}.safetensors"
@@ -120,13 +123,31 @@ def save_session(session, out_dir: str | os.PathLike, overwrite: bool = False, r
             name = REMOTE_CLASSES[session.adapter.architecture]
             config["auto_map"] = {"AutoModelForImageTextToText": f"{REMOTE_CODE_FILE[:-3]}.{name}"}
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
+
+
+def _carry_files(handle, entry: dict[str, Any], tmp: Path, prefix: str) -> dict[str, str]:
+    """Copy the local files or directories a method's config points at (fields marked `"export": "copy"`) into the
+    export, so that it does not depend on paths outside it. Returns {field: name inside the export}."""
+    import dataclasses
+
+    files = {}
+    for f in dataclasses.fields(handle.config):
+        value = entry["config"].get(f.name)
+        if f.metadata.get("export") != "copy" or not value:
+            continue
+        source = Path(value).expanduser()
+        if not source.exists():
+            raise MmkitError(f"{handle.info.name}: {f.name}={value} no longer exists, so the export cannot carry it; "
+                             "point it at the files again or export without this method")
+        name = f"{prefix}_{f.name}"
+        if source.is_dir():
+            shutil.copytree(source, tmp / name)
+        else:
+            shutil.copy2(source, tmp / name)
+        files[f.name] = name
+        entry["config"][f.name] = None  # filled with the export's own copy when it is loaded
+    return files
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
@@ -143,6 +164,9 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         state = entry.get("state")
         if state and not (Path(directory) / state).is_file():
             raise MmkitError(f"export {directory} is incomplete: {state} is missing; re-export the model")
+        for name in entry.get("files", {}).values():
+            if not (Path(directory) / name).exists():
+                raise MmkitError(f"export {directory} is incomplete: {name} is missing; re-export the model")
     return manifest
 
 
@@ -153,6 +177,9 @@ def apply_manifest(session, directory: Path, manifest: dict[str, Any]) -> None:
     from mmkit.registry import config_from_dict
 
     for entry in manifest["methods"]:
+        if entry.get("files"):
+            entry = {**entry, "config": {**entry["config"],
+                                         **{k: str(Path(directory) / name) for k, name in entry["files"].items()}}}
         handle = session.apply(config_from_dict(entry))
         if entry.get("state"):
             if not isinstance(handle.impl, ExportsState):

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from mmkit.errors import MmkitError
 
-KINDS = ("pruning", "hallucination", "grounding")
+KINDS = ("pruning", "hallucination")
 
 # Modules that register built-in methods when imported. Imported on first registry lookup, not at `import mmkit`.
 BUILTIN_METHOD_MODULES = (

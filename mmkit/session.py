@@ -154,6 +154,11 @@ class Session:
         return next(self.model.parameters()).dtype
 
     def chat_prompt(self, prompt: str) -> str:
+        image_token = getattr(self.processor, "image_token", "<image>")
+        if image_token in prompt:
+            # The chat template already places the one image; a second marker would ask for an image not given.
+            raise MmkitError(f"the prompt contains the image marker {image_token!r}; remove it (the image is placed "
+                             "before the prompt automatically)")
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 

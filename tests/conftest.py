@@ -46,3 +46,27 @@ def prompts():
 def forward_logits(session, inputs):
     with torch.inference_mode():
         return session.model(**inputs).logits
+
+
+def tiny_clip(path):
+    """Save a small random CLIP checkpoint (CLIPModel + CLIPProcessor) at `path`."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for code in range(33, 127):
+        vocab.setdefault(chr(code), len(vocab))
+        vocab.setdefault(chr(code) + "</w>", len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=56, patch_size=14),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(path)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)

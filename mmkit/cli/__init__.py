@@ -26,6 +26,7 @@ OPTIONAL_COMMANDS = {
     "tune": "mmkit.cli.tune:tune",
     "train-gates": "mmkit.cli.train_gates:train_gates",
     "train-visor": "mmkit.cli.train_visor:train_visor",
+    "train-sam": "mmkit.cli.train_sam:train_sam",
     "ground": "mmkit.cli.ground:ground",
     "bench": "mmkit.cli.bench:bench",
 }
@@ -57,6 +58,14 @@ class MmkitGroup(click.Group):
             return super().invoke(ctx)
         except MmkitError as err:
             click.echo(f"error: {err}", err=True)
+            ctx.exit(2)
+        except click.UsageError as err:
+            # click prints usage, a hint and the error on three lines; one line says the same.
+            names, sub = [], err.ctx
+            while sub is not None and sub.parent is not None:  # the root's name depends on how mmkit was started
+                names.insert(0, sub.info_name)
+                sub = sub.parent
+            click.echo(f"error: {err.format_message()} (see `{' '.join(['mmkit', *names])} --help`)", err=True)
             ctx.exit(2)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise

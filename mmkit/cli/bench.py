@@ -59,6 +59,6 @@ def bench(preset, batch, methods, cases, device, dtype, reps, json_out):
         for row in bench_kernels(device=str(dev)):
             click.echo(json.dumps(row))
     if json_out:
-        from mmkit.evals.io import atomic_write_json
+        from mmkit.atomic import atomic_write_json
 
         atomic_write_json(json_out, [dict(r.__dict__, speedup=r.speedup) for r in rows])

@@ -14,8 +14,13 @@ from mmkit.cli.options import device_option, dtype_option, method_option, model_
 @dtype_option
 def export(model, methods, out, overwrite, remote_code, device, dtype):
     """Write a model directory with its methods pre-configured; `mmkit.load(DIR)` reproduces it exactly."""
-    import mmkit
+    from pathlib import Path
 
+    import mmkit
+    from mmkit.errors import MmkitError
+
+    if Path(out).exists() and not Path(out).is_dir():
+        raise MmkitError(f"--out {out} is a file; an export is a directory, pick a new --out")
     session = mmkit.load(model, methods=list(methods), device=device, dtype=dtype)
     path = session.save_pretrained(out, overwrite=overwrite, remote_code=remote_code)
     click.echo(f"wrote {path} ({', '.join(h.spec for h in session.methods) or 'no methods'})")

@@ -30,7 +30,7 @@ def train_sam(out_dir, minutes, steps, batch, lr, seed, threads, init_from, eval
     from pathlib import Path
 
     from mmkit.errors import MmkitError
-    from mmkit.evals.io import atomic_write_json
+    from mmkit.atomic import atomic_write_json
     from mmkit.grounding.sam_backend import load_sam
     from mmkit.grounding.sam_train import SamTrainConfig, evaluate_point_miou, train_sam as run
 

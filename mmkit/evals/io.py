@@ -1,80 +1,17 @@
-"""Crash-safe result files: atomic whole-file writes and an append-only per-sample JSONL that resumes."""
+"""Crash-safe result files: an append-only per-sample JSONL that resumes (whole-file writes: `mmkit.atomic`)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from mmkit.atomic import _jsonable, atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401 - re-exported
+
 logger = logging.getLogger(__name__)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename is only durable once the directory entry is on disk; not every platform can open a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`.
-
-    A reader sees either the old file or the complete new one, never a partial write; on error the temporary
-    file is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; results are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """`atomic_write_bytes` of UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _jsonable(value: Any) -> Any:
-    # NumPy/torch scalars and arrays, and sets (sorted, so files are reproducible).
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write `obj` as indented JSON, atomically (see `atomic_write_bytes`). NumPy values and sets are converted."""
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
 
 
 class ResumableJsonl:

@@ -152,7 +152,7 @@ def plot_pareto(runs: list[dict[str, Any]], out_png: str | os.PathLike) -> None:
     matplotlib.use("Agg")  # no display needed; must precede pyplot's import
     import matplotlib.pyplot as plt
 
-    from mmkit.evals.io import atomic_write_bytes
+    from mmkit.atomic import atomic_write_bytes
 
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for run in runs:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -37,7 +36,7 @@ def _settings(model, bench, split, methods, limit, decoding, seed, world_seed, m
 
 
 def _check_resume(out: Path, settings: dict[str, Any]) -> None:
-    from mmkit.evals.io import atomic_write_json
+    from mmkit.atomic import atomic_write_json
 
     manifest = out / "run.json"
     if manifest.exists():
@@ -135,7 +134,8 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
     """
     import torch
 
-    from mmkit.evals.io import ResumableJsonl, atomic_write_json
+    from mmkit.atomic import atomic_write_json
+    from mmkit.evals.io import ResumableJsonl
 
     spec, split = bench_spec(bench, split)
     if bench == "ground":
@@ -149,6 +149,8 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
         raise MmkitError(f"--decoding must be greedy or sample, got {decoding!r}")
     if batch_size < 1:
         raise MmkitError(f"--batch-size must be >= 1, got {batch_size}")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise MmkitError(f"--out {out} is a file; the run writes a directory there, pick a new --out")
     limit = spec.default_limit if limit is None else limit
     max_new_tokens = max_new_tokens or spec.max_new_tokens
     rank, world, state = _process_shard()
@@ -312,13 +314,3 @@ def _merged_records(out: Path, questions) -> list[dict[str, Any]]:
     if missing:
         raise MmkitError(f"{len(missing)} samples are missing after the run (first: {missing[0]}); run it again")
     return [by_qid[q.qid] for q in questions]
-
-
-def format_result_row(result: dict[str, Any]) -> str:
-    """A short human-readable summary of one run."""
-    label = ", ".join(result["methods"]) or "baseline"
-    metrics = "  ".join(f"{k}={v:.3f}" for k, v in result["metrics"].items() if isinstance(v, float) and not math.isnan(v))
-    eff = result["efficiency"]
-    return (f"{label} | {result['bench']}/{result['split']} n={result['n']} | {metrics} | visual "
-            f"{eff['visual_tokens']:.0f}->{eff['visual_tokens_kept']:.1f} | {eff['tflops_prefill']:.4f} TFLOPs | "
-            f"prefill {eff['prefill_ms']:.1f} ms/sample")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -108,18 +107,10 @@ def heatmap_image(image, attn: np.ndarray):
 
 def atomic_save_png(img, path: str | os.PathLike) -> None:
     """Save a PIL image as PNG via a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    from mmkit.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def safe_name(label: str) -> str:
@@ -130,7 +121,7 @@ def safe_name(label: str) -> str:
 def write_outputs(image, result, out_dir: str | os.PathLike, stem: str = "image") -> dict[str, str]:
     """Write `{stem}_overlay.png`, `{stem}_attn_{label}.png` per mapped label and `{stem}_coco.json` into out_dir.
     Returns {kind: path}."""
-    from mmkit.evals.io import atomic_write_json
+    from mmkit.atomic import atomic_write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,9 @@ PAD_LABEL = -10
 
 def shipped_sam_dir() -> Path:
     """Directory of the small SAM trained on the reference world."""
-    return Path(__file__).resolve().parent.parent / "models" / "weights" / "sam"
+    from mmkit.models.shipped import shipped_dir
+
+    return shipped_dir("sam")
 
 
 @dataclass

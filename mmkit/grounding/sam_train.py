@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -273,24 +272,15 @@ def train_step(model, cfg: SamTrainConfig, rng: np.random.Generator, pool: Scene
 def save_sam(model, processor, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
     """Save model (safetensors) + processor into `out_dir`, atomically: a half-written checkpoint never replaces
     a good one."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp"
-    old = out.parent / f".{out.name}.old"
-    for p in (tmp, old):
-        if p.exists():
-            shutil.rmtree(p)
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    # Trained on the single-mask output only; tells `load_sam` how to decode this checkpoint.
-    (tmp / MMKIT_SAM_FILE).write_text(json.dumps({"multimask": False}) + "\n")
-    if extra is not None:
-        (tmp / "training_log.json").write_text(json.dumps(extra, indent=2) + "\n")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
+    from mmkit.atomic import atomic_directory
+
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        # Trained on the single-mask output only; tells `load_sam` how to decode this checkpoint.
+        (tmp / MMKIT_SAM_FILE).write_text(json.dumps({"multimask": False}) + "\n")
+        if extra is not None:
+            (tmp / "training_log.json").write_text(json.dumps(extra, indent=2) + "\n")
 
 
 def train_sam(cfg: SamTrainConfig, out_dir: str | os.PathLike, log_every: int = 20) -> dict[str, Any]:

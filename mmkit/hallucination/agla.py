@@ -69,7 +69,8 @@ class AGLAConfig:
         metadata={"help": "prompt-image matcher: the LVLM's text-to-image attention, or a local CLIP (clip_model)"},
     )
     clip_model: str | None = field(
-        default=None, metadata={"help": "directory of a CLIP checkpoint (CLIPModel + CLIPProcessor) for matcher=clip"}
+        default=None, metadata={"help": "directory of a CLIP checkpoint (CLIPModel + CLIPProcessor) for matcher=clip",
+                                "export": "copy"}
     )
     keep: float | None = field(
         default=None,

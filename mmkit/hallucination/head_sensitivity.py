@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import weakref
 from pathlib import Path
 from typing import Sequence
@@ -100,22 +99,13 @@ def normalise(mass: torch.Tensor) -> torch.Tensor:
 
 def save(mass: torch.Tensor, path: str | os.PathLike) -> Path:
     """Write (L, H) sensitivities to `path` as safetensors (temporary file, then rename)."""
-    from safetensors.torch import save_file
+    from mmkit.atomic import atomic_save_safetensors
 
     if mass.dim() != 2:
         raise ValueError(f"head sensitivities must be (layers, heads), got shape {tuple(mass.shape)}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({_META_KEY: mass.detach().float().contiguous().cpu()}, tmp,
-                  metadata={"layers": str(mass.shape[0]), "heads": str(mass.shape[1])})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save_safetensors({_META_KEY: mass.float()}, path,
+                            metadata={"layers": str(mass.shape[0]), "heads": str(mass.shape[1])})
     return path
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmkit.errors import MmkitError
+from mmkit.models.shipped import shipped_dir
 
-REFERENCE_DIR = Path(__file__).parent / "weights" / "reference"
+REFERENCE_DIR = shipped_dir("reference")
 BUILTIN_NAMES = ("tiny-random", "tiny-random-next", "reference")
 
 # LLaVA-1.5's conversation layout: the image placeholder leads the first user turn.

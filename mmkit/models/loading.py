@@ -76,6 +76,10 @@ def _from_pretrained(name: str, torch_dtype):
         config = AutoConfig.from_pretrained(name)
     except OSError as err:
         raise MmkitError(f"cannot load model config from {name!r}: {str(err).splitlines()[0]}") from None
+    except ValueError:
+        # transformers' "Unrecognized model": a config.json without a model_type it knows.
+        raise UnsupportedModelError(f"{name!r} is not a supported vision-language model (its config.json names no "
+                                    f"known model_type); mmkit supports {', '.join(SUPPORTED_ARCHITECTURES)}") from None
     arch = _MODEL_TYPES.get(getattr(config, "model_type", ""))
     if arch is None:
         raise UnsupportedModelError(

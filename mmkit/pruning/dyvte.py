@@ -34,12 +34,13 @@ from typing import Sequence
 import torch
 
 from mmkit.errors import MmkitError
+from mmkit.models.shipped import shipped_dir
 from mmkit.patching.token_drop import Selection, TokenDropper, keep_top_visual
 from mmkit.registry import register_method
 
 logger = logging.getLogger(__name__)
 
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models" / "weights" / "dyvte"
+SHIPPED_DIR = shipped_dir("dyvte")
 GATES_FILE = "gates.safetensors"
 GATES_INFO = "gates.json"
 # `gates=` value of an exported model: the gates arrive through `load_state` from the export directory.

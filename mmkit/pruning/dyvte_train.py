@@ -19,7 +19,6 @@ import logging
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from mmkit.atomic import atomic_save_safetensors
 from mmkit.errors import MmkitError
 from mmkit.patching.token_drop import TokenDropper, keep_top_visual, layer_hidden
 from mmkit.pruning.dyvte import GATES_FILE, GATES_INFO, ExitGates, gate_features, model_fingerprint
@@ -311,22 +311,6 @@ def _metrics(logits: torch.Tensor, y: torch.Tensor, layers: tuple[int, ...], num
 # End to end
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; gates are ordinary shared files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _cache_key(model: str, cfg: GateTrainConfig) -> str:
     keys = ("samples", "seed", "world_seed", "kinds", "min_layer", "max_new_tokens", "loss_margin")
     return repr((model, tuple(getattr(cfg, k) for k in keys)))
@@ -364,7 +348,7 @@ def train_gates(model: str = "reference", cfg: GateTrainConfig | None = None, ou
     if data is None:
         data = collect(session, cfg, progress=progress)
         if features_cache:
-            _save_atomic(data, Path(features_cache), metadata={"key": key})
+            atomic_save_safetensors(data, Path(features_cache), metadata={"key": key})
     t_collect = time.perf_counter() - t0
     adapter = session.adapter
     t1 = time.perf_counter()
@@ -385,9 +369,9 @@ def train_gates(model: str = "reference", cfg: GateTrainConfig | None = None, ou
         "device": str(session.device),
     }
     if out_dir is not None:
-        from mmkit.evals.io import atomic_write_json
+        from mmkit.atomic import atomic_write_json
 
         out = Path(out_dir)
-        _save_atomic(gates.state_tensors(), out / GATES_FILE)
+        atomic_save_safetensors(gates.state_tensors(), out / GATES_FILE)
         atomic_write_json(out / GATES_INFO, report)
     return gates, report

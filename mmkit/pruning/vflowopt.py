@@ -43,13 +43,14 @@ from mmkit.patching.pre_llm import (
     query_attention,
     visual_tokens_per_image,
 )
+from mmkit.models.shipped import shipped_dir
 from mmkit.patching.token_drop import TokenDropper, keep_top_visual
 from mmkit.registry import register_method
 
 logger = logging.getLogger(__name__)
 
 # Configurations tuned for the reference model (`mmkit tune vflowopt --samples 32 --trials 48 --seed 0`), by name.
-SHIPPED_TUNED = Path(__file__).resolve().parent.parent / "models" / "weights" / "vflowopt"
+SHIPPED_TUNED = shipped_dir("vflowopt")
 
 # Fields a tuned configuration file sets.
 _TUNED_FIELDS = ("vision_keep", "threshold", "merge_cell", "entropy_weight", "llm_layers", "llm_keep")

@@ -40,12 +40,13 @@ import torch
 from torch import nn
 
 from mmkit.errors import MmkitError
+from mmkit.models.shipped import shipped_dir
 from mmkit.patching.token_drop import Selection, TokenDropper, keep_top_visual, layer_hidden, with_layer_hidden
 from mmkit.registry import register_method
 
 logger = logging.getLogger(__name__)
 
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models" / "weights" / "visor"
+SHIPPED_DIR = shipped_dir("visor")
 WEIGHTS_FILE = "visor.safetensors"
 WEIGHTS_INFO = "visor.json"
 POLICY = "policy"

@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
+from mmkit.atomic import atomic_save_safetensors
 from mmkit.errors import MmkitError
 from mmkit.patching.token_drop import layer_hidden
-from mmkit.pruning.dyvte_train import _answer_scores, _answer_tokens, _save_atomic, _teacher_forced_inputs
+from mmkit.pruning.dyvte_train import _answer_scores, _answer_tokens, _teacher_forced_inputs
 from mmkit.pruning.visor import (
     WEIGHTS_FILE, WEIGHTS_INFO, VISORConfig, VISORHandle, VISORWeights, new_weights, text_features,
 )
@@ -351,10 +352,10 @@ def train_visor(model: str = "reference", cfg: VisorTrainConfig | None = None, o
         "threads": torch.get_num_threads(),
     }
     if out_dir is not None:
-        from mmkit.evals.io import atomic_write_json
+        from mmkit.atomic import atomic_write_json
 
         out = Path(out_dir)
-        _save_atomic(weights.state_tensors(), out / WEIGHTS_FILE)
+        atomic_save_safetensors(weights.state_tensors(), out / WEIGHTS_FILE)
         atomic_write_json(out / WEIGHTS_INFO, report)
     return weights, report
 

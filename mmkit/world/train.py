@@ -21,8 +21,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -483,10 +481,10 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, device: st
         log.append(entry)
         logger.info("eval step %d: %s", step, res.summary())
         if snapshot_dir is not None:
-            from safetensors.torch import save_file
+            from mmkit.atomic import atomic_save_safetensors
 
-            state = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in model.state_dict().items()}
-            save_file(state, str(Path(snapshot_dir) / f"step{step:06d}.safetensors"))
+            state = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
+            atomic_save_safetensors(state, Path(snapshot_dir) / f"step{step:06d}.safetensors")
 
     for phase in PHASES:
         n_steps = getattr(cfg, f"{phase}_steps")
@@ -551,24 +549,14 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, device: st
 def save_reference(model, processor, out_dir: str | os.PathLike, log: list[dict] | None = None) -> Path:
     """Write the HF directory (fp32 safetensors, processor, tokenizer, chat template, optional training log) to a
     temporary sibling directory, then move it into place."""
+    from mmkit.atomic import atomic_directory
+
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         model.to(torch.float32).save_pretrained(tmp)
         processor.save_pretrained(tmp)
         if log is not None:
             (tmp / "training_log.json").write_text(json.dumps(log, indent=1))
-        # mkdtemp makes a private directory; the model directory is meant to be shared and shipped.
-        tmp.chmod(0o755)
-        for item in tmp.iterdir():
-            item.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -588,15 +576,6 @@ def _load_weights(model, source: str | os.PathLike) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{source} does not match this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-
-
-def load_snapshot(state_path: str | os.PathLike, size: str = "reference"):
-    """Rebuild (model, processor) from an fp16 snapshot written during training, in fp32."""
-    tokenizer = build_tokenizer()
-    spec = SPECS[size]
-    model = build_model(tokenizer, spec)
-    _load_weights(model, state_path)
-    return model.eval(), build_processor(tokenizer, spec)
 
 
 def config_with_steps(base: TrainConfig, steps: str | None = None, **overrides) -> TrainConfig:

@@ -3,10 +3,12 @@ logits bit-exactly, and the export does not depend on the files the state came f
 
 import json
 
+import pytest
 import torch
 
 import mmkit
-from conftest import forward_logits
+from conftest import forward_logits, tiny_clip
+from mmkit.errors import MmkitError
 from mmkit.hallucination import head_sensitivity
 from mmkit.pruning.dyvte import ExitGates
 from safetensors.torch import save_file
@@ -116,3 +118,66 @@ def test_visor_weights_travel_with_the_export(images, prompts, tmp_path):
         assert str(path) not in json.dumps(manifest)
     finally:
         reloaded.close()
+
+
+def _scores(session, images, prompts) -> torch.Tensor:
+    return torch.tensor(session.answer_logprobs(images, prompts, choices=["yes", "no"]).logprobs)
+
+
+# Methods without learned state: each exports and reloads to identical logits, greedy texts and branched scores.
+PLAIN_SPECS = ["pyramiddrop", "sparsevlm", "vcd", "agla", "vhr", "var:start_layer=1,tau=2", "paint:start_layer=1"]
+
+
+@pytest.mark.parametrize("spec", PLAIN_SPECS)
+def test_every_method_exports_and_reloads_to_identical_outputs(spec, images, prompts, tmp_path):
+    baseline = mmkit.load("tiny-random")
+    plain_scores = _scores(baseline, images, prompts)
+    baseline.close()
+    session = mmkit.load("tiny-random", methods=[spec])
+    scores = _scores(session, images, prompts)
+    session.close()
+    assert not torch.allclose(scores, plain_scores, atol=1e-6), f"{spec} does nothing on these prompts"
+    reloaded, _, _ = _round_trip(spec, images, prompts, tmp_path, lambda: None)
+    try:
+        assert torch.equal(_scores(reloaded, images, prompts), scores)
+        manifest = json.loads((tmp_path / "export" / "mmkit_config.json").read_text())
+        assert [m["method"] for m in manifest["methods"]] == [spec.split(":")[0]]
+    finally:
+        reloaded.close()
+
+
+def test_agla_clip_export_is_self_contained(images, prompts, tmp_path):
+    """The CLIP checkpoint travels with the export: the export loads after the original directory is gone."""
+    import shutil
+
+    clip = tmp_path / "clip"
+    tiny_clip(clip)
+    spec = f"agla:matcher=clip,clip_model={clip}"
+    session = mmkit.load("tiny-random", methods=[spec])
+    scores = _scores(session, images, prompts)
+    session.close()
+    reloaded, _, _ = _round_trip(spec, images, prompts, tmp_path, lambda: shutil.rmtree(clip))
+    try:
+        assert torch.equal(_scores(reloaded, images, prompts), scores)
+        manifest = json.loads((tmp_path / "export" / "mmkit_config.json").read_text())
+        assert str(clip) not in json.dumps(manifest)
+        moved = tmp_path / "moved"
+        (tmp_path / "export").rename(moved)
+        again = mmkit.load(str(moved))
+        assert torch.equal(_scores(again, images, prompts), scores)
+        again.close()
+    finally:
+        reloaded.close()
+
+
+def test_agla_clip_export_refuses_a_vanished_checkpoint(tmp_path):
+    import shutil
+
+    clip = tmp_path / "clip"
+    tiny_clip(clip)
+    session = mmkit.load("tiny-random", methods=[f"agla:matcher=clip,clip_model={clip}"])
+    shutil.rmtree(clip)
+    with pytest.raises(MmkitError, match="no longer exists"):
+        session.save_pretrained(tmp_path / "export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    session.close()

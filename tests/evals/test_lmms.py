@@ -15,7 +15,6 @@ from mmkit.evals.lmms_adapter import parse_methods
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ROOT / "mmkit" / "evals" / "tasks"
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
-HAS_REFERENCE = (ROOT / "mmkit" / "models" / "weights" / "reference" / "model.safetensors").is_file()
 
 
 def test_parse_methods():
@@ -40,7 +39,6 @@ def _entry_point_env(tmp_path: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_LMMS, reason="lmms_eval is not installed; run scripts/install_lmms.sh")
-@pytest.mark.skipif(not HAS_REFERENCE, reason="the reference model weights are not in mmkit/models/weights/reference")
 def test_lmms_eval_pope_and_chair_match_mmkit_eval(tmp_path):
     from mmkit.evals.runner import run_eval
 

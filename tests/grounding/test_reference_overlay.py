@@ -6,14 +6,8 @@ The overlay written here was also inspected by eye (docs/img/grounding_overlay.p
 import pytest
 from PIL import Image
 
-from mmkit.grounding.sam_backend import shipped_sam_dir
-from mmkit.models.builtin import reference_dir
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (shipped_sam_dir() / "config.json").is_file() or not (reference_dir() / "config.json").is_file(),
-                       reason="needs the shipped reference model and SAM"),
-]
+pytestmark = pytest.mark.slow  # the shipped reference model and SAM are part of the package: no skip
 
 
 def test_reference_scene_masks_on_the_right_objects(tmp_path):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from mmkit.errors import MmkitError
 from mmkit.grounding.attention_maps import build_inputs, capture_rows
-from mmkit.grounding.sam_backend import load_sam, shipped_sam_dir
+from mmkit.grounding.sam_backend import load_sam
 from mmkit.grounding.sam_train import SamTrainConfig, build_small_sam, save_sam
 from mmkit.grounding.vlsam import VLSAMConfig, ground
 
@@ -86,6 +86,7 @@ def test_ground_query_end_to_end(session, images, tiny_sam):
     assert len(results) == 2
     for r in results:
         assert r.size == (112, 112)
+        assert r.detections, "every image grounds the query at least once"
         assert set(r.maps) == {"cup"} and r.maps["cup"].shape == (8, 8)
         for d in r.detections:
             assert d.label == "cup" and d.mask.shape == (112, 112) and d.mask.any()
@@ -122,12 +123,35 @@ def test_ground_describe_runs_generation(session, images, tiny_sam):
     assert len(r.answers) == 1 and r.stats["lvlm_generate_calls"] == 1
 
 
-def test_free_text_query_uses_its_last_word(session, images, tiny_sam):
-    (r,) = ground(session, tiny_sam, images[:1], query="red balloon", config=VLSAMConfig(refine_steps=0))
+def test_free_text_query_uses_its_last_word(session, images, tiny_sam, monkeypatch):
+    """A query naming no world category is labelled by its text, and the map is read at its last word."""
+    import mmkit.grounding.attention_maps as attention_maps
+    import mmkit.grounding.flow as flow
+
+    seen = {}
+    real_capture, real_maps = attention_maps.capture_rows, flow.object_maps
+
+    def capture(session_, inputs, positions, valid):
+        seen["ids"], seen["positions"] = inputs["input_ids"], positions
+        return real_capture(session_, inputs, positions, valid)
+
+    def maps(*args, **kwargs):
+        seen["objects"] = args[5]  # per object, its offsets into the captured rows
+        return real_maps(*args, **kwargs)
+
+    monkeypatch.setattr(attention_maps, "capture_rows", capture)
+    monkeypatch.setattr(flow, "object_maps", maps)
+    (r,) = ground(session, tiny_sam, images[:1], query="red balloon",
+                  config=VLSAMConfig(refine_steps=0, query_route="prompt"))
     assert set(r.maps) == {"red balloon"}
+    (offsets,) = seen["objects"]
+    position = int(seen["positions"][0, offsets[0]])
+    tokenizer = session.processor.tokenizer
+    ids = seen["ids"][0].tolist()
+    assert tokenizer.decode(ids[:position + 1]).endswith("red balloon")
+    assert not tokenizer.decode(ids[position + 1:]).lstrip()[:1].isalpha()  # the word ends at the mapped token
 
 
-@pytest.mark.skipif(not (shipped_sam_dir() / "config.json").is_file(), reason="shipped SAM not trained yet")
 def test_cli_ground_on_tiny_random_with_shipped_sam(tmp_path, images):
     from mmkit.cli import main
 

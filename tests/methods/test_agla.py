@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import forward_logits
+from conftest import forward_logits, tiny_clip
 from mmkit.errors import MmkitError
 from mmkit.hallucination.agla import AGLAConfig, keep_mask, mask_pixels, pixel_saliency
 
@@ -136,31 +136,9 @@ def test_sampling_is_seeded(session, images, prompts):
     assert a != [r.text for r in session.generate(images, prompts, max_new_tokens=8, do_sample=True, seed=6)]
 
 
-def _tiny_clip(path):
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for code in range(33, 127):
-        vocab.setdefault(chr(code), len(vocab))
-        vocab.setdefault(chr(code) + "</w>", len(vocab))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=56, patch_size=14),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(path)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-
-
 def test_clip_matcher(session, images, prompts, tmp_path):
-    _tiny_clip(tmp_path)
+    tiny_clip(tmp_path)
+    base = torch.tensor(session.answer_logprobs(images, prompts, choices=["yes", "no"]).logprobs)
     handle = session.apply(f"agla:matcher=clip,clip_model={tmp_path}")
     inputs = session.prepare(images, prompts)
     assert handle.impl.matcher.prompts(inputs["input_ids"]) == prompts
@@ -168,12 +146,13 @@ def test_clip_matcher(session, images, prompts, tmp_path):
         grid, itc = handle.impl.matcher.relevance(inputs)
     assert grid.shape == (3, 4, 4) and bool((grid >= 0).all()) and bool((grid > 0).any())
     assert itc.shape == (3,) and bool((itc.abs() <= 1.0 + 1e-5).all())
-    base = None
     result = session.generate(images, prompts, max_new_tokens=4)
-    assert len(result) == 3
+    assert len(result) == 3 and all(r.stats.new_tokens >= 1 for r in result)
     # The keep fraction follows the official 1 - ITC/2 rule.
     assert torch.allclose(handle.impl.last_keep, (1 - itc / 2).clamp(max=1 - 1e-5))
-    assert base is None
+    # The CLIP-masked view enters the ensemble: the answer scores move away from the plain model's.
+    with_agla = torch.tensor(session.answer_logprobs(images, prompts, choices=["yes", "no"]).logprobs)
+    assert not torch.allclose(with_agla, base, atol=1e-4)
 
 
 def test_clip_matcher_reports_a_path_that_does_not_load(session, tmp_path):

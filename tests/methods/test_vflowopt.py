@@ -152,6 +152,19 @@ def test_config_file_errors(session, tmp_path):
         session.apply(f"vflowopt:config={bad}")
 
 
+def _last_prompt_hidden(session, images, prompts) -> torch.Tensor:
+    """Final hidden state of each row's last prompt token, float32, from one batched forward."""
+    captured = []
+    hook = session.adapter.language_model.register_forward_hook(
+        lambda module, args, output: captured.append(output.last_hidden_state[:, -1].float()))
+    try:
+        with torch.inference_mode():
+            session.model(**session.prepare(images, prompts), use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
 def test_tuning_is_reproducible_meets_the_budget_and_round_trips(session, images, prompts, tmp_path):
     calibration = (images, prompts)
     config, record = tune_vflowopt(session, 0.3, trials=4, seed=3, calibration=calibration)
@@ -162,12 +175,17 @@ def test_tuning_is_reproducible_meets_the_budget_and_round_trips(session, images
     assert not session.methods
     path = tmp_path / "vflowopt.json"
     save_config(path, config, record, "tiny-random")
+    reference = _last_prompt_hidden(session, images, prompts)
     handle = session.apply(f"vflowopt:config={path}")
     loaded = handle.config
     for name in ("vision_keep", "threshold", "merge_cell", "entropy_weight", "llm_layers"):
         assert getattr(loaded, name) == getattr(config, name)
     assert loaded.llm_keep == pytest.approx(config.llm_keep)
-    # The tuned setting reaches the recorded distance again.
+    # The tuned setting reaches the recorded distance again (the tuner's objective, recomputed here).
+    pruned = _last_prompt_hidden(session, images, prompts)
+    distance = float((1.0 - torch.nn.functional.cosine_similarity(pruned, reference, dim=-1)).mean())
+    assert distance == pytest.approx(record["distance"], rel=1e-4, abs=1e-6)
+    assert distance > 0
     handle.remove()
     with pytest.raises(MmkitError, match="conflicts"):
         session.apply(f"vflowopt:config={path},vision_keep=0.99")
