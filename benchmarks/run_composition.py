@@ -73,6 +73,8 @@ def main() -> None:
                         help="pruning methods whose combinations also run CHAIR (each pruning alone always does)")
     parser.add_argument("--mitigation", default=",".join(MITIGATION))
     parser.add_argument("--out", default="runs/composition")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the report and plot from the finished runs under --out, measuring nothing")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pruning = [p for p in args.pruning.split(",") if p]
@@ -84,8 +86,11 @@ def main() -> None:
     chair_specs = {PRUNING[p] for p in args.chair_pruning.split(",") if p}
     if args.blocks is not None:
         plan = plan[: args.blocks]
-    session = mmkit.load("reference", device="cpu")
     out = Path(args.out)
+    if args.report_only:
+        report_from_disk(args, out, plan, configs, pruning, mitigation)
+        return
+    session = mmkit.load("reference", device="cpu")
     blocks: dict[tuple, list] = {}
     costs: dict[str, float] = {}
     for bench, split, decoding, seed in plan:
@@ -115,6 +120,26 @@ def main() -> None:
 
 
 COST_QUESTIONS = 16
+
+
+def report_from_disk(args, out: Path, plan, configs, pruning, mitigation) -> None:
+    """The report of every block whose runs all finished (results.json present), and the stored CPU costs."""
+    import json
+
+    blocks: dict[tuple, list] = {}
+    costs: dict[str, float] = {}
+    for bench, split, decoding, seed in plan:
+        if bench == "cost":
+            paths = {name_of(c): out / "cost" / f"{dir_of(c)}.json" for c in configs}
+            if all(p.is_file() for p in paths.values()):
+                costs = {name: json.loads(p.read_text())["cpu_s_per_answer"] for name, p in paths.items()}
+            continue
+        wanted = [c for c in configs if not (bench == "chair" and len(c) > 1 and c[0] not in
+                                             {PRUNING[p] for p in args.chair_pruning.split(",") if p})]
+        files = [out / f"{bench}-{split}-{decoding}-s{seed}" / dir_of(c) / "results.json" for c in wanted]
+        if all(f.is_file() for f in files):
+            blocks[(bench, split, decoding, seed)] = [json.loads(f.read_text()) for f in files]
+    write_report(args, blocks, configs, pruning, mitigation, costs)
 
 
 def cpu_cost(session, path: Path, batch_size: int) -> float:
@@ -230,8 +255,8 @@ def write_report(args, blocks, configs, pruning, mitigation, costs) -> None:
         "`kept` is visual tokens per decoder layer (mean over layers and samples; 576 = all).",
         "",
         "| configuration | POPE-adv F1 greedy | POPE-adv F1 sampled | POPE-ran F1 | POPE-pop F1 | CHAIR_S | CHAIR_I | "
-        "kept | xCPU | xTFLOPs | xanswer |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "CHAIR recall | caption words | kept | xCPU | xTFLOPs | xanswer |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for config in configs:
         adv = _runs(blocks, config, "pope", "adversarial", "greedy")
@@ -242,7 +267,8 @@ def write_report(args, blocks, configs, pruning, mitigation, costs) -> None:
         cells = [_cell(adv, "f1"), _cell(_runs(blocks, config, "pope", "adversarial", "sample"), "f1"),
                  _cell(_runs(blocks, config, "pope", "random", "greedy"), "f1"),
                  _cell(_runs(blocks, config, "pope", "popular", "greedy"), "f1"),
-                 _cell(chair, "chair_s"), _cell(chair, "chair_i"), kept,
+                 _cell(chair, "chair_s"), _cell(chair, "chair_i"), _cell(chair, "recall"),
+                 _cell(chair, "mean_length", ".1f"), kept,
                  "-" if _cpu_ratio(costs, config) is None else f"{_cpu_ratio(costs, config):.2f}",
                  "-" if flops is None else f"{flops:.2f}", "-" if answer is None else f"{answer:.2f}"]
         lines.append(f"| {name_of(config)} | " + " | ".join(cells) + " |")
