@@ -16,13 +16,13 @@ import click
 @click.option("--dtype", default="bfloat16", show_default=True)
 @click.option("--reps", type=int, default=5, show_default=True)
 @click.option("--json-out", default=None, help="Also write the rows as JSON to this path.")
-def bench(preset, batch, methods, cases, device, dtype, reps, json_out):
+def speed(preset, batch, methods, cases, device, dtype, reps, json_out):
     """Time prefill / generation at real model sizes with random weights, methods against the baseline."""
     import torch
 
     import transformers
 
-    from mmkit import bench as b
+    from mmkit import speed as b
     from mmkit.registry import parse_spec
     from mmkit.models.loading import resolve_device, resolve_dtype
 
@@ -52,9 +52,9 @@ def bench(preset, batch, methods, cases, device, dtype, reps, json_out):
         if hasattr(cfg, "keep") and hasattr(cfg, "layer"):
             click.echo(f"token-FLOP bound for {spec}: {b.flop_bound(model, preset, cfg.layer, cfg.keep):.2f}x")
     if "kernels" in wanted:
-        from mmkit.kernels.bench import bench_kernels
+        from mmkit.kernels.speed import time_kernels
 
-        for row in bench_kernels(device=str(dev)):
+        for row in time_kernels(device=str(dev)):
             click.echo(json.dumps(row))
     if json_out:
         from mmkit.atomic import atomic_write_json
