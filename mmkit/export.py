@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mmkit.contract import ExportsConfig, ExportsState
 from mmkit.errors import MmkitError
 
 MMKIT_CONFIG = "mmkit_config.json"
@@ -87,8 +88,8 @@ def save_session(session, out_dir: str | os.PathLike, overwrite: bool = False, r
 
     out = Path(out_dir)
     if remote_code:
-        # Methods in the "logit_branches" slot combine several forwards per step in Session.generate.
-        branched = [h.spec for h in session.methods if "logit_branches" in h.info.slots]
+        # Branching methods combine several forwards per step in Session.generate.
+        branched = [h.spec for h in session.methods if h.info.capabilities.branches_logits]
         if branched:
             raise MmkitError(f"{', '.join(branched)} decode with extra branches inside Session.generate, which plain "
                              "transformers' generate does not run; export them without --remote-code")
@@ -102,11 +103,12 @@ def save_session(session, out_dir: str | os.PathLike, overwrite: bool = False, r
         session.processor.save_pretrained(tmp)
         methods: list[dict[str, Any]] = []
         for i, handle in enumerate(session.methods):
-            entry = config_to_dict(getattr(handle.impl, "export_config", lambda: handle.config)())
+            impl = handle.impl
+            entry = config_to_dict(impl.export_config() if isinstance(impl, ExportsConfig) else handle.config)
             files = _carry_files(handle, entry, tmp, f"method_{i}_{handle.info.name}")
             if files:
                 entry["files"] = files
-            state = handle.impl.export_state() if hasattr(handle.impl, "export_state") else None
+            state = impl.export_state() if isinstance(impl, ExportsState) else None
             if state:
                 filename = f"method_{i}_{handle.info.name}.safetensors"
                 save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / filename))
@@ -180,7 +182,7 @@ def apply_manifest(session, directory: Path, manifest: dict[str, Any]) -> None:
                                          **{k: str(Path(directory) / name) for k, name in entry["files"].items()}}}
         handle = session.apply(config_from_dict(entry))
         if entry.get("state"):
-            if not hasattr(handle.impl, "load_state"):
+            if not isinstance(handle.impl, ExportsState):
                 raise MmkitError(f"method {entry['method']} in {directory} has saved state but cannot load it")
             handle.impl.load_state(load_file(str(Path(directory) / entry["state"]), device=str(session.device)))
 

@@ -36,6 +36,30 @@ BUILTIN_METHOD_MODULES = (
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a method does to the model (see `mmkit.contract`)."""
+
+    acts_before_llm: bool = False     # reduces or merges visual tokens before the language model
+    drops_tokens: bool = False        # removes tokens between decoder layers
+    edits_attention: bool = False     # replaces some decoder layers' attention computation
+    branches_logits: bool = False     # decodes over several input branches (implements `contract.Branching`)
+    needs_calibration: bool = False   # measures the model once when applied (state exported with the session)
+
+    def names(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name)]
+
+
+# A slot is one thing in the model a single method may own; each implies a capability. Two methods in the same
+# slot cannot be active together, for the reason given.
+SLOTS = {
+    "pre_llm_token_drop": ("acts_before_llm", "both choose which visual tokens enter the language model"),
+    "llm_token_drop": ("drops_tokens", "both drop tokens between the same decoder layers"),
+    "attention_scores": ("edits_attention", "both replace the attention computation of the same decoder layers"),
+    "logit_branches": ("branches_logits", "both decide the next token from their own set of input branches"),
+}
+
+
+@dataclass(frozen=True)
 class MethodInfo:
     name: str
     config_cls: type
@@ -45,6 +69,15 @@ class MethodInfo:
     # Methods sharing a slot cannot be active together (e.g. two methods that both drop visual tokens inside the
     # LLM would fight over the same layers). Empty = composes with anything.
     slots: frozenset[str] = field(default_factory=frozenset)
+    capabilities: Capabilities = field(default_factory=Capabilities)
+
+    def conflict_with(self, other: "MethodInfo") -> str | None:
+        """Why this method cannot be active together with `other`, or None when they compose."""
+        shared = sorted(self.slots & other.slots)
+        if not shared:
+            return None
+        reasons = "; ".join(SLOTS[s][1] for s in shared)
+        return f"cannot combine {self.name} with {other.name}: {reasons}; remove one first"
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -58,8 +91,11 @@ def register_method(
     kind: str,
     description: str = "",
     slots: tuple[str, ...] = (),
+    needs_calibration: bool = False,
 ) -> MethodInfo:
-    """Register a method. `apply_fn(session, config) -> handle` must return an object with `remove()`."""
+    """Register a method. `apply_fn(session, config) -> implementation` returns an object providing
+    `mmkit.contract.MethodImpl` (and the protocols its capabilities promise). Capabilities follow from the slots
+    (see `SLOTS`) plus `needs_calibration`."""
     if not name or not name.replace("_", "").isalnum() or name.lower() != name:
         raise ValueError(f"method name {name!r} must be lowercase letters, digits and underscores")
     if kind not in KINDS:
@@ -70,7 +106,12 @@ def register_method(
         raise ValueError(f"a different method is already registered as {name!r}")
     if not description:
         description = (config_cls.__doc__ or "").strip().splitlines()[0] if config_cls.__doc__ else ""
-    info = MethodInfo(name, config_cls, apply_fn, kind, description, frozenset(slots))
+    unknown = set(slots) - set(SLOTS)
+    if unknown:
+        raise ValueError(f"unknown slots {sorted(unknown)} for {name!r}; known: {', '.join(SLOTS)}")
+    flags = {SLOTS[s][0]: True for s in slots}
+    capabilities = Capabilities(needs_calibration=needs_calibration, **flags)
+    info = MethodInfo(name, config_cls, apply_fn, kind, description, frozenset(slots), capabilities)
     _REGISTRY[name] = info
     return info
 

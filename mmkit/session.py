@@ -10,11 +10,13 @@ from typing import Any, Sequence
 
 import torch
 
+from mmkit.contract import Branching, check_implementation
 from mmkit.errors import MmkitError
 from mmkit.images import load_image
 from mmkit.models.adapters import adapter_for
 from mmkit.patching.attention import TextAttentionSwitch
 from mmkit.patching.context import ForwardContext, install_context_hooks
+from mmkit.patching.probe import AttentionProbe
 from mmkit.registry import MethodInfo, config_to_spec, get_method, method_for_config, parse_spec
 
 logger = logging.getLogger(__name__)
@@ -97,7 +99,9 @@ class Session:
         self.source = source
         self.adapter = adapter_for(model)
         self.context = ForwardContext(num_layers=self.adapter.num_layers, image_token_id=self.adapter.image_token_id)
-        self.text_attention = TextAttentionSwitch(model, self.adapter.language_model)
+        self.text_attention = TextAttentionSwitch(model, self.adapter.language_model,
+                                                  [layer.self_attn for layer in self.adapter.decoder_layers])
+        self.probe = AttentionProbe(self)
         self._hooks = install_context_hooks(model, self.context)
         self._handles: list[MethodHandle] = []
 
@@ -111,18 +115,20 @@ class Session:
         config = parse_spec(spec) if isinstance(spec, str) else spec
         info = method_for_config(config)
         for active in self._handles:
-            shared = info.slots & active.info.slots
-            if shared:
-                raise MmkitError(
-                    f"cannot combine {info.name} with {active.info.name}: both use "
-                    f"{', '.join(sorted(shared))}; remove one first"
-                )
+            conflict = info.conflict_with(active.info)
+            if conflict:
+                raise MmkitError(conflict)
         try:
             impl = info.apply_fn(self, config)
         except (ValueError, TypeError) as err:
             if isinstance(err, MmkitError):
                 raise
             raise MmkitError(str(err)) from None
+        try:
+            check_implementation(info.name, info.capabilities, impl)
+        except TypeError:
+            impl.remove()
+            raise
         handle = MethodHandle(self, info, config, impl)
         self._handles.append(handle)
         return handle
@@ -258,15 +264,11 @@ class Session:
         return ScoreResult(choices, logprobs.tolist(), self._stats(logprobs.shape[0]))
 
     # -- multi-branch decoding (contrastive / view-ensemble methods) -------------------------------------------
-    def _brancher(self):
-        """The active method that decodes over several input branches (VCD, AGLA, ...), if any.
-
-        Protocol: `expand_inputs(session, inputs) -> inputs` returns k * B rows, branch-major (rows [j*B, (j+1)*B)
-        are branch j; branch 0 is the original input); `combine_logits(logits (k*B, V)) -> (B, V)` merges the
-        branches' next-token logits. All branches then receive the chosen token, so they run as one batch and
-        the weights are read once per step.
-        """
-        branchers = [h.impl for h in self._handles if hasattr(h.impl, "combine_logits")]
+    def _brancher(self) -> Branching | None:
+        """The active method that decodes over several input branches (VCD, AGLA, ...), if any: see
+        `mmkit.contract.Branching`. All branches receive the chosen token, so they run as one batch and the
+        weights are read once per step."""
+        branchers = [h.impl for h in self._handles if h.info.capabilities.branches_logits]
         return branchers[0] if branchers else None
 
     def _branched_generate(self, brancher, inputs, max_new_tokens, do_sample, temperature, top_p, seed):

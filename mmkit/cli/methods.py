@@ -16,6 +16,8 @@ def methods(fields):
     for m in rows:
         click.echo(f"{m.name:<{name_w}}  {m.kind:<{kind_w}}  {m.description}")
         if fields:
+            does = ", ".join(name.replace("_", " ") for name in m.capabilities.names()) or "nothing in the model"
+            click.echo(f"{'':<{name_w}}    capabilities: {does}")
             for f in dataclasses.fields(m.config_cls):
                 help_text = f.metadata.get("help", "")
                 click.echo(f"{'':<{name_w}}    {f.name}={f.default!r}  {help_text}")

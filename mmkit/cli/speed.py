@@ -47,9 +47,11 @@ def speed(preset, batch, methods, cases, device, dtype, reps, json_out):
             raise click.BadParameter("max-batch needs a CUDA device", param_hint="--cases")
         rows += b.max_batch_case(model, preset, methods)
     click.echo(b.format_rows(rows))
+    from mmkit.pruning.fastv import FastVConfig
+
     for spec in methods:
         cfg = parse_spec(spec)
-        if hasattr(cfg, "keep") and hasattr(cfg, "layer"):
+        if isinstance(cfg, FastVConfig):  # the token-FLOP bound is FastV's formula (one drop layer, one share)
             click.echo(f"token-FLOP bound for {spec}: {b.flop_bound(model, preset, cfg.layer, cfg.keep):.2f}x")
     if "kernels" in wanted:
         from mmkit.kernels.speed import time_kernels

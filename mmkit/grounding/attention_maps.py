@@ -1,8 +1,10 @@
 """Per-object attention over image tokens, captured row by row during one forward over prompt + answer.
 
 VL-SAM needs, for each object token, the attention of every layer and head, and the attention of the text tokens
-between the image and that token (the flow passes through them). Only those query rows are scored: an observer on
-each decoder layer's self-attention computes their exact softmax over all keys, per head, and keeps the result.
+between the image and that token (the flow passes through them). Only those query rows are scored: the attention
+probe computes their exact softmax over all keys of each decoder layer, per head, and the result is kept in prompt
+coordinates, so maps also come out when a pruning method shortened the sequence (image tokens it removed before a
+layer carry no attention there).
 The (L x L) attention matrix is never built; the image tokens' own rows (N_img x N_img per layer) are not
 captured either: image tokens are the sources of the flow (see `flow.py`).
 """
@@ -70,22 +72,6 @@ class CapturedRows:
     key_counts: torch.Tensor
 
 
-def _key_mask_for_rows(attention_mask, rows: torch.Tensor, seq_len: int, key_len: int,
-                       padding: torch.Tensor) -> torch.Tensor:
-    """(B, R, Lk) bool: keys each captured row may attend, from the mask SDPA receives (or causal + padding)."""
-    batch, n_rows = rows.shape
-    if attention_mask is not None:
-        idx = rows[:, None, :, None].expand(batch, attention_mask.shape[1], n_rows, attention_mask.shape[-1])
-        picked = attention_mask.gather(2, idx)[:, 0]  # (B, R, Lk)
-        if picked.dtype != torch.bool:
-            picked = picked > torch.finfo(picked.dtype).min / 2
-        return picked
-    keys = torch.arange(key_len, device=rows.device)
-    allowed = keys[None, None, :] <= rows[:, :, None]
-    allowed &= torch.nn.functional.pad(padding, (0, key_len - seq_len), value=False)[:, None, :]
-    return allowed
-
-
 def capture_rows(session, inputs: dict[str, torch.Tensor], rows: torch.Tensor, valid: torch.Tensor) -> CapturedRows:
     """Run one forward over `inputs` and capture, at every decoder layer, the per-head attention of `rows`.
 
@@ -95,8 +81,6 @@ def capture_rows(session, inputs: dict[str, torch.Tensor], rows: torch.Tensor, v
         rows: (B, R) long, positions to capture (pad with any valid position and mark it in `valid`).
         valid: (B, R) bool.
     """
-    from mmkit.patching.attention import observe_attention
-
     adapter = session.adapter
     input_ids = inputs["input_ids"]
     seq_len = input_ids.shape[1]
@@ -105,27 +89,22 @@ def capture_rows(session, inputs: dict[str, torch.Tensor], rows: torch.Tensor, v
     layers = list(adapter.decoder_layers)
     captured: list[torch.Tensor | None] = [None] * len(layers)
 
-    def make_observer(layer_index: int):
-        def observer(module, query, key, attention_mask, scaling):
-            if query.shape[2] != seq_len:
-                return  # not the full-sequence forward (should not happen with use_cache=False)
-            key_mask = _key_mask_for_rows(attention_mask, rows, seq_len, key.shape[2], padding)
-            q_rows = query.gather(2, rows[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3]))
-            probs = row_attention(q_rows, key, scaling, key_mask)
-            captured[layer_index] = probs[..., :seq_len].float()
-        return observer
+    def observe(view) -> None:
+        if not view.prefill or view.prompt_len != seq_len:
+            return  # not the full-sequence forward (should not happen with use_cache=False)
+        # The captured rows are text tokens, which no pruning method drops; find them in this layer's sequence.
+        current, found = view.rows_of_positions(rows)
+        key_mask = view.allowed(current) & found[:, :, None]
+        probs = row_attention(view.query_rows(current), view.key, view.scaling, key_mask)
+        # Back to prompt positions: image tokens another method removed before this layer get no attention.
+        captured[view.layer] = view.to_prompt(probs[..., : view.prefill_keys].float())
 
-    handles = []
-    session.text_attention.acquire()
+    probe = session.probe.observe(range(len(layers)), observe)
     try:
-        for i, layer in enumerate(layers):
-            handles.append(observe_attention(layer.self_attn, make_observer(i)))
         with torch.inference_mode():
             session.model(**inputs, use_cache=False, logits_to_keep=1)
     finally:
-        for h in handles:
-            h.remove()
-        session.text_attention.release()
+        probe.remove()
     if any(c is None for c in captured):
         raise MmkitError("attention rows were not captured at every layer; the model's attention is not observable")
     image_mask = adapter.image_mask(input_ids)

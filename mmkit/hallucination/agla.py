@@ -173,39 +173,26 @@ class AttentionMatcher:
     """Prompt-image relevance from the LVLM's text-to-image attention at a few layers (one partial forward)."""
 
     def __init__(self, session, layers: tuple[int, ...]):
-        from mmkit.patching.attention import observe_attention
-
         self.session = session
         self.layers = layers
         self._ctx = session.context
         self._scoring = False
         self._mass: list[torch.Tensor] = []
-        session.text_attention.acquire()
-        self._attention = session.text_attention
         decoder = session.adapter.decoder_layers
-        self._observers = [observe_attention(decoder[l].self_attn, self._observe) for l in layers]
+        self._observer = session.probe.observe(layers, self._observe)
         self._stop = decoder[layers[-1]].register_forward_hook(self._stop_after)
 
-    def _observe(self, module, query, key, attention_mask, scaling):
+    def _observe(self, view) -> None:
         if not self._scoring:
             return
-        from mmkit.kernels import subset_attention_mass
-
-        n = query.shape[2]
-        key = key[:, :, :n]
-        image = self._ctx.image_mask
-        real = self._ctx.attention_mask
-        real = torch.ones_like(image) if real is None else real.bool()
-        positions = torch.arange(n, device=query.device)
-        last_image = torch.where(image, positions, -1).max(1).values  # (B,)
-        text_rows = (n - 1 - last_image).clamp_min(1)  # tokens after the image (prompt + answer header)
-        rows = int(text_rows.max())
-        row_pos = positions[n - rows:]  # (R,)
-        row_valid = row_pos[None, :] > last_image[:, None]  # (B, R)
-        key_mask = (positions[None, None, :] <= row_pos[None, :, None]) & real[:, None, :] & row_valid[:, :, None]
-        mass = subset_attention_mass(query[:, :, n - rows:], key, scaling=scaling, key_mask=key_mask, reduce="sum")
-        heads = query.shape[1]
-        self._mass.append(mass / (heads * text_rows[:, None].float()))
+        # The text rows after the image (prompt + answer header), wherever earlier methods left them.
+        text = view.text_rows
+        count = text.sum(1)
+        rows, ok = pack_rows(text)
+        mass = view.mass(rows, row_valid=ok, reduce="sum")
+        mass = mass / (view.query.shape[1] * count.clamp(min=1)[:, None].float())
+        # Back to prompt positions: image tokens another method removed before this layer count as unattended.
+        self._mass.append(view.to_prompt(mass[:, : view.prefill_keys]))
 
     def _stop_after(self, module, args, output):
         if self._scoring:
@@ -234,10 +221,18 @@ class AttentionMatcher:
         return _to_grid(per_image, self.session), None
 
     def remove(self) -> None:
-        for observer in self._observers:
-            observer.remove()
+        self._observer.remove()
         self._stop.remove()
-        self._attention.release()
+
+
+def pack_rows(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (B, R) of the True entries of each row of `flags` (B, L), padded with the row's last index, and their
+    validity (B, R)."""
+    counts = flags.sum(1)
+    width = max(int(counts.max()), 1)
+    order = torch.sort((~flags).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    ok = torch.arange(width, device=flags.device)[None, :] < counts[:, None]
+    return torch.where(ok, order, flags.shape[1] - 1), ok
 
 
 def _to_grid(per_image: torch.Tensor, session) -> torch.Tensor:

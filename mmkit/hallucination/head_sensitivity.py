@@ -6,14 +6,15 @@ token, the one that predicts the first answer token) puts on the image tokens, a
 
     m[l, h] = mean_prompts sum_{k in image} softmax(q_last . K / sqrt(d))[k]
 
-The row is computed exactly from the layer's q/k (`mmkit.kernels.subset_attention_mass`, per head) while the layer
-itself runs SDPA. `normalise(m)` turns the masses into sensitivities in [0, 1] per layer (see its docstring).
+The row is computed exactly from the layer's q/k (through the attention probe, per head) while the layer itself
+runs its own attention. Methods already active on the session stay active: with a token-dropping method, each
+layer's mass is over the image tokens that layer still holds. `normalise(m)` turns the masses into sensitivities in [0, 1] per layer (see its docstring).
 Sensitivities are saved and loaded as safetensors (`save` / `load`), with the model shape as metadata so a file
 made for another model is refused.
 
 `builtin_calibration(session)` calibrates on a fixed, small set of reference-world scenes (world seed
 `CALIBRATION_WORLD_SEED`, which no bench uses) and generic prompts; results are cached per model object, so
-applying a method twice does not calibrate twice.
+applying a method twice does not calibrate twice (the cache key includes the methods active during calibration).
 """
 
 from __future__ import annotations
@@ -39,15 +40,8 @@ CALIBRATION_PROMPTS = (
     "What colour is the largest object?",
 )
 _META_KEY = "mmkit_head_sensitivity"
-_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
-
-
-def _key_mask(attention_mask: torch.Tensor | None, rows: int, n: int) -> torch.Tensor | None:
-    """Bool (B, 1, n) mask of the keys the last query row may attend, from the 4-D mask the layer receives."""
-    if attention_mask is None:
-        return None
-    row = attention_mask[:, 0, rows - 1: rows, :n]
-    return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+# model -> {specs of the methods active during calibration: masses}
+_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
 @torch.inference_mode()
@@ -59,8 +53,6 @@ def calibrate(session, images: Sequence, prompts: Sequence[str], batch_size: int
         images, prompts: one image per prompt (a single image is reused for every prompt).
         batch_size: prompts per forward.
     """
-    from mmkit.kernels import subset_attention_mass
-    from mmkit.patching.attention import observe_attention
     from mmkit.session import _as_lists
 
     images, prompts = _as_lists(images, prompts)
@@ -73,35 +65,24 @@ def calibrate(session, images: Sequence, prompts: Sequence[str], batch_size: int
     count = 0
     batch_mass: dict[int, torch.Tensor] = {}
 
-    def observer(index: int):
-        def observe(module, query, key, attention_mask, scaling):
-            if not session.context.prefill:
-                return
-            n = query.shape[2]
-            image = session.context.image_mask.to(key.device)
-            mass = subset_attention_mass(query[:, :, -1:, :], key[:, :, :n], scaling=scaling,
-                                         key_mask=_key_mask(attention_mask, n, n), reduce="sum", per_head=True)
-            batch_mass[index] = (mass * image[:, None, :]).sum(-1).double().cpu()  # (B, H)
+    def observe(view) -> None:
+        if view.prefill:
+            mass = view.mass(reduce="sum", per_head=True)                             # (B, H, Lk)
+            batch_mass[view.layer] = (mass * view.image_keys[:, None, :]).sum(-1).double().cpu()  # (B, H)
 
-        return observe
-
-    session.text_attention.acquire()
-    handles = [observe_attention(layer.self_attn, observer(i)) for i, layer in enumerate(layers)]
+    probe = session.probe.observe(range(len(layers)), observe)
     try:
         for start in range(0, len(prompts), batch_size):
             inputs = session.prepare(images[start:start + batch_size], prompts[start:start + batch_size])
             batch_mass.clear()
             session.model(**inputs, logits_to_keep=1, use_cache=False)
             if len(batch_mass) != len(layers):
-                raise RuntimeError(f"calibration saw {len(batch_mass)} of {len(layers)} decoder layers; "
-                                   f"remove token-dropping methods before calibrating")
+                raise RuntimeError(f"calibration saw {len(batch_mass)} of {len(layers)} decoder layers")
             for i in range(len(layers)):
                 total[i] += batch_mass[i].sum(0)
             count += inputs["input_ids"].shape[0]
     finally:
-        for handle in handles:
-            handle.remove()
-        session.text_attention.release()
+        probe.remove()
     return (total / count).float()
 
 
@@ -153,7 +134,8 @@ def load(path: str | os.PathLike, layers: int | None = None, heads: int | None =
 
 def builtin_calibration(session) -> torch.Tensor:
     """`calibrate` on `CALIBRATION_IMAGES` reference-world scenes x `CALIBRATION_PROMPTS` (cached per model)."""
-    cached = _CACHE.get(session.model)
+    active = tuple(h.spec for h in session.methods)
+    cached = _CACHE.get(session.model, {}).get(active)
     if cached is not None:
         return cached.clone()
     from mmkit.world.scenes import generate_scene
@@ -163,5 +145,5 @@ def builtin_calibration(session) -> torch.Tensor:
     prompts = [p for _ in scenes for p in CALIBRATION_PROMPTS]
     logger.info("calibrating head visual sensitivity on %d built-in prompts", len(prompts))
     mass = calibrate(session, images, prompts)
-    _CACHE[session.model] = mass
+    _CACHE.setdefault(session.model, {})[active] = mass
     return mass.clone()

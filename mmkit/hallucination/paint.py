@@ -24,17 +24,16 @@ multiplicative factor on the unnormalised attention (the official z + alpha |z| 
 magnitude and sign), and `rows="text"` edits every text row after the image (prompt and generated tokens) where
 `rows="last"` edits only the current token, as the official code does with its KV cache.
 
-The layers run the `mmkit` attention backend with an override: on CUDA (the kernel dispatcher's Triton pick)
-`mmkit.kernels.scaled_attention`, FlexAttention with the per-head bias as a score_mod; elsewhere SDPA with the
-additive per-head bias (exact softmax of the modified scores; query rows processed in chunks so one chunk's bias is
-materialised at a time, rows before the first edited one go through plain SDPA). alpha = beta = 1 is a no-op:
+The edited layers' attention is replaced through the attention probe by the kernel op
+`mmkit.kernels.scaled_attention` with the per-head bias (on CUDA FlexAttention with the bias as a score_mod;
+elsewhere SDPA with the additive bias, query rows in chunks; both tested against the explicit reference). alpha = beta = 1 is a no-op:
 nothing is installed and the logits are bit-identical to the baseline. Sensitivities: `sensitivity=<file>` loads a
 safetensors file written by `head_sensitivity.save`; empty runs the built-in calibration (8 reference-world scenes
 x 4 prompts).
 
-Supported: LLaVA-1.5 layout (`LlavaForConditionalGeneration`, one vision feature layer). Not combinable with
-methods that change the token sequence (LLM-side or vision-side token dropping): the chosen tokens are located by
-position in the prompt.
+Supported: LLaVA-1.5 layout (`LlavaForConditionalGeneration`, one vision feature layer). Combines with token
+pruning: local and summary tokens are chosen on the prompt and the probe finds them (or their absence) in every
+layer's sequence, so a dropped token is simply not boosted; rows are the text rows each layer still holds.
 """
 
 from __future__ import annotations
@@ -47,12 +46,10 @@ from typing import Literal
 import torch
 
 from mmkit.hallucination.common import check_float
+from mmkit.kernels import scaled_attention
 from mmkit.registry import register_method
 
 logger = logging.getLogger(__name__)
-
-# Largest bias chunk (elements) materialised per SDPA call: bounds prefill memory for long image prompts.
-_CHUNK_ELEMENTS = 1 << 25
 
 
 @dataclass
@@ -158,8 +155,7 @@ def image_positions_to_sequence(image_mask: torch.Tensor, per_image: torch.Tenso
     total = int(image_mask.sum())
     if total != n_images * tokens:
         raise RuntimeError(
-            f"paint: the prompt holds {total} image tokens but the vision tower encoded {n_images} images of {tokens}; "
-            f"paint cannot be combined with methods that drop or merge visual tokens"
+            f"paint: the prompt holds {total} image tokens but the vision tower encoded {n_images} images of {tokens}"
         )
     flat = image_mask.reshape(-1)
     rank = flat.long().cumsum(0) - 1
@@ -168,64 +164,10 @@ def image_positions_to_sequence(image_mask: torch.Tensor, per_image: torch.Tenso
     return (per_image.to(image_mask.device)[image_id, within] & flat).view_as(image_mask)
 
 
-# -- attention ------------------------------------------------------------------------------------------------------
-def full_bool_mask(attention_mask: torch.Tensor | None, batch: int, q_len: int, k_len: int,
-                   device: torch.device) -> torch.Tensor:
-    """The 4-D mask SDPA would apply, as (B, 1, Lq, Lk) bool or float; None becomes the causal mask with the
-    queries at the end of the keys (so every row slice keeps its own causal window)."""
-    if attention_mask is not None:
-        return attention_mask
-    rows = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
-    return (torch.arange(k_len, device=device)[None, :] <= rows).expand(batch, 1, q_len, k_len)
-
-
-def biased_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
-                key_bias: torch.Tensor, row_mask: torch.Tensor | None, first_row: int = 0, **kwargs) -> torch.Tensor:
-    """SDPA with `key_bias` (B, H, Lk) added to the pre-softmax scores of the rows in `row_mask` (B, Lq) (all rows
-    if None). Rows before `first_row` carry no bias and run plain SDPA. Returns (B, Lq, H, D).
-
-    Where the kernel dispatcher picks Triton (CUDA), the biased rows run `mmkit.kernels.scaled_attention`
-    (FlexAttention with the bias as a score_mod: no score matrix stored); elsewhere SDPA with the bias as an
-    additive mask, a chunk of rows at a time."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from mmkit.kernels.dispatch import choose_backend
-
-    batch, heads, q_len, _ = query.shape
-    k_len = key.shape[2]
-    mask = full_bool_mask(attention_mask, batch, q_len, k_len, query.device)
-    if query.is_cuda and choose_backend(query, "scaled_attention") == "triton":
-        from mmkit.kernels import scaled_attention
-
-        rows = row_mask if row_mask is not None else torch.ones(batch, q_len, dtype=torch.bool, device=query.device)
-        rows = rows.clone()
-        rows[:, :first_row] = False
-        scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-        out = scaled_attention(query, key, value, scaling=scaling, attn_mask=mask, row_mask=rows,
-                               key_bias=key_bias.float())
-        return out.transpose(1, 2).contiguous()
-    key_bias = key_bias.to(query.dtype)
-    outputs = []
-    if first_row > 0:
-        outputs.append(sdpa_attention_forward(module, query[:, :, :first_row], key, value,
-                                              mask[:, :, :first_row], **kwargs)[0])
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * k_len))
-    for start in range(first_row, q_len, chunk):
-        stop = min(q_len, start + chunk)
-        bias = key_bias[:, :, None, :].expand(batch, heads, stop - start, k_len)
-        if row_mask is not None:
-            bias = bias * row_mask[:, None, start:stop, None].to(bias.dtype)
-        outputs.append(sdpa_attention_forward(module, query[:, :, start:stop], key, value, mask[:, :, start:stop],
-                                              position_bias=bias, **kwargs)[0])
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-
-
 @dataclass
 class _PrefillState:
     local: torch.Tensor          # (B, n) bool: local image tokens in prompt coordinates
     summary: torch.Tensor        # (B, n) bool
-    rows: torch.Tensor           # (B, n) bool: prompt rows whose attention is edited
-    first_row: int               # no edited row before this position in any row of the batch
 
 
 class PAINTHandle:
@@ -270,13 +212,8 @@ class PAINTHandle:
             self._n_feat += 1
             self._offset = 0
         self._captures = [VisionLayerCapture(adapter, config.local_layer), VisionLayerCapture(adapter, summary_layer)]
-        session.text_attention.acquire()
-        self._acquired = True
-        from mmkit.patching.attention import override_attention
-
         try:
-            for layer in self.layers:
-                self._handles.append(override_attention(adapter.decoder_layers[layer].self_attn, self._attend))
+            self._handles.append(session.probe.override(self.layers, self._attend))
         except Exception:
             self.remove()
             raise
@@ -322,55 +259,38 @@ class PAINTHandle:
         self._state = None
 
     def _prefill_state(self) -> _PrefillState | None:
-        image_mask = self._ctx.image_mask
-        if image_mask is None or not any(self._ctx.image_counts):
+        image_mask = self._ctx.prompt_image_mask
+        if image_mask is None or not bool(image_mask.any()):
             return None
         local, summary = select_tokens(self._captures[0], self._captures[1], self.config, self._n_feat, self._offset)
+        # Chosen on the prompt; the probe maps them onto whatever sequence each layer sees.
         image_mask = image_mask.to(self._log_alpha.device)
-        local = image_positions_to_sequence(image_mask, local)
-        summary = image_positions_to_sequence(image_mask, summary)
-        n = image_mask.shape[1]
-        if self.config.rows == "text":
-            rows = ~image_mask & (image_mask.long().cumsum(1) > 0)
-        else:
-            rows = torch.zeros_like(image_mask)
-            rows[:, -1] = True
-        # One host read per prefill: rows before this run plain SDPA in every layer.
-        has = rows.any(1)
-        first = torch.where(has, rows.long().argmax(1), torch.full_like(has, n, dtype=torch.long))
-        return _PrefillState(local, summary, rows, int(first.min()))
+        return _PrefillState(image_positions_to_sequence(image_mask, local),
+                             image_positions_to_sequence(image_mask, summary))
 
-    def _attend(self, module, query, key, value, attention_mask, **kwargs):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    def _attend(self, view, value, **kwargs):
         ctx = self._ctx
+        query, key = view.query, view.key
         if ctx.prefill and self._state is None:
-            self._state = self._prefill_state() or _PrefillState(*(None,) * 3, first_row=-1)
+            self._state = self._prefill_state() or _PrefillState(None, None)
         state = self._state
         if state is None or state.local is None:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        n = state.local.shape[1]
-        q_len, k_len = query.shape[2], key.shape[2]
-        if ctx.prefill and q_len != n:
-            raise RuntimeError(f"paint: the prefill reached layer {module.layer_idx} with {q_len} of its {n} tokens; "
-                               f"paint cannot be combined with methods that drop tokens inside the LLM")
-        if k_len < n:
-            raise RuntimeError(f"paint: layer {module.layer_idx} sees {k_len} keys, fewer than the {n}-token prompt")
-        layer = module.layer_idx
-        local, summary = state.local, state.summary
-        if k_len > n:  # decoded tokens (or empty static-cache slots) are never boosted
-            pad = local.new_zeros(local.shape[0], k_len - n)
-            local, summary = torch.cat([local, pad], 1), torch.cat([summary, pad], 1)
+            return view.attend(query, key, value, view.attention_mask, **kwargs)
+        layer = view.layer
+        local, summary = view.from_prompt(state.local), view.from_prompt(state.summary)  # (B, Lk), False elsewhere
         key_bias = (local[:, None, :] * self._log_alpha[layer][None, :, None]
                     + summary[:, None, :] * self._log_beta[layer][None, :, None])          # (B, H, Lk) float32
-        if ctx.prefill:
-            if state.first_row >= q_len:
-                return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-            out = biased_sdpa(module, query, key, value, attention_mask, key_bias, state.rows,
-                              first_row=state.first_row, **kwargs)
+        if view.prefill:
+            if self.config.rows == "text":
+                rows = view.text_rows
+            else:
+                rows = torch.zeros_like(view.text_rows)
+                rows[:, -1] = True
         else:
-            out = biased_sdpa(module, query, key, value, attention_mask, key_bias, None, **kwargs)
-        return out, None
+            rows = None  # every generated token is a text row after the image
+        out = scaled_attention(query, key, value, scaling=view.scaling, attn_mask=view.attention_mask,
+                               row_mask=rows, key_bias=key_bias)
+        return out.transpose(1, 2).contiguous(), None
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -380,9 +300,6 @@ class PAINTHandle:
             capture.remove()
         self._captures = []
         self._ctx.drop_callback(id(self))
-        if getattr(self, "_acquired", False):
-            self._session.text_attention.release()
-            self._acquired = False
         self._state = None
 
 
@@ -395,5 +312,5 @@ register_method(
     "paint", PAINTConfig, apply_paint, kind="hallucination",
     description="Boost attention to local and summary image tokens chosen from CLIP attention, scaled per head by "
                 "visual sensitivity (arXiv 2501.12206).",
-    slots=("attention_scores",),
+    slots=("attention_scores",), needs_calibration=True,
 )

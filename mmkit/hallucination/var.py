@@ -18,9 +18,10 @@ dimensions when the model has them; when it has none, tau decides that no token 
 row alone). Decoded tokens are tested on the dimensions found for their prompt.
 
 Rows edited: `rows="text"` every text row after the image (prompt and generated tokens), `rows="last"` only the
-current token. The edit is post-softmax, so the edited layers run the `mmkit` attention backend with an override
-that computes those rows' probabilities exactly (float32, chunks of query rows, one chunk's probabilities in
-memory at a time); rows before the first edited one run plain SDPA. p = 1 is a no-op: nothing is installed and
+current token. The edit is post-softmax, so the edited layers' attention is replaced through the attention probe by the kernel
+op `mmkit.kernels.redistributed_attention` (exact float32 probabilities, chunks of query rows, one chunk's
+probabilities in memory at a time; rows before the first edited one run plain SDPA). Image tokens, sinks and
+rows are those of the sequence each layer sees, so VAR composes with token pruning before or inside the LLM. p = 1 is a no-op: nothing is installed and
 the logits are bit-identical to the baseline.
 """
 
@@ -32,13 +33,13 @@ from typing import Literal
 
 import torch
 
+from mmkit.patching.probe import prefill_slots
 from mmkit.hallucination.common import check_float
+from mmkit.kernels import redistributed_attention
+from mmkit.kernels.sink_redistribution.ref import redistribute  # noqa: F401  (VAR's edit, public here too)
 from mmkit.registry import register_method
 
 logger = logging.getLogger(__name__)
-
-# Largest probability chunk (elements) held per layer call: bounds prefill memory on long prompts.
-_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -101,28 +102,6 @@ def sink_flags(normed: torch.Tensor, dims: torch.Tensor, tau: float) -> torch.Te
     return picked.amax(-1) > tau
 
 
-def redistribute(probs: torch.Tensor, image: torch.Tensor, sink: torch.Tensor, row_mask: torch.Tensor | None,
-                 p: float, rho: float, min_visual: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAR on attention probabilities (B, H, R, Lk) float32; image/sink (B, Lk) bool; row_mask (B, R) or None.
-
-    Returns the edited probabilities and the bool (B, H, R) of image-centric (edited) head rows.
-    """
-    img = image[:, None, None, :].to(probs.dtype)
-    snk = sink[:, None, None, :].to(probs.dtype)
-    visual = (probs * img).sum(-1)
-    visual_sink = (probs * img * snk).sum(-1)
-    centric = (visual >= min_visual) & (visual_sink <= rho * visual)
-    if row_mask is not None:
-        centric &= row_mask[:, None, :]
-    free_visual = img * (1.0 - snk)
-    sink_mass = (probs * snk).sum(-1, keepdim=True)
-    free_mass = (probs * free_visual).sum(-1, keepdim=True)
-    # rho < 1 and visual >= min_visual > 0 make free_mass > 0 in every centric row.
-    gain = (1.0 - p) * sink_mass / free_mass.clamp(min=torch.finfo(probs.dtype).tiny)
-    edited = probs * (1.0 - (1.0 - p) * snk) + probs * free_visual * gain
-    return torch.where(centric[..., None], edited, probs), centric
-
-
 @dataclass
 class _LayerSinks:
     dims: torch.Tensor           # (B, k) massive dims of each row
@@ -131,8 +110,6 @@ class _LayerSinks:
 
 class VARHandle:
     def __init__(self, session, config: VARConfig, force_override: bool = False):
-        from mmkit.patching.attention import override_attention
-
         self.config = config
         adapter = session.adapter
         num_layers = adapter.num_layers
@@ -147,24 +124,19 @@ class VARHandle:
         self._ctx = session.context
         self._handles: list = []
         self._sinks: dict[int, _LayerSinks] = {}
-        self._rows: torch.Tensor | None = None
-        self._first_row = 0
         # Image-centric (row, head) pairs edited since the last prefill, per layer (for inspection and tests).
         self.edited: dict[int, torch.Tensor] = {}
         # Sink tokens found per edited layer at the last prefill, summed over the batch (for inspection).
         self.sink_tokens: dict[int, int] = {}
         self._warned_no_sinks = False
-        self._acquired = False
         if config.p == 1.0 and not force_override:
             logger.info("var with p = 1 is a no-op; the model is left unchanged")
             return
-        session.text_attention.acquire()
-        self._acquired = True
         try:
             for layer in self.layers:
                 block = adapter.decoder_layers[layer]
                 self._handles.append(block.input_layernorm.register_forward_hook(self._norm_hook(layer)))
-                self._handles.append(override_attention(block.self_attn, self._attend))
+            self._handles.append(session.probe.override(self.layers, self._attend))
         except Exception:
             self.remove()
             raise
@@ -174,26 +146,14 @@ class VARHandle:
         self._sinks = {}
         self.edited = {}
         self.sink_tokens = {}
-        image = ctx.image_mask
-        self._rows = None
-        if image is None:
-            return
-        if self.config.rows == "text":
-            rows = ~image & (image.long().cumsum(1) > 0)
-        else:
-            rows = torch.zeros_like(image)
-            rows[:, -1] = True
-        has = rows.any(1)
-        n = image.shape[1]
-        first = torch.where(has, rows.long().argmax(1), torch.full_like(has, n, dtype=torch.long))
-        self._rows = rows
-        self._first_row = int(first.min())  # one host read per prefill
 
     def _norm_hook(self, layer: int):
         def hook(module, args, output):
             ctx = self._ctx
             if ctx.prefill:
-                valid = None if ctx.attention_mask is None else ctx.attention_mask.to(output.device).bool()
+                # The real tokens of the sequence this layer sees (after any reduction or drop).
+                valid = prefill_slots(ctx, layer, output.device)[1]
+                valid = valid if valid.shape == output.shape[:2] else None
                 if self.config.dims:
                     dims = torch.tensor(self.config.dims, device=output.device).expand(output.shape[0], -1)
                 else:
@@ -223,85 +183,40 @@ class VARHandle:
                        "its outlier magnitude, or pass its massive dims with dims=...)", self.config.tau, dims,
                        self.layers)
 
-    def _attend(self, module, query, key, value, attention_mask, **kwargs):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        ctx = self._ctx
-        layer = module.layer_idx
+    def _attend(self, view, value, **kwargs):
+        layer = view.layer
         state = self._sinks.get(layer)
-        image = ctx.image_mask
-        if state is None or image is None or not any(ctx.image_counts):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        n = image.shape[1]
-        q_len, k_len = query.shape[2], key.shape[2]
-        if ctx.prefill and q_len != n:
-            raise RuntimeError(f"var: the prefill reached layer {layer} with {q_len} of its {n} tokens; var cannot "
-                               f"be combined with methods that drop tokens inside the LLM")
+        query, key = view.query, view.key
+        if state is None or not bool(view.image_keys.any()):
+            return view.attend(query, key, value, view.attention_mask, **kwargs)
+        k_len = key.shape[2]
         sink = torch.cat(state.flags, dim=1)
-        if sink.shape[1] > k_len or k_len < n:
+        if sink.shape[1] > k_len:
             raise RuntimeError(f"var: layer {layer} sees {k_len} keys but tracked {sink.shape[1]} tokens")
-        device = query.device
-        image_keys = torch.zeros(image.shape[0], k_len, dtype=torch.bool, device=device)
-        image_keys[:, :n] = image.to(device)
-        sink_keys = torch.zeros_like(image_keys)
-        sink_keys[:, : sink.shape[1]] = sink
-        if ctx.prefill:
-            first = self._first_row
-            if first >= q_len:
-                return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-            rows = self._rows.to(device)
+        sink_keys = torch.zeros_like(view.image_keys)
+        sink_keys[:, : sink.shape[1]] = sink.to(sink_keys.device)
+        if view.prefill:
+            if self.config.rows == "text":
+                rows = view.text_rows
+            else:
+                rows = torch.zeros_like(view.text_rows)
+                rows[:, -1] = True
         else:
-            first, rows = 0, None
-        parts = []
-        if first > 0:
-            parts.append(sdpa_attention_forward(module, query[:, :, :first], key, value,
-                                                _rows_of(attention_mask, q_len, k_len, 0, first, device), **kwargs)[0])
-        edited = None
-        batch, heads = query.shape[:2]
-        groups = heads // key.shape[1]
-        k_f = key.float().repeat_interleave(groups, dim=1) if groups > 1 else key.float()
-        v_f = value.float().repeat_interleave(groups, dim=1) if groups > 1 else value.float()
-        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * k_len))
-        for start in range(first, q_len, chunk):
-            stop = min(q_len, start + chunk)
-            scores = torch.matmul(query[:, :, start:stop].float(), k_f.transpose(-1, -2)) * scaling
-            allowed = _rows_of(attention_mask, q_len, k_len, start, stop, device, bool_only=True)
-            if allowed is not None:
-                scores = scores.masked_fill(~allowed, float("-inf"))
-            probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
-            row_mask = None if rows is None else rows[:, start:stop]
-            probs, centric = redistribute(probs, image_keys, sink_keys, row_mask, self.config.p, self.config.rho,
-                                          self.config.min_visual)
-            count = centric.sum()
-            edited = count if edited is None else edited + count
-            parts.append(torch.matmul(probs, v_f).transpose(1, 2).to(query.dtype))
+            rows = None  # every generated token is a text row after the image
+        out, edited = redistributed_attention(query, key, value, scaling=view.scaling,
+                                              attn_mask=view.attention_mask, image_keys=view.image_keys,
+                                              sink_keys=sink_keys & view.real_keys, row_mask=rows,
+                                              p=self.config.p, rho=self.config.rho,
+                                              min_visual=self.config.min_visual)
         self.edited[layer] = self.edited.get(layer, 0) + edited
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return out.contiguous(), None
+        return out.transpose(1, 2).contiguous(), None
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self._ctx.drop_callback(id(self))
-        if self._acquired:
-            self._session.text_attention.release()
-            self._acquired = False
         self._sinks = {}
-
-
-def _rows_of(attention_mask, q_len: int, k_len: int, start: int, stop: int, device: torch.device,
-             bool_only: bool = False):
-    """Rows [start, stop) of the layer's 4-D mask; None (causal) becomes an explicit causal slice with the queries
-    at the end of the keys. bool_only: a float mask becomes bool (allowed = above the dtype's minimum / 2)."""
-    if attention_mask is None:
-        rows = torch.arange(start, stop, device=device)[:, None] + (k_len - q_len)
-        return (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
-    part = attention_mask[:, :, start:stop]
-    if bool_only and part.dtype != torch.bool:
-        part = part > torch.finfo(part.dtype).min / 2
-    return part
 
 
 def apply_var(session, config: VARConfig) -> VARHandle:

@@ -32,6 +32,18 @@ class ForwardContext:
     tokens_per_layer: list[torch.Tensor] = field(default_factory=list)
     # Per decoder layer: visual tokens each row read through a cross-attention block (VISOR); 0 elsewhere.
     cross_per_layer: list[torch.Tensor] = field(default_factory=list)
+    # Where every token the decoder sees came from (kept for the decoding steps that follow the prefill; read
+    # through `mmkit.patching.probe`). The prompt's own masks, never swapped:
+    prompt_image_mask: torch.Tensor | None = None       # (B, n)
+    prompt_attention_mask: torch.Tensor | None = None   # (B, n) or None
+    # The sequence entering the first decoder layer: prompt positions of its m slots (None = the prompt itself,
+    # set by a pre-LLM reduction), its image mask and its 2-D padding/slot mask (None = every slot real).
+    llm_positions: torch.Tensor | None = None            # (B, m) long
+    llm_image_mask: torch.Tensor | None = None           # (B, m) bool
+    llm_attention_mask: torch.Tensor | None = None       # (B, m) or None
+    # Per decoder layer: (index (B, m_l) into the first layer's slots, slot validity (B, m_l) or None) of the tokens
+    # that layer saw in the prefill; None where the layer saw every slot (set by a token dropper).
+    layer_maps: list = field(default_factory=list)
     _on_prefill: dict[int, Callable[["ForwardContext"], None]] = field(default_factory=dict)
     _t0: float = 0.0
 
@@ -46,14 +58,20 @@ class ForwardContext:
     def drop_callback(self, key: int) -> None:
         self._on_prefill.pop(key, None)
 
-    def replace_prefill(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
+    def replace_prefill(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None,
+                        positions: torch.Tensor | None = None) -> dict:
         """Describe a shortened prefill (a method reduced the sequence before the LLM) and re-run the per-prefill
-        callbacks on it, so LLM-side methods see the sequence they will actually get. Returns what
-        `restore_prefill` needs to describe the prompt again."""
+        callbacks on it, so LLM-side methods see the sequence they will actually get. `positions` (B, m): the
+        prompt position each slot of the shortened sequence holds. Returns what `restore_prefill` needs to
+        describe the prompt again (the slot map stays for the decoding steps)."""
         saved = {name: getattr(self, name) for name in _PREFILL_FIELDS}
         self.image_mask = image_mask
         self.attention_mask = attention_mask
         self.image_counts = image_mask.sum(1).tolist()
+        self.llm_positions = positions
+        self.llm_image_mask = image_mask
+        self.llm_attention_mask = attention_mask
+        self.layer_maps = [None] * self.num_layers
         for callback in list(self._on_prefill.values()):
             callback(self)
         return saved
@@ -66,6 +84,10 @@ class ForwardContext:
         self.visual_per_layer[layer_idx] = visual
         self.tokens_per_layer[layer_idx] = tokens
 
+    def record_layer_map(self, layer_idx: int, index: torch.Tensor | None, valid: torch.Tensor | None) -> None:
+        """The first-layer slots (and their validity) `layer_idx` saw in this prefill (a token dropper's map)."""
+        self.layer_maps[layer_idx] = None if index is None else (index, valid)
+
     def record_cross(self, layer_idx: int, visual: torch.Tensor) -> None:
         self.cross_per_layer[layer_idx] = visual
 
@@ -76,6 +98,12 @@ class ForwardContext:
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             attention_mask = None
         self.attention_mask = attention_mask
+        self.prompt_image_mask = self.image_mask
+        self.prompt_attention_mask = attention_mask
+        self.llm_positions = None
+        self.llm_image_mask = self.image_mask
+        self.llm_attention_mask = attention_mask
+        self.layer_maps = [None] * self.num_layers
         batch, n = input_ids.shape
         real = attention_mask.sum(1) if attention_mask is not None else torch.full((batch,), n, device=input_ids.device)
         visual = self.image_mask.sum(1)

@@ -298,7 +298,7 @@ class PreLLMReducer:
         reduced_image = image_mask.gather(1, keep) & new_mask
         visual = reduced_image.sum(1)
         # LLM-side methods reset per-prefill state from the sequence they will see.
-        self._saved = ctx.replace_prefill(reduced_image, new_mask.long() if has_mask else None)
+        self._saved = ctx.replace_prefill(reduced_image, new_mask.long() if has_mask else None, positions=keep)
         tokens = new_mask.sum(1)
         for layer in range(self.num_layers):
             ctx.record_layer(layer, visual, tokens)

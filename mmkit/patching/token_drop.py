@@ -135,6 +135,7 @@ class TokenDropper:
                 kwargs = self._slice_prefill_kwargs(kwargs, layer_idx)
                 self._record(layer_idx)
                 self._per_layer[layer_idx] = (self.index, self.valid)
+                self.ctx.record_layer_map(layer_idx, self.index, self.valid)
             else:
                 self.index, self.valid = self.index_at(layer_idx)
                 if self.index is not None:

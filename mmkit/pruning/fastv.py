@@ -2,8 +2,9 @@
 query attended to most at layer K-1 (mean over heads); all later layers, and the KV cache they fill, see only
 the kept tokens. Positions keep their original values.
 
-The layer K-1 attention row is computed exactly from that layer's q and k (full softmax over all keys) while the
-layer itself runs SDPA: no `output_attentions`, no N x N matrix.
+The layer K-1 attention row is computed exactly from that layer's q and k (full softmax over all keys, through
+the attention probe) while the layer itself runs its own attention: no `output_attentions`, no N x N matrix. The
+probe reads the keys in the sequence layer K-1 actually sees, so FastV also runs after a pre-LLM reduction.
 """
 
 from __future__ import annotations
@@ -32,17 +33,6 @@ class FastVConfig:
         self.keep = float(self.keep)
 
 
-def last_query_mass(query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float) -> torch.Tensor:
-    """Attention mass (B, Lk) that the last query row gives each key, averaged over heads (exact softmax)."""
-    from mmkit.kernels import subset_attention_mass
-
-    key_mask = None
-    if attention_mask is not None:
-        row = attention_mask[:, :, -1:, :]  # (B, 1, 1, Lk)
-        key_mask = row[:, 0] if row.dtype == torch.bool else row[:, 0] > torch.finfo(row.dtype).min / 2
-    return subset_attention_mass(query[:, :, -1:, :], key, scaling=scaling, key_mask=key_mask, reduce="mean")
-
-
 class FastVHandle:
     def __init__(self, session, config: FastVConfig):
         self.config = config
@@ -52,19 +42,14 @@ class FastVHandle:
                 f"fastv layer={config.layer} is past the last decoder layer; this model has {adapter.num_layers}"
             )
         self.scores: torch.Tensor | None = None
-        self._attention = session.text_attention
-        self._attention.acquire()
-        from mmkit.patching.attention import observe_attention
-
-        scoring_layer = adapter.decoder_layers[config.layer - 1].self_attn
-        self._observer = observe_attention(scoring_layer, self._observe)
+        self._observer = session.probe.observe([config.layer - 1], self._observe)
         self._ctx = session.context
         self._dropper = TokenDropper(session.context, adapter.decoder_layers, {config.layer: self._select})
 
-    def _observe(self, module, query, key, attention_mask, scaling):
-        if self._ctx.prefill:
+    def _observe(self, view) -> None:
+        if view.prefill:
             # Keys beyond the current sequence are empty slots of a static cache.
-            self.scores = last_query_mass(query, key, attention_mask, scaling)[:, : query.shape[2]]
+            self.scores = view.mass()[:, : view.query.shape[2]]
 
     def _select(self, layer_idx, hidden, image_mask, valid):
         if self.scores is None:
@@ -81,7 +66,6 @@ class FastVHandle:
     def remove(self) -> None:
         self._dropper.remove()
         self._observer.remove()
-        self._attention.release()
 
 
 def apply_fastv(session, config: FastVConfig) -> FastVHandle:

@@ -7,7 +7,7 @@ text after its image).
 
 Staged sparsification. At each scoring layer l (default 2, 6, 15 of 32), every visual token is scored by the
 attention the raters give it in layer l (mean over heads and raters; only the rater rows are computed, exactly,
-from that layer's own q/k while the layer runs SDPA). From layer l + 1 on only the top visual tokens stay: after
+from that layer's own q/k while the layer runs its own attention). From layer l + 1 on only the top visual tokens stay: after
 stage s a row keeps round(keep[s] * N) of its N original image tokens (the paper's 300/200/110-of-576 schedule,
 i.e. its "192 tokens" average budget, is the default; its "128" and "64" settings are 303/110/36 and 66/30/17).
 
@@ -165,8 +165,6 @@ def density_peak_clusters(x: torch.Tensor, n_clusters: int) -> tuple[torch.Tenso
 
 class SparseVLMHandle:
     def __init__(self, session, config: SparseVLMConfig):
-        from mmkit.patching.attention import observe_attention
-
         self.config = config
         adapter = session.adapter
         self.layers = config.scoring_layers(adapter.num_layers)
@@ -174,11 +172,9 @@ class SparseVLMHandle:
         self._raters: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, R) original positions, (B, R) ok
         self._scores: dict[int, torch.Tensor] = {}
         self._carriers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._attention = session.text_attention
-        self._attention.acquire()
         layers = adapter.decoder_layers
         self._handles = [layers[0].register_forward_pre_hook(self._find_raters, with_kwargs=True)]
-        self._observers = [observe_attention(layers[l].self_attn, self._make_observer(l)) for l in self.layers]
+        self._observers = [session.probe.observe(self.layers, self._observe)]
         schedule = {l + 1: self._make_selector(stage, l) for stage, l in enumerate(self.layers)}
         self.dropper = TokenDropper(session.context, layers, schedule)
         # Registered after the dropper's hooks, so they receive the already gathered hidden states.
@@ -203,46 +199,28 @@ class SparseVLMHandle:
         idx, ok = _pack(raters)
         # Padded rater slots repeat the row's last rater; the observer masks them to contribute nothing.
         last = idx.gather(1, (ok.sum(1, keepdim=True) - 1).clamp(min=0))
-        self._raters = (torch.where(ok, idx, last), ok)
+        idx = torch.where(ok, idx, last)
+        if self._ctx.llm_positions is not None:  # a pre-LLM reduction shortened the sequence: prompt positions
+            idx = self._ctx.llm_positions.to(idx.device).gather(1, idx)
+        self._raters = (idx, ok)
         return None
 
-    def _make_observer(self, layer_idx: int):
-        def observe(module, query, key, attention_mask, scaling):
-            if self._ctx.prefill:
-                self._scores[layer_idx] = self._rater_attention(query, key, attention_mask, scaling)
+    def _observe(self, view) -> None:
+        if view.prefill:
+            self._scores[view.layer] = self._rater_attention(view)
 
-        return observe
-
-    def _rater_attention(self, query, key, attention_mask, scaling) -> torch.Tensor:
+    def _rater_attention(self, view) -> torch.Tensor:
         """Mean attention (B, n_cur) the raters give each current token (exact softmax over allowed keys)."""
-        from mmkit.kernels import subset_attention_mass
-
         if self._raters is None:
             raise RuntimeError("sparsevlm: text raters were not computed for this prefill")
-        batch, heads, n_cur, head_dim = query.shape
-        n_keys = key.shape[2]
-        idx, ok = (t.to(query.device) for t in self._raters)
-        index = self.dropper.index
-        if index is not None:  # raters are text tokens, never dropped: map original -> current positions
-            inverse = torch.zeros(batch, self._ctx.prefill_len, dtype=torch.long, device=query.device)
-            inverse.scatter_(1, index, torch.arange(n_cur, device=query.device).expand(batch, n_cur))
-            idx = inverse.gather(1, idx)
-        rows = query.gather(2, idx[:, None, :, None].expand(batch, heads, idx.shape[1], head_dim))
-        keys = torch.arange(n_keys, device=query.device)
-        if attention_mask is None:
-            key_mask = keys[None, None, :] <= idx[:, :, None]
-        else:
-            mask = attention_mask[:, 0]
-            if mask.dtype != torch.bool:
-                mask = mask > torch.finfo(mask.dtype).min / 2
-            mask = mask.expand(batch, *mask.shape[1:])
-            key_mask = mask.gather(1, idx[:, :, None].expand(batch, idx.shape[1], n_keys))
-        # A padded rater row may only see itself, a text token: it then adds nothing to any visual token.
-        own = keys[None, None, :] == idx[:, :, None]
-        key_mask = torch.where(ok[:, :, None], key_mask, own)
-        mass = subset_attention_mass(rows, key, scaling=scaling, key_mask=key_mask, reduce="sum")
+        positions, ok = (t.to(view.query.device) for t in self._raters)
+        # Raters are text tokens, which no method drops: find the rows that hold them in this layer's sequence.
+        rows, found = view.rows_of_positions(positions)
+        ok = ok & found
+        # A padded rater row adds nothing to any visual token.
+        mass = view.mass(rows, row_valid=ok, reduce="sum")
         # Keys past the current sequence are empty slots of a static cache.
-        return mass[:, :n_cur] / ok.sum(1, keepdim=True)
+        return mass[:, : view.query.shape[2]] / ok.sum(1, keepdim=True).clamp(min=1)
 
     # -- selection and recycling ---------------------------------------------------------------------------
     def _make_selector(self, stage: int, scoring_layer: int):
@@ -325,7 +303,6 @@ class SparseVLMHandle:
         self._handles, self._observers = [], []
         self._ctx.drop_callback(id(self))
         self._reset(self._ctx)
-        self._attention.release()
 
 
 def apply_sparsevlm(session, config: SparseVLMConfig) -> SparseVLMHandle:

@@ -54,3 +54,35 @@ def test_register_rejects_bad_names_and_kinds():
         register_method("Bad-Name", Cfg, lambda s, c: None, kind="pruning")
     with pytest.raises(ValueError):
         register_method("okname", Cfg, lambda s, c: None, kind="magic")
+
+
+def test_capabilities_follow_from_slots_and_the_contract_is_checked_at_apply(session):
+    from dataclasses import dataclass
+
+    from mmkit.registry import _REGISTRY, get_method, register_method
+
+    assert get_method("fastv").capabilities.drops_tokens
+    assert get_method("visionzip").capabilities.acts_before_llm
+    assert get_method("paint").capabilities.edits_attention and get_method("paint").capabilities.needs_calibration
+    assert get_method("vcd").capabilities.branches_logits and not get_method("vcd").capabilities.drops_tokens
+
+    @dataclass
+    class BrokenConfig:
+        """A method that promises branches it does not implement."""
+
+    class Impl:
+        removed = False
+
+        def remove(self):
+            Impl.removed = True
+
+    register_method("broken_branches", BrokenConfig, lambda s, c: Impl(), kind="hallucination",
+                    slots=("logit_branches",))
+    try:
+        with pytest.raises(TypeError, match="declares branches_logits"):
+            session.apply(BrokenConfig())
+        assert Impl.removed and not session.methods
+    finally:
+        _REGISTRY.pop("broken_branches")
+    with pytest.raises(ValueError, match="unknown slots"):
+        register_method("bad_slot", BrokenConfig, lambda s, c: Impl(), kind="pruning", slots=("no_such",))

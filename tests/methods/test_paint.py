@@ -9,7 +9,6 @@ from mmkit.hallucination import head_sensitivity
 from mmkit.hallucination.paint import (
     PAINTConfig,
     PAINTHandle,
-    biased_sdpa,
     image_positions_to_sequence,
     iqr_outliers,
     top_fraction,
@@ -93,13 +92,13 @@ def test_decoding_steps_are_boosted(session, images, prompts, monkeypatch):
     import mmkit.hallucination.paint as paint
 
     calls = []
-    real = paint.biased_sdpa
+    real = paint.scaled_attention
 
-    def spy(module, query, key, value, attention_mask, key_bias, row_mask, first_row=0, **kwargs):
+    def spy(query, key, value, *, key_bias, row_mask, **kwargs):
         calls.append((query.shape[2], key.shape[2], float(key_bias.abs().max()), row_mask is None))
-        return real(module, query, key, value, attention_mask, key_bias, row_mask, first_row, **kwargs)
+        return real(query, key, value, key_bias=key_bias, row_mask=row_mask, **kwargs)
 
-    monkeypatch.setattr(paint, "biased_sdpa", spy)
+    monkeypatch.setattr(paint, "scaled_attention", spy)
     session.apply(ON)
     session.generate(images, prompts, max_new_tokens=3)
     decode = [c for c in calls if c[0] == 1]
@@ -155,12 +154,9 @@ def test_calibrate_save_load_roundtrip(session, images, prompts, tmp_path):
 def test_score_bias_equals_scaling_unnormalised_attention():
     """Adding log(a) to chosen keys' scores == multiplying their exp-scores by a, then renormalising."""
     torch.manual_seed(0)
+    from mmkit.kernels import scaled_attention
+
     b, h, hkv, n, d = 2, 4, 2, 7, 8
-
-    class Attn(torch.nn.Module):
-        num_key_value_groups = h // hkv
-        is_causal = True
-
     q, k, v = torch.randn(b, h, n, d), torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d)
     chosen = torch.zeros(b, n, dtype=torch.bool)
     chosen[:, 1:4] = True
@@ -168,7 +164,7 @@ def test_score_bias_equals_scaling_unnormalised_attention():
     key_bias = chosen[:, None, :] * factor.log()[None, :, None]
     rows = torch.zeros(b, n, dtype=torch.bool)
     rows[:, 4:] = True
-    out = biased_sdpa(Attn(), q, k, v, None, key_bias, rows, first_row=2, scaling=d ** -0.5)
+    out = scaled_attention(q, k, v, scaling=d ** -0.5, row_mask=rows, key_bias=key_bias).transpose(1, 2)
     kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     weights = torch.exp(q @ kr.transpose(-1, -2) * d ** -0.5)
     weights = weights * torch.ones(n, n).tril()
@@ -187,7 +183,7 @@ def test_token_selection_helpers():
     per_image = torch.tensor([[True, False], [False, True]])
     assert image_positions_to_sequence(image_mask, per_image).tolist() == [[False, True, False, False],
                                                                           [False, True, False, False]]
-    with pytest.raises(RuntimeError, match="drop or merge visual tokens"):
+    with pytest.raises(RuntimeError, match="the vision tower encoded 3 images"):
         image_positions_to_sequence(image_mask, torch.ones(3, 2, dtype=torch.bool))
 
 

@@ -1,11 +1,12 @@
-"""Public `scaled_attention`: FlexAttention (fused Triton kernel) on CUDA, the explicit torch reference elsewhere."""
+"""Public `scaled_attention`: FlexAttention (fused Triton kernel) on CUDA, chunked SDPA with an additive bias
+elsewhere; `ref.scaled_attention_ref` is the explicit reference both are tested against."""
 
 from __future__ import annotations
 
 import torch
 
 from mmkit.kernels.dispatch import choose_backend
-from mmkit.kernels.score_mod.ref import check_and_prepare, check_key_bias, scaled_attention_ref
+from mmkit.kernels.score_mod.ref import check_and_prepare, check_key_bias
 
 OP_NAME = "scaled_attention"
 
@@ -51,5 +52,11 @@ def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scali
         return scaled_attention_flex(q, k, v, scaling=scaling, allowed=allowed, boost=boost, log_scale=log_scale,
                                      key_bias=None if bias is None else (rows, bias))
     # CPU (also under TRITON_INTERPRET=1: compiling FlexAttention for CPU takes minutes) and the torch override.
-    return scaled_attention_ref(q, k, v, scaling=scaling, attn_mask=attn_mask, row_mask=row_mask,
-                                key_mask=key_mask, head_scale=head_scale, key_bias=key_bias)
+    from mmkit.kernels.score_mod.sdpa_impl import scaled_attention_sdpa
+
+    if bias is None and log_scale is not None:
+        batch, k_len = q.shape[0], k.shape[2]
+        keys = key_mask if key_mask is not None else torch.ones(batch, k_len, dtype=torch.bool, device=q.device)
+        # alpha = 0 gives log 0 = -inf on boosted pairs only (0 * -inf would be NaN elsewhere).
+        bias = torch.where(keys[:, None, :], log_scale.to(q.device)[None, :, None], 0.0)
+    return scaled_attention_sdpa(q, k, v, scaling=scaling, allowed=allowed, row_mask=row_mask, bias=bias)

@@ -1,0 +1,1 @@
+"""Attention with sink mass moved to image tokens in image-centric heads (VAR-style redistribution)."""
