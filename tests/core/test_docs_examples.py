@@ -24,6 +24,7 @@ DOC_FILES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "doc
 # (file, index of the Python block in that file) -> how the test treats it. A new block must be added here.
 PYTHON_BLOCKS = {
     ("README.md", 0): "run",
+    ("README.md", 1): "run",                 # composition: a fragment after the example above (mmkit imported)
     ("docs/dyvte.md", 0): "run",
     ("docs/grounding.md", 0): "run",
     ("docs/grounding.md", 1): "imports",     # the 50-scene grounding bench behind the numbers on that page
@@ -33,9 +34,7 @@ PYTHON_BLOCKS = {
     ("docs/visor.md", 1): "imports",         # the 1 350-question VISOR benchmark
 }
 # Blocks known to fail today, with the reason; strict, so each is noticed once it passes.
-XFAIL = {
-    ("README.md", 0): "after a vflowopt session, ground raises 'attention rows were not captured at every layer'",
-}
+XFAIL: dict[tuple[str, int], str] = {}
 # Command lines that also run for real (cheap on the reference or tiny models).
 RUN_COMMANDS = {"methods", "info", "generate", "export"}
 
@@ -95,9 +94,10 @@ def example_dir(tmp_path, monkeypatch):
 
 def _namespace():
     """Names the fragments use without defining: a batch of reference-world images and questions."""
+    import mmkit
     from mmkit.world.scenes import generate_scene
 
-    return {"images": [generate_scene(1, i).image for i in range(2)],
+    return {"mmkit": mmkit, "images": [generate_scene(1, i).image for i in range(2)],
             "prompts": ["Is there a cup in the image? Answer yes or no.", "Describe the image in detail."]}
 
 
