@@ -20,6 +20,7 @@ COMMANDS = {
     "report": "mmkit.cli.report:report",
     "info": "mmkit.cli.info:info",
     "methods": "mmkit.cli.methods:methods",
+    "world": "mmkit.cli.world:world",
 }
 OPTIONAL_COMMANDS = {
     "train-reference": "mmkit.cli.train_reference:train_reference",

@@ -14,3 +14,15 @@ method_option = click.option(
 )
 device_option = click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available).")
 dtype_option = click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: the checkpoint's).")
+
+
+def calibration_data_options(fn):
+    """--data / --images / --coco of `mmkit eval`, for commands that calibrate or train on samples."""
+    fn = click.option("--coco", default=None,
+                      help="Draw samples from a COCO directory (descriptions and existence questions from its "
+                           "annotations) instead of the reference world.")(fn)
+    fn = click.option("--images", default=None, help="Image directory of --data.")(fn)
+    fn = click.option("--data", default=None,
+                      help="Draw samples from a POPE question file / lmms-eval POPE parquet or VQA JSON lines "
+                           "instead of the reference world.")(fn)
+    return fn

@@ -4,7 +4,7 @@ import json
 
 import click
 
-from mmkit.cli.options import device_option, model_option
+from mmkit.cli.options import calibration_data_options, device_option, model_option
 
 DEFAULT_OUT = "runs/dyvte-gates"
 
@@ -12,7 +12,7 @@ DEFAULT_OUT = "runs/dyvte-gates"
 @click.command("train-gates")
 @model_option
 @click.option("--samples", default=512, show_default=True, type=click.IntRange(8),
-              help="Training questions to label (reference world, world seed 0, no captions).")
+              help="Training questions to label (reference world, world seed 0, no captions; or from --data/--coco).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Question sample, split and gate init.")
 @click.option("--out", "out_dir", default=DEFAULT_OUT, show_default=True, type=click.Path(file_okay=False),
               help="Directory for gates.safetensors and gates.json (files replaced atomically).")
@@ -22,13 +22,16 @@ DEFAULT_OUT = "runs/dyvte-gates"
 @click.option("--width", default=128, show_default=True, type=click.IntRange(1), help="Hidden width of each gate.")
 @click.option("--features", "features_cache", default=None, type=click.Path(dir_okay=False),
               help="Cache file for the labelled gate inputs: reused when its settings match, written otherwise.")
+@calibration_data_options
 @device_option
-def train_gates(model, samples, seed, out_dir, min_layer, batch_size, steps, width, features_cache, device):
+def train_gates(model, samples, seed, out_dir, min_layer, batch_size, steps, width, features_cache, data, images, coco,
+                device):
     """Label where each training sample may drop its visual tokens, then fit one small exit gate per layer.
 
     Use the result with `--method dyvte:gates=OUT`. Deterministic for a seed on CPU.
     """
     from mmkit.errors import MmkitError
+    from mmkit.evals.calibration_data import describe_source, user_samples
     from mmkit.pruning.dyvte_train import GateTrainConfig
     from mmkit.pruning.dyvte_train import train_gates as run
 
@@ -37,7 +40,10 @@ def train_gates(model, samples, seed, out_dir, min_layer, batch_size, steps, wid
                               width=width)
     except ValueError as err:
         raise MmkitError(str(err)) from None
-    _, report = run(model, cfg, out_dir=out_dir, device=device, features_cache=features_cache)
+    # Captions are long answers; the gates are trained on short-answer questions, as on the world.
+    items = user_samples(data, images, coco, n=samples, seed=seed, kinds_excluded=("caption",))
+    _, report = run(model, cfg, out_dir=out_dir, device=device, features_cache=features_cache, data=items,
+                    data_source=describe_source(data, images, coco))
     val = report["metrics"].get("val", report["metrics"]["train"])
     click.echo(f"saved {out_dir}/gates.safetensors (layers {report['layers']}, labelling "
                f"{report['seconds']['labelling']} s)")

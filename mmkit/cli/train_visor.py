@@ -4,7 +4,7 @@ import json
 
 import click
 
-from mmkit.cli.options import device_option, model_option
+from mmkit.cli.options import calibration_data_options, device_option, model_option
 
 DEFAULT_OUT = "runs/visor-weights"
 
@@ -23,13 +23,15 @@ DEFAULT_OUT = "runs/visor-weights"
 @click.option("--tiny", is_flag=True, help="Seconds-scale settings for tests and smoke runs (overrides the above).")
 @click.option("--out", "out_dir", default=DEFAULT_OUT, show_default=True, type=click.Path(file_okay=False),
               help="Directory for visor.safetensors and visor.json (files replaced atomically).")
+@calibration_data_options
 @device_option
-def train_visor(model, steps, batch_size, policy_samples, seed, init, tiny, out_dir, device):
+def train_visor(model, steps, batch_size, policy_samples, seed, init, tiny, out_dir, data, images, coco, device):
     """Train one set of cross-attention blocks over all budgets, then the per-sample budget policy.
 
     Use the result with `--method visor:weights=OUT` (budget=K or budget=policy). Deterministic for a seed on CPU.
     """
     from mmkit.errors import MmkitError
+    from mmkit.evals.calibration_data import describe_source, user_samples
     from mmkit.pruning.visor_train import TINY, VisorTrainConfig
     from mmkit.pruning.visor_train import train_visor as run
 
@@ -40,7 +42,10 @@ def train_visor(model, steps, batch_size, policy_samples, seed, init, tiny, out_
         cfg = VisorTrainConfig(**settings)
     except ValueError as err:
         raise MmkitError(str(err)) from None
-    _, report = run(model, cfg, out_dir=out_dir, device=device, init=init)
+    # Short-answer questions only (no captions), as on the world; the files are checked before the model loads.
+    items = user_samples(data, images, coco, seed=seed, kinds_excluded=("caption",))
+    _, report = run(model, cfg, out_dir=out_dir, device=device, init=init, data=items,
+                    data_source=describe_source(data, images, coco))
     seconds = report["seconds"]
     click.echo(f"saved {out_dir}/visor.safetensors (blocks {seconds['blocks']} s, policy labels "
                f"{seconds['policy_labels']} s)")

@@ -95,7 +95,8 @@ def report_table(runs: list[dict[str, Any]]) -> str:
 
     Columns: run label, bench/split, n, seed, the bench's main metrics (per-kind accuracies for VQA), visual
     tokens in and kept (mean over decoder layers), prefill TFLOPs and ms per sample, and their ratios to the
-    block's baseline run (the first run without methods; "-" when there is none).
+    block's baseline run (the first run without methods; "-" when there is none). Runs of file benches add one
+    row per POPE category and per file (when several were read) with their metrics.
     """
     if not runs:
         raise MmkitError("no runs to report")
@@ -104,10 +105,13 @@ def report_table(runs: list[dict[str, Any]]) -> str:
         cols = list(METRIC_COLUMNS[bench])
         if bench == "vqa":
             cols += sorted({k for r in group for k in r["metrics"] if k.startswith("accuracy/")})
+        if bench == "pope" and any("files" in r for r in group):
+            cols.append("unparsed")  # file benches: the number of answers that began with neither yes nor no
         heads = [c.replace("accuracy/", "acc/") for c in cols]
         widths = [max(7, len(h)) for h in heads]
         base = next((r for r in group if not r["methods"]), None)
-        name_w = max(len("run"), *(len(label(r)) for r in group))
+        name_w = max(len("run"), *(len(label(r)) for r in group),
+                     *(len(kind) + 2 for r in group for kind, _ in _breakdowns(r)))
         where_w = max(len("bench/split"), len(f"{bench}/{split}"))
         lines.append(f"== {model or '?'}  {bench}/{split}  ({decoding or '?'} decoding) ==")
         lines.append(
@@ -121,7 +125,7 @@ def report_table(runs: list[dict[str, Any]]) -> str:
             flop_ratio = _ratio(eff["tflops_prefill"], base["efficiency"]["tflops_prefill"]) if base else NAN
             time_ratio = _ratio(eff["prefill_ms"], base["efficiency"]["prefill_ms"]) if base else NAN
             answer_ratio = _ratio(eff.get("answer_ms"), base["efficiency"].get("answer_ms")) if base else NAN
-            metrics = " ".join(_fmt(_num(r["metrics"].get(c)), ".3f", w) for c, w in zip(cols, widths))
+            metrics = _metric_cells(r["metrics"], cols, widths, files="files" in r)
             seed = r.get("seed", "-")
             lines.append(
                 f"{label(r):<{name_w}}  {bench + '/' + split:<{where_w}} {r['n']:>5} {seed!s:>4} {metrics} "
@@ -130,12 +134,30 @@ def report_table(runs: list[dict[str, Any]]) -> str:
                 f"{_fmt(_num(eff['prefill_ms']), '.2f', 10)} {_fmt(time_ratio, '.2f', 8)} "
                 f"{_fmt(_num(eff.get('answer_ms')), '.2f', 9)} {_fmt(answer_ratio, '.2f', 7)}"
             )
+            for kind, breakdown in _breakdowns(r):
+                cells = _metric_cells(breakdown, cols, widths, files=True)
+                lines.append(f"{'  ' + kind:<{name_w}}  {'':<{where_w}} {breakdown.get('n', '-')!s:>5} {'':>4} {cells}")
         lines.append("")
     lines.append("kept = visual tokens per decoder layer (mean over layers and samples); TFLOPs = decoder prefill "
                  "FLOPs per sample from the tokens each layer kept; prefill_ms = prefill time per sample; "
                  "answer_ms = whole generate call (all branches, prefill and decoding) per sample; "
                  "x = ratio to the block's baseline run")
     return "\n".join(lines)
+
+
+def _metric_cells(metrics: dict[str, Any], cols: list[str], widths: list[int], files: bool) -> str:
+    # A file bench's `unparsed` is a count of answers; every other metric is a ratio.
+    return " ".join(_fmt(_num(metrics.get(c)), ".0f" if files and c == "unparsed" else ".3f", w)
+                    for c, w in zip(cols, widths))
+
+
+def _breakdowns(run: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Sub-rows of a file bench run: per POPE category, and per file when the run read several."""
+    metrics = run["metrics"]
+    rows = [(f"category={k}", v) for k, v in metrics.get("by_category", {}).items()]
+    if len(metrics.get("by_file", {})) > 1:
+        rows += [(f"file={k}", v) for k, v in metrics["by_file"].items()]
+    return rows
 
 
 def plot_pareto(runs: list[dict[str, Any]], out_png: str | os.PathLike) -> None:

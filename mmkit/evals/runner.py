@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mmkit.errors import MmkitError
-from mmkit.evals.benches import bench_spec, select_questions
+from mmkit.evals.benches import BENCHES, bench_spec, select_questions
 
 logger = logging.getLogger(__name__)
 
@@ -125,19 +125,42 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
              limit: int | None = None, batch_size: int = 8, decoding: str = "greedy", seed: int = 0,
              world_seed: int = 1, out: str | os.PathLike | None = None, max_new_tokens: int | None = None,
              device=None, dtype=None, session=None, progress: bool = True, sam: str | None = None,
-             ground_mode: str = "describe") -> dict[str, Any]:
+             ground_mode: str = "describe", data: str | os.PathLike | None = None,
+             images: str | os.PathLike | None = None, coco: str | os.PathLike | None = None,
+             prompt: str | None = None, prompt_suffix: str | None = None) -> dict[str, Any]:
     """Evaluate and return the results dict (also written to `out/results.json` when `out` is given).
 
     `world_seed` defaults to 1: the reference model was trained on world seed 0, so evaluation is held out.
     The ground bench runs VL-SAM (`ground_mode` describe or query) with `sam` (a SAM checkpoint directory or hub
     id; None = the shipped small SAM), `batch_size` scenes per pipeline call.
+
+    File benches: `data` (POPE question file / lmms-eval POPE parquet file or directory, or VQA JSON lines) with
+    `images`, or `coco` (a COCO directory, CHAIR on `limit` images sampled with `seed`, default 500) replace the
+    generated bench; `split` then selects a POPE category or VQA type, `prompt` overrides the CHAIR prompt and
+    `prompt_suffix` the instruction appended to file questions (see `mmkit.evals.filebench`).
     """
     import torch
 
     from mmkit.atomic import atomic_write_json
     from mmkit.evals.io import ResumableJsonl
 
-    spec, split = bench_spec(bench, split)
+    file_bench = None
+    if data is not None or coco is not None or images is not None:
+        from mmkit.evals.filebench import MAX_NEW_TOKENS, load_file_bench
+
+        if images is not None and data is None:
+            raise MmkitError("--images goes with --data (the images of the question file)")
+        # Read and check every file before anything is loaded or written.
+        file_bench = load_file_bench(bench, data=data, images=images, coco=coco, split=split, limit=limit,
+                                     seed=seed, prompt=prompt, prompt_suffix=prompt_suffix)
+        spec, split = BENCHES[bench], file_bench.split
+        limit = len(file_bench.questions)
+        max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[bench]
+        world_seed = None
+    elif prompt is not None or prompt_suffix is not None:
+        raise MmkitError("--prompt and --prompt-suffix apply to file benches (--data / --coco)")
+    else:
+        spec, split = bench_spec(bench, split)
     if bench == "ground":
         from mmkit.grounding.bench import MODES
 
@@ -164,7 +187,11 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
     ground = {"mode": ground_mode, "sam": sam or "shipped"} if bench == "ground" else None
     settings = _settings(session.source or model, bench, split, method_specs, limit, decoding, seed, world_seed,
                          max_new_tokens, ground)
-    questions = select_questions(bench, split, world_seed, limit)
+    if file_bench is not None:
+        settings["files"] = file_bench.settings
+        questions = file_bench.questions
+    else:
+        questions = select_questions(bench, split, world_seed, limit)
     sam_backend = None
     if bench == "ground":
         from mmkit.grounding.bench import check_ground_args, ground_scene_records, scene_chunks
@@ -212,6 +239,9 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
         if bench == "ground":
             new_records = [r for r in ground_scene_records(session, sam_backend, chunk, world_seed, mode=ground_mode)
                            if r["qid"] not in done]
+        elif file_bench is not None:
+            new_records = _file_answer_records(session, file_bench, chunk, chunk_idx, done, max_new_tokens,
+                                               decoding, seed)
         else:
             new_records = _answer_records(session, bench, chunk, chunk_idx, done, world_seed, max_new_tokens,
                                           decoding, seed)
@@ -230,7 +260,12 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
         records = _merged_records(out, questions)
     adapter = session.adapter
     bytes_per_el = torch.finfo(session.dtype).bits // 8
-    metrics = aggregate(bench, records)
+    if file_bench is not None:
+        from mmkit.evals.filebench import aggregate_files
+
+        metrics = aggregate_files(bench, records)
+    else:
+        metrics = aggregate(bench, records)
     result = {
         "version": RESULT_VERSION,
         **{k: settings[k] for k in ("model", "bench", "split", "methods", "decoding", "seed", "world_seed")},
@@ -245,9 +280,26 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
     }
     if ground is not None:
         result["ground"] = ground
+    if file_bench is not None:
+        result["files"] = file_bench.settings
     if out is not None:
         atomic_write_json(out / "results.json", result)
     return result
+
+
+def _generate_chunk(session, images: list, chunk: list, chunk_idx: int, max_new_tokens: int, decoding: str,
+                    seed: int) -> list[tuple[Any, dict[str, Any]]]:
+    """Answer the chunk in one batch: per question, the generation result and its efficiency fields."""
+    started = time.perf_counter()
+    results = session.generate(images, [q.prompt for q in chunk], max_new_tokens=max_new_tokens,
+                               do_sample=decoding == "sample", seed=seed * 1_000_003 + chunk_idx)
+    generate_ms = (time.perf_counter() - started) * 1000.0
+    return [(res, {
+        "visual_tokens": res.stats.visual_tokens, "visual_tokens_kept": res.stats.visual_tokens_kept,
+        "tokens_per_layer": res.stats.tokens_per_layer, "new_tokens": res.stats.new_tokens,
+        "visual_tokens_cross": res.stats.visual_tokens_cross,
+        "prefill_ms_batch": res.stats.prefill_ms, "generate_ms_batch": generate_ms, "batch_size": len(chunk),
+    }) for res in results]
 
 
 def _answer_records(session, bench: str, chunk: list, chunk_idx: int, done: set[str], world_seed: int,
@@ -256,20 +308,24 @@ def _answer_records(session, bench: str, chunk: list, chunk_idx: int, done: set[
     from mmkit.world.scenes import generate_scene
 
     scenes = [generate_scene(world_seed, q.scene_index) for q in chunk]
-    started = time.perf_counter()
-    results = session.generate(
-        [s.image for s in scenes], [q.prompt for q in chunk], max_new_tokens=max_new_tokens,
-        do_sample=decoding == "sample", seed=seed * 1_000_003 + chunk_idx,
-    )
-    generate_ms = (time.perf_counter() - started) * 1000.0
+    answers = _generate_chunk(session, [s.image for s in scenes], chunk, chunk_idx, max_new_tokens, decoding, seed)
     return [{
         "qid": q.qid, "scene_index": q.scene_index, "kind": q.kind, "split": q.split, "prompt": q.prompt,
-        "answer": q.answer, "text": res.text, **_score(bench, q, res.text, scene),
-        "visual_tokens": res.stats.visual_tokens, "visual_tokens_kept": res.stats.visual_tokens_kept,
-        "tokens_per_layer": res.stats.tokens_per_layer, "new_tokens": res.stats.new_tokens,
-        "visual_tokens_cross": res.stats.visual_tokens_cross,
-        "prefill_ms_batch": res.stats.prefill_ms, "generate_ms_batch": generate_ms, "batch_size": len(chunk),
-    } for q, scene, res in zip(chunk, scenes, results) if q.qid not in done]
+        "answer": q.answer, "text": res.text, **_score(bench, q, res.text, scene), **cost,
+    } for q, scene, (res, cost) in zip(chunk, scenes, answers) if q.qid not in done]
+
+
+def _file_answer_records(session, file_bench, chunk: list, chunk_idx: int, done: set[str], max_new_tokens: int,
+                         decoding: str, seed: int) -> list[dict[str, Any]]:
+    """`_answer_records` for a file bench: images from the files, scores from `mmkit.evals.filebench`."""
+    from mmkit.evals.filebench import score
+
+    images = [file_bench.loader.load(q.image) for q in chunk]
+    answers = _generate_chunk(session, images, chunk, chunk_idx, max_new_tokens, decoding, seed)
+    return [{
+        "qid": q.qid, "question_id": q.question_id, "file": q.file, "image": q.image_name, "kind": q.kind,
+        "prompt": q.prompt, "answer": q.answer, "text": res.text, **score(file_bench, q, res.text), **cost,
+    } for q, (res, cost) in zip(chunk, answers) if q.qid not in done]
 
 
 class _Group:

@@ -206,12 +206,13 @@ def label_batch(session, scenes_questions: list, layers: tuple[int, ...], cfg: G
     }
 
 
-def collect(session, cfg: GateTrainConfig, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Label `cfg.samples` training questions; returns features (N, G, 2d), labels (N, G), NLLs and layers."""
+def collect(session, cfg: GateTrainConfig, progress: bool = True, data: list | None = None) -> dict[str, torch.Tensor]:
+    """Label `cfg.samples` training questions (or the samples in `data`, items with `.image` and `.prompt`, e.g.
+    from `mmkit.evals.calibration_data`); returns features (N, G, 2d), labels (N, G), NLLs and layers."""
     from tqdm import tqdm
 
     layers = candidate_layers(session.adapter.num_layers, cfg.min_layer)
-    pairs = training_questions(cfg)
+    pairs = training_questions(cfg) if data is None else [(item, item) for item in data]
     parts: list[dict] = []
     bar = tqdm(total=len(pairs), desc="labelling exits", unit="q", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
@@ -311,9 +312,11 @@ def _metrics(logits: torch.Tensor, y: torch.Tensor, layers: tuple[int, ...], num
 # End to end
 
 
-def _cache_key(model: str, cfg: GateTrainConfig) -> str:
+def _cache_key(model: str, cfg: GateTrainConfig, data_source: dict | None = None) -> str:
     keys = ("samples", "seed", "world_seed", "kinds", "min_layer", "max_new_tokens", "loss_margin")
-    return repr((model, tuple(getattr(cfg, k) for k in keys)))
+    key = (model, tuple(getattr(cfg, k) for k in keys))
+    # Labels from users' files are keyed by those files too; a world run keeps its earlier key.
+    return repr(key if data_source is None else key + (tuple(sorted(data_source.items())),))
 
 
 def _load_cache(path: Path, key: str) -> dict[str, torch.Tensor] | None:
@@ -330,8 +333,12 @@ def _load_cache(path: Path, key: str) -> dict[str, torch.Tensor] | None:
 
 def train_gates(model: str = "reference", cfg: GateTrainConfig | None = None, out_dir: str | os.PathLike | None = None,
                 device=None, features_cache: str | os.PathLike | None = None, session=None,
-                progress: bool = True) -> tuple[ExitGates, dict[str, Any]]:
+                progress: bool = True, data: list | None = None,
+                data_source: dict | None = None) -> tuple[ExitGates, dict[str, Any]]:
     """Label exits, fit the gates and (with `out_dir`) write `gates.safetensors` and `gates.json` there.
+
+    `data`: samples to label instead of the reference world's training questions (see `collect`), described by
+    `data_source` (input paths) in the report and the feature-cache key.
 
     Returns the gates and the report (settings, label statistics, train and held-out metrics, timings).
     """
@@ -341,12 +348,13 @@ def train_gates(model: str = "reference", cfg: GateTrainConfig | None = None, ou
         import mmkit
 
         session = mmkit.load(model, device=device)
-    key = _cache_key(session.source or model, cfg)
+    key = _cache_key(session.source or model, cfg, data_source)
     t0 = time.perf_counter()
+    samples = data
     data = _load_cache(Path(features_cache), key) if features_cache else None
     cached = data is not None
     if data is None:
-        data = collect(session, cfg, progress=progress)
+        data = collect(session, cfg, progress=progress, data=samples)
         if features_cache:
             atomic_save_safetensors(data, Path(features_cache), metadata={"key": key})
     t_collect = time.perf_counter() - t0
@@ -360,6 +368,7 @@ def train_gates(model: str = "reference", cfg: GateTrainConfig | None = None, ou
         "num_layers": adapter.num_layers,
         "layers": list(gates.layers),
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "data": data_source or "reference world",
         "label_rule": f"greedy answer unchanged and answer NLL < {1 + cfg.loss_margin:g} x full",
         "full_nll_mean": float(data["full_nll"].mean()),
         "exit_nll_mean": {str(l): float(data["exit_nll"][:, g].mean()) for g, l in enumerate(gates.layers)},

@@ -104,6 +104,19 @@ def questions(cfg: VisorTrainConfig, n: int, scene_start: int, seed: int) -> lis
     return pool[:n]
 
 
+def user_pairs(items: list, cfg: VisorTrainConfig) -> tuple[list, list]:
+    """(block pairs, policy pairs) from users' samples (items with `.image`, `.prompt`, `.answer`, `.kind`), as the
+    world's questions are split: disjoint samples for the policy (up to `cfg.policy_samples`, at most half) and
+    the rest, repeated as needed, for the `cfg.steps * cfg.batch_size` block-training questions."""
+    from mmkit.evals.calibration_data import cycled
+
+    if len(items) < 4:
+        raise MmkitError(f"VISOR training needs at least 4 samples, got {len(items)}")
+    n_policy = min(cfg.policy_samples, len(items) // 2)
+    pairs = [(item, item) for item in items]
+    return cycled(pairs[n_policy:], cfg.steps * cfg.batch_size), pairs[:n_policy]
+
+
 def _answer_ids(tokenizer, answers: list[str]) -> list[list[int]]:
     return [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in answers]
 
@@ -122,13 +135,15 @@ def _answer_logits(logits: torch.Tensor, answers: list[list[int]]) -> tuple[torc
 # Stage 1: the universal network
 
 
-def train_blocks(session, weights: VISORWeights, cfg: VisorTrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Fit the cross-attention blocks over budgets sampled per step; returns loss curves."""
+def train_blocks(session, weights: VISORWeights, cfg: VisorTrainConfig, progress: bool = True,
+                 data: list | None = None) -> dict[str, Any]:
+    """Fit the cross-attention blocks over budgets sampled per step; returns loss curves. `data`: (image, question)
+    pairs to train on instead of the world's (see `user_pairs`)."""
     from tqdm import tqdm
 
     tokenizer = session.processor.tokenizer
     num_layers = session.adapter.num_layers
-    pairs = questions(cfg, cfg.steps * cfg.batch_size, 0, cfg.seed)
+    pairs = questions(cfg, cfg.steps * cfg.batch_size, 0, cfg.seed) if data is None else data
     rng = random.Random(f"{cfg.seed}-budgets")
     handle = VISORHandle(session, VISORConfig(budget=num_layers), weights=weights)
     gates = [b.gate for b in weights.blocks.values()]
@@ -179,15 +194,17 @@ def train_blocks(session, weights: VISORWeights, cfg: VisorTrainConfig, progress
 
 
 @torch.no_grad()
-def label_policy(session, weights: VISORWeights, cfg: VisorTrainConfig, progress: bool = True) -> dict:
-    """Policy inputs (N, 2d), sufficiency labels (N, L-1) and the kinds of `cfg.policy_samples` questions."""
+def label_policy(session, weights: VISORWeights, cfg: VisorTrainConfig, progress: bool = True,
+                 data: list | None = None) -> dict:
+    """Policy inputs (N, 2d), sufficiency labels (N, L-1) and the kinds of `cfg.policy_samples` questions (or of the
+    pairs in `data`)."""
     from tqdm import tqdm
 
     ctx = session.context
     tokenizer = session.processor.tokenizer
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     num_layers = session.adapter.num_layers
-    pairs = questions(cfg, cfg.policy_samples, POLICY_SCENE_OFFSET, cfg.seed + 1)
+    pairs = questions(cfg, cfg.policy_samples, POLICY_SCENE_OFFSET, cfg.seed + 1) if data is None else data
     handle = VISORHandle(session, VISORConfig(budget=num_layers), weights=weights)
     feats: list[torch.Tensor] = []
 
@@ -283,8 +300,12 @@ def _policy_metrics(policy, x: torch.Tensor, y: torch.Tensor, threshold: float =
 
 def train_visor(model: str = "reference", cfg: VisorTrainConfig | None = None, out_dir: str | os.PathLike | None = None,
                 device=None, session=None, progress: bool = True,
-                init: str | os.PathLike | None = None) -> tuple[VISORWeights, dict[str, Any]]:
+                init: str | os.PathLike | None = None, data: list | None = None,
+                data_source: dict | None = None) -> tuple[VISORWeights, dict[str, Any]]:
     """Train the blocks and the policy; with `out_dir`, write `visor.safetensors` and `visor.json` there.
+
+    `data`: users' samples to train on instead of the reference world (split by `user_pairs`), described by
+    `data_source` in the report.
 
     `init`: VISOR weights to start from (their blocks, a fresh policy); with `cfg.steps == 0` the blocks are kept as
     they are and only the policy is labelled and fit.
@@ -315,13 +336,14 @@ def train_visor(model: str = "reference", cfg: VisorTrainConfig | None = None, o
             weights.blocks.requires_grad_(True)
         if session.dtype != torch.float32:
             raise MmkitError("train VISOR in float32 (load the model without --dtype)")
+        block_pairs, policy_pairs = (None, None) if data is None else user_pairs(data, cfg)
         t0 = time.perf_counter()
-        blocks = train_blocks(session, weights, cfg, progress) if cfg.steps else \
+        blocks = train_blocks(session, weights, cfg, progress, data=block_pairs) if cfg.steps else \
             {"log": [], "gates": {l: torch.tanh(b.gate.detach()).item() for l, b in weights.blocks.items()}}
         t1 = time.perf_counter()
-        data = label_policy(session, weights, cfg, progress)
+        labels = label_policy(session, weights, cfg, progress, data=policy_pairs)
         t2 = time.perf_counter()
-        metrics = fit_policy(weights, data, cfg)
+        metrics = fit_policy(weights, labels, cfg)
         t3 = time.perf_counter()
     finally:
         for p, g in zip(session.model.parameters(), grads):
@@ -337,6 +359,7 @@ def train_visor(model: str = "reference", cfg: VisorTrainConfig | None = None, o
         "num_layers": weights.num_layers,
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "init": None if init is None else str(init),
+        "data": data_source or "reference world",
         "blocks": {
             "gates_tanh": blocks["gates"],
             "final_ce_by_budget": {str(k): _mean([r["ce"] for r in tail if r["budget"] == k])

@@ -13,7 +13,7 @@ from mmkit.cli import COMMANDS, OPTIONAL_COMMANDS, main
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "benchmarks").glob("*.md"))]
-SUBCOMMANDS = {"tune": ["vflowopt"]}
+SUBCOMMANDS = {"tune": ["vflowopt", "paint-heads"], "world": ["export"]}
 
 
 def run(*args):
@@ -112,6 +112,11 @@ BAD_INPUTS = [
     (["ground", "--model", "tiny-random", "--image", "{image}", "--out", "{dir}/g", "--query", " "], "--query is empty"),
     (["tune", "vflowopt", "--model", "tiny-random", "--budget", "1.5", "--out", "{dir}/t.json", "--samples", "2",
       "--trials", "1"], "budget"),
+    (["tune", "paint-heads", "--model", "tiny-random", "--data", "{dir}/no-such.json", "--out", "{dir}/t.json"],
+     "does not exist"),
+    (["world", "export", "--out", "{file}"], "is a file"),
+    (["world", "export", "--out", "{dir}/x", "--images", "0"], "--images must be >= 1"),
+    (["eval", "--model", "tiny-random", "--bench", "pope", "--data", "{file}"], "a-file.txt:1: malformed JSON"),
     (["train-reference", "--steps", "1,2", "--out", "{dir}/r"], "steps"),
     (["train-gates", "--samples", "2"], "'--samples'"),
     (["train-visor", "--batch-size", "0"], "'--batch-size'"),

@@ -100,3 +100,57 @@ def test_loglikelihood_batched_matches_single_and_answer_logprobs(images, prompt
     expected = session.answer_logprobs(images[:1], prompts[:1], ["y", "n"]).logprobs[0][0]
     assert lp == pytest.approx(expected, abs=1e-4)
     model.session.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_LMMS, reason="lmms_eval is not installed; run scripts/install_lmms.sh")
+def test_lmms_eval_stock_pope_task_on_a_local_parquet(tmp_path):
+    """`--model mmkit` on lmms-eval's own POPE task (its stock pope.yaml and utils module), pointed at a local parquet
+    in the lmms-eval POPE schema instead of the hub: the answers and lmms-eval's own metrics equal those of
+    `mmkit eval --bench pope --data` on the same parquet."""
+    import lmms_eval
+
+    from mmkit.evals.runner import run_eval
+    from mmkit.world.coco_export import export_world
+
+    stock = Path(lmms_eval.__file__).parent / "tasks" / "pope" / "pope.yaml"
+    world = tmp_path / "world"
+    export_world(world, world_seed=1, n_images=2, parquet=True)
+    parquet = next((world / "pope" / "parquet").glob("*.parquet"))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "pope_local.yaml").write_text(
+        f"include: {stock}\ntask: mmkit_stock_pope_local\ndataset_path: parquet\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {parquet}\n"
+        # The world's questions already end in "Answer yes or no.", the instruction the reference model knows.
+        "lmms_eval_specific_kwargs:\n  default:\n    pre_prompt: ''\n    post_prompt: ''\n")
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "mmkit", "--model_args", "pretrained=reference",
+           "--tasks", "mmkit_stock_pope_local", "--include_path", str(tasks), "--limit", "8", "--batch_size", "4",
+           "--output_path", str(tmp_path / "out"), "--log_samples"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_entry_point_env(tmp_path), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted((tmp_path / "out").rglob("*results*.json"))
+    assert files, proc.stderr[-3000:]
+    got = json.loads(files[-1].read_text())["results"]["mmkit_stock_pope_local"]
+
+    # Same questions and prompts, same length limit (the stock 128 tokens) and batches.
+    mine = run_eval(model="reference", bench="pope", data=parquet, limit=8, batch_size=4, max_new_tokens=128,
+                    prompt_suffix="", out=tmp_path / "mmkit", progress=False)
+    samples = [json.loads(line) for line in (tmp_path / "mmkit" / "samples.jsonl").read_text().splitlines()]
+    logged = sorted((tmp_path / "out").rglob("*mmkit_stock_pope_local*.jsonl"))
+    assert logged, "lmms-eval wrote no samples log"
+    theirs = [json.loads(line) for line in logged[-1].read_text().splitlines()]
+    preds = {int(s["pope_accuracy"]["question_id"]): s["pope_accuracy"]["prediction"] for s in theirs}
+    assert preds == {int(s["question_id"]): s["text"].lower().strip() for s in samples}
+    # lmms-eval's stock aggregation recomputed from mmkit's answers: an exact "yes"/"no" is required there.
+    pred = [s["text"].lower().strip() for s in samples]
+    gt = [s["answer"] for s in samples]
+    tp = sum(p == "yes" and g == "yes" for p, g in zip(pred, gt))
+    fp = sum(p == "yes" and g == "no" for p, g in zip(pred, gt))
+    fn = sum(p == "no" and g == "yes" for p, g in zip(pred, gt))
+    assert got["pope_accuracy,none"] == pytest.approx(sum(p == g for p, g in zip(pred, gt)) / len(gt))
+    assert got["pope_precision,none"] == pytest.approx(tp / (tp + fp) if tp + fp else 0)
+    assert got["pope_recall,none"] == pytest.approx(tp / (tp + fn) if tp + fn else 0)
+    # The model really answered (the reference model answers these yes/no questions mostly right).
+    assert mine["metrics"]["accuracy"] > 0.5 and mine["metrics"]["unparsed"] == 0
