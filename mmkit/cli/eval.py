@@ -6,8 +6,8 @@ from mmkit.cli.options import device_option, dtype_option, method_option, model_
 @click.command("eval")
 @model_option
 @click.option("--bench", type=click.Choice(["pope", "chair", "vqa", "ground"]), default="pope", show_default=True)
-@click.option("--split", default=None, help="pope: random|popular|adversarial; vqa: all|color|count|spatial. With "
-              "--data: the POPE category or VQA type to keep.")
+@click.option("--split", default=None, help="pope: random|popular|adversarial; vqa: all|color|count|spatial; "
+              "chair: detailed|short|all. With --data: the POPE category or VQA type to keep.")
 @method_option
 @click.option("--limit", type=int, default=None,
               help="Number of questions (bench default if omitted; with --data all; with --coco 500 images).")
@@ -17,7 +17,8 @@ from mmkit.cli.options import device_option, dtype_option, method_option, model_
               help="Sampling seed (with --coco also the seed of the image sample).")
 @click.option("--world-seed", type=int, default=1, show_default=True,
               help="World seed of the generated bench (the reference model was trained on seed 0).")
-@click.option("--max-new-tokens", type=int, default=None, help="Override the bench's answer length.")
+@click.option("--max-new-tokens", type=int, default=None,
+              help="Override the bench's answer length (world chair: detailed 128, short and all 64).")
 @click.option("--out", "out", default=None, help="Output directory (results.json, samples.jsonl); resumable.")
 @click.option("--sam", default=None, help="ground: SAM checkpoint directory or hub id (default: the shipped small SAM).")
 @click.option("--ground-mode", type=click.Choice(["describe", "query"]), default="describe", show_default=True,

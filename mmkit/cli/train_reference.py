@@ -1,11 +1,36 @@
-"""`mmkit train-reference`: train the reference model from scratch on the reference world."""
+"""`mmkit train-reference`: train the reference model on the reference world, from scratch or continuing from
+earlier weights (the shipped ones with `--init reference`), with resumable checkpoints."""
 
 import json
+from pathlib import Path
 
 import click
 
 # Not the shipped directory: retraining must not silently replace the embedded model; pass --out to do that.
 DEFAULT_OUT = "runs/reference-model"
+
+
+def default_checkpoint_dir(out_dir: str) -> str:
+    """Where checkpoints go unless --checkpoint-dir says otherwise: next to the output, never inside it (the
+    output directory is replaced when the run ends)."""
+    out = Path(out_dir)
+    return str(out.with_name(out.name + "-checkpoints"))
+
+
+def _init_source(value: str | None) -> str | None:
+    """--init: "reference" names the shipped weights; anything else must be an existing path."""
+    if value is None:
+        return None
+    from mmkit.errors import MmkitError
+
+    if value == "reference":
+        from mmkit.models.builtin import REFERENCE_DIR
+
+        value = str(REFERENCE_DIR)
+    if not Path(value).exists():
+        raise MmkitError(f"--init {value}: no such file or directory (give an HF model directory, a .safetensors "
+                         "snapshot, or 'reference' for the shipped weights)")
+    return value
 
 
 @click.command("train-reference")
@@ -20,22 +45,46 @@ DEFAULT_OUT = "runs/reference-model"
 @click.option("--batch", default=None, type=click.IntRange(1), help="Batch size of the align and instruct phases.")
 @click.option("--workers", default=None, type=click.IntRange(0), help="Data-generating worker processes.")
 @click.option("--eval-every", default=None, type=click.IntRange(0), help="Held-out evaluation every N steps (0: end).")
+@click.option("--eval-scenes", default=None, type=click.IntRange(0),
+              help="Held-out scenes per evaluation (POPE); 0 skips every evaluation, the final one included.")
+@click.option("--eval-captions", default=None, type=click.IntRange(0), help="Held-out captions per evaluation.")
+@click.option("--log-every", default=None, type=click.IntRange(1), help="Log losses every N steps.")
 @click.option("--max-minutes", default=None, type=click.FloatRange(min=0.1),
               help="Stop early (and save) once this much wall time is spent.")
 @click.option("--stop-at", default=None, type=click.IntRange(1), help="Stop after this step (schedule unchanged).")
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
 @click.option("--warmup", default=None, type=click.IntRange(0), help="Linear warm-up steps.")
-@click.option("--init", "init_from", default=None, type=click.Path(exists=True),
-              help="Continue from these weights (HF directory or snapshot .safetensors) instead of from scratch.")
+@click.option("--init", "init_from", default=None, metavar="DIR|FILE|reference",
+              help="Continue from these weights (HF directory, snapshot .safetensors, or 'reference' for the shipped "
+                   "model) instead of from scratch. Weights with fewer tokens get new embedding rows appended.")
 @click.option("--scene-offset", default=None, type=click.IntRange(0),
               help="Shift the training scenes (a continued run then sees new scenes).")
 @click.option("--snapshots", default=None, type=click.Path(file_okay=False),
               help="Also save the weights at every evaluation here (fp16 safetensors).")
-def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_every, max_minutes, stop_at, lr, warmup,
-                    init_from, scene_offset, snapshots):
-    """Train mmkit's reference LLaVA model from scratch and save it as an HF directory.
+@click.option("--captions", "caption_mix", type=click.Choice(["legacy", "detailed"]), default=None,
+              help="Caption mix: legacy (the shipped recipe, short captions for 'Describe the image in detail.') or "
+                   "detailed (detailed captions for that prompt, short ones for 'Describe the image briefly.'). "
+                   "[default: legacy]")
+@click.option("--detailed-share", default=None, type=click.FloatRange(0, 1, min_open=True),
+              help="With --captions detailed: thin each scene's other questions so that detailed captions are this "
+                   "fraction of the instruct stream [default: keep all, about 1 in 12].")
+@click.option("--answer-loss", type=click.Choice(["token", "sample"]), default=None,
+              help="Mean the answer loss over all answer tokens of a batch (token, the shipped recipe) or per answer "
+                   "first (sample, so a long caption weighs as much as a yes/no answer). [default: token]")
+@click.option("--checkpoint-every", default=None, type=click.IntRange(0),
+              help="Write a resumable checkpoint every N steps (0: only when --max-minutes or --stop-at ends the run).")
+@click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False),
+              help="Checkpoint directory [default: OUT-checkpoints next to --out].")
+@click.option("--resume", is_flag=True,
+              help="Continue from the checkpoint in the checkpoint directory (same settings); starts at step 0 if "
+                   "there is none.")
+def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_every, eval_scenes, eval_captions,
+                    log_every, max_minutes, stop_at, lr, warmup, init_from, scene_offset, snapshots, caption_mix,
+                    detailed_share, answer_loss, checkpoint_every, checkpoint_dir, resume):
+    """Train mmkit's reference LLaVA model and save it as an HF directory.
 
-    Deterministic for a seed on CPU; prints the held-out POPE F1 per split and CHAIR_S at the end.
+    Deterministic for a seed on CPU (a resumed run included); prints the held-out POPE F1 per split and CHAIR_S at
+    the end.
     """
     import logging
 
@@ -44,9 +93,13 @@ def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_eve
 
     logging.getLogger("mmkit.world.train").setLevel(logging.INFO)
     overrides = {"seed": seed}
+    init_from = _init_source(init_from)
     for name, value in (("batch", batch), ("num_workers", workers), ("eval_every", eval_every),
+                        ("eval_scenes", eval_scenes), ("eval_captions", eval_captions), ("log_every", log_every),
                         ("max_minutes", max_minutes), ("stop_at", stop_at), ("lr", lr), ("warmup_steps", warmup),
-                        ("init_from", init_from), ("scene_offset", scene_offset)):
+                        ("init_from", init_from), ("scene_offset", scene_offset), ("caption_mix", caption_mix),
+                        ("detailed_share", detailed_share), ("answer_loss", answer_loss),
+                        ("checkpoint_every", checkpoint_every)):
         if value is not None:
             overrides[name] = value
     try:
@@ -58,11 +111,19 @@ def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_eve
 
         if not torch.cuda.is_available():
             raise MmkitError("--device cuda asked for, but CUDA is not available here; use --device cpu")
-    _, _, log = train(cfg, out_dir=out_dir, device=device, snapshot_dir=snapshots)
+    checkpoints = checkpoint_dir or default_checkpoint_dir(out_dir)
+    try:
+        _, _, log = train(cfg, out_dir=out_dir, device=device, snapshot_dir=snapshots, checkpoint_dir=checkpoints,
+                          resume=resume)
+    except ValueError as err:
+        raise MmkitError(str(err)) from None
     final = log[-1]
     evals = [e for e in log if e.get("eval")]
     click.echo(f"saved {out_dir} ({final['step']} steps, {final['samples']} samples, {final['seconds']} s on "
                f"{final['device']})")
+    if final.get("stopped_early"):
+        click.echo(f"stopped early at step {final['step']}; the checkpoint in {checkpoints} continues it with "
+                   "the same command plus --resume (without the limit that stopped it)")
     if evals:
         last = evals[-1]
         click.echo(json.dumps({"pope_f1": {s: round(m["f1"], 4) for s, m in last["pope"].items()},

@@ -175,7 +175,7 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise MmkitError(f"--out {out} is a file; the run writes a directory there, pick a new --out")
     limit = spec.default_limit if limit is None else limit
-    max_new_tokens = max_new_tokens or spec.max_new_tokens
+    max_new_tokens = max_new_tokens or spec.max_new_tokens_for(split)
     rank, world, state = _process_shard()
     if session is None:
         import mmkit

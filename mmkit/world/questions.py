@@ -1,5 +1,6 @@
-"""Question sets over reference-world scenes: POPE existence, attribute / counting / spatial VQA, detailed
-captions and grounding, plus the mixed stream used for instruction tuning.
+"""Question sets over reference-world scenes: POPE existence, attribute / counting / spatial VQA, captions (a
+one-sentence short style and a several-sentence detailed style) and grounding, plus the mixed stream used for
+instruction tuning.
 
 Prompts are plain user text (the chat template is applied by the caller). Every question is a pure function of
 (world_seed, scene index, kind), with a stable `qid`.
@@ -28,12 +29,23 @@ COUNT_ALL_PROMPT = "How many objects are there?"
 LEFT_PROMPT = "Is the {a} to the left of the {b}?"
 ABOVE_PROMPT = "Is the {a} above the {b}?"
 CAPTION_PROMPT = "Describe the image in detail."
+BRIEF_CAPTION_PROMPT = "Describe the image briefly."
 GROUND_ONE_PROMPT = "Where is the {category}?"
 GROUND_ALL_PROMPT = "Where are the {plural}?"
 TEMPLATES = (
     POPE_PROMPT, COLOR_PROMPT, COUNT_PROMPT, COUNT_ALL_PROMPT, LEFT_PROMPT, ABOVE_PROMPT, CAPTION_PROMPT,
     GROUND_ONE_PROMPT, GROUND_ALL_PROMPT,
 )
+# Prompts added with the detailed caption style. Kept apart from TEMPLATES: the shipped tokenizer's ids are built
+# from the words of TEMPLATES, and words added later get ids after them (`mmkit.world.vocab.added_words`).
+ADDED_TEMPLATES = (BRIEF_CAPTION_PROMPT,)
+# Caption styles: "short" lists the objects in one sentence (`reference_caption`), "detailed" describes every
+# object, relations, counts and the background in several sentences (`detailed_caption`).
+CAPTION_STYLES = ("short", "detailed")
+# What the training stream asks for captions: "legacy" is the recipe of the shipped model (the short caption
+# answers the detailed prompt); "detailed" answers the detailed prompt with the detailed caption and the brief
+# prompt with the short one.
+CAPTION_MIXES = ("legacy", "detailed")
 # Words of answers and captions not taken from templates, categories, colours or numbers.
 FIXED_WORDS = ("yes", "no", "a", "an", "and")
 PUNCTUATION = (".", ",", "?", ";", "[", "]")
@@ -238,15 +250,236 @@ def reference_caption(scene: Scene) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def _caption_for_scene(scene: Scene) -> Question:
+# Detailed captions. Every fact comes from the scene's truth: sizes from the visible box, positions from the box
+# centre on a 3 x 3 grid, relations from boxes separated by SPATIAL_MARGIN, edges from the box's distance to the
+# image border (all in pixels at 336 px).
+DETAILED_MIN_WORDS, DETAILED_MAX_WORDS = 40, 80
+DETAILED_MIN_MENTIONS, DETAILED_MAX_MENTIONS = 4, 10
+# Longest visible box side below these bounds: "small", "medium", else "large".
+SIZE_BOUNDS = (32, 64)
+SIZE_WORDS = ("small", "medium", "large")
+# A box closer than EDGE_NEAR to a border is "near the ... edge" of the nearest border, else "far from the edges".
+EDGE_NEAR = 40
+# At most this many neighbour relations per caption.
+MAX_RELATIONS = 3
+_POSITIONS = {
+    ("top", "left"): "in the top left", ("top", "center"): "at the top", ("top", "right"): "in the top right",
+    ("middle", "left"): "on the left", ("middle", "center"): "in the center", ("middle", "right"): "on the right",
+    ("bottom", "left"): "in the bottom left", ("bottom", "center"): "at the bottom",
+    ("bottom", "right"): "in the bottom right",
+}
+# Words of detailed captions not in TEMPLATES, categories, colours or number words (tested to cover every caption).
+DETAILED_WORDS = (
+    "the", "is", "are", "there", "in", "image", "objects", "object", "one", "a", "and", "background", "grey",
+    "small", "medium", "large", "top", "bottom", "left", "right", "center", "at", "on", "to", "of", "above",
+    "below", "near", "far", "from", "edge", "edges", "size", "nothing", "else", "besides", "all", "other",
+    "another", "plain", "shaded", "striped", "checkered", "mottled", "dark", "light",
+)
+
+
+def _scaled(scene: Scene, value: float) -> float:
+    """A pixel length of `scene` expressed at 336 px, the scale of every threshold above."""
+    return value * 336 / scene.size
+
+
+def object_size(scene: Scene, obj) -> str:
+    """ "small", "medium" or "large" by the longest side of the object's visible box."""
+    x0, y0, x1, y1 = obj.box
+    longest = _scaled(scene, max(x1 - x0, y1 - y0))
+    return SIZE_WORDS[sum(longest >= b for b in SIZE_BOUNDS)]
+
+
+def object_position(scene: Scene, obj) -> tuple[str, str]:
+    """(row, column) of the box centre on a 3 x 3 grid: row top/middle/bottom, column left/center/right."""
+    x0, y0, x1, y1 = obj.box
+    third = scene.size / 3
+
+    def band(c: float, names: tuple[str, str, str]) -> str:
+        return names[0] if c < third else names[2] if c >= 2 * third else names[1]
+
+    return band((y0 + y1) / 2, ("top", "middle", "bottom")), band((x0 + x1) / 2, ("left", "center", "right"))
+
+
+def _box_relation(scene: Scene, a, b) -> str | None:
+    """Where box `a` lies from box `b`: "to the left of", "to the right of", "above" or "below". The axis of the
+    larger centre offset is tried first, then the other; a relation holds only where the boxes are separated by
+    SPATIAL_MARGIN along that axis. None when they are separated along neither."""
+    margin = SPATIAL_MARGIN * scene.size / 336
+    dx = (a.box[0] + a.box[2] - b.box[0] - b.box[2]) / 2
+    dy = (a.box[1] + a.box[3] - b.box[1] - b.box[3]) / 2
+    for axis in (0, 1) if abs(dx) >= abs(dy) else (1, 0):
+        if a.box[axis + 2] + margin <= b.box[axis]:
+            return "to the left of" if axis == 0 else "above"
+        if b.box[axis + 2] + margin <= a.box[axis]:
+            return "to the right of" if axis == 0 else "below"
+    return None
+
+
+def _edge_phrase(scene: Scene, obj) -> str:
+    x0, y0, x1, y1 = (_scaled(scene, v) for v in obj.box)
+    gaps = {"left": x0, "top": y0, "right": 336 - x1, "bottom": 336 - y1}
+    side = min(gaps, key=lambda k: (gaps[k], k))
+    return f"near the {side} edge" if gaps[side] < EDGE_NEAR else "far from the edges"
+
+
+def _reading_order(scene: Scene) -> list[int]:
+    """Object indices top row first, left to right within a row (rows of the 3 x 3 grid)."""
+    rows = {"top": 0, "middle": 1, "bottom": 2}
+
+    def key(i: int):
+        obj = scene.objects[i]
+        return rows[object_position(scene, obj)[0]], obj.box[0] + obj.box[2], obj.box[1], i
+
+    return sorted(range(len(scene.objects)), key=key)
+
+
+def _names(scene: Scene) -> dict[int, str]:
+    """A unique referring phrase per object ("red cup", else "large red cup"); objects that not even size, colour
+    and category tell apart get none and are left out of relations and edge sentences."""
+    names: dict[int, str] = {}
+    for i, obj in enumerate(scene.objects):
+        for phrase, key in (
+            (f"{obj.colour} {obj.category}", lambda o: (o.colour, o.category)),
+            (f"{object_size(scene, obj)} {obj.colour} {obj.category}",
+             lambda o: (object_size(scene, o), o.colour, o.category)),
+        ):
+            if sum(key(o) == key(obj) for o in scene.objects) == 1:
+                names[i] = phrase
+                break
+    return names
+
+
+def _mentions(text: str) -> int:
+    """Category words in `text`, with repeats (the unit of the DETAILED_*_MENTIONS bounds)."""
+    from mmkit.world.vocab import category_word_count
+
+    return category_word_count(text)
+
+
+def detailed_caption(scene: Scene) -> str:
+    """The reference detailed caption: several sentences from the scene's exact truth.
+
+    1. How many objects there are ("There are four objects in the image.").
+    2. Every object with its size, colour and position, in reading order; repeated categories in one sentence
+       with their count ("There are two cups, a large red one in the top left and a small blue one at the
+       bottom.").
+    3. Relations between neighbouring objects (each object and its nearest clearly separated neighbour).
+    4. When still shorter than DETAILED_MIN_WORDS or naming objects fewer than DETAILED_MIN_MENTIONS times: how
+       near objects are to the image's edges, their sizes again, and, for a single object, that nothing else is
+       there.
+    5. The background's lightness and pattern.
+
+    Sentences of 3 and 4 are added only while the caption stays within DETAILED_MAX_WORDS words and
+    DETAILED_MAX_MENTIONS category words, so captions of the world's scenes run 40 to 80 words and name objects 4
+    to 10 times (tested over many scenes).
+    """
+    objs = scene.objects
+    order = _reading_order(scene)
+    n = len(objs)
+    head = [f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else n} "
+            f"object{'' if n == 1 else 's'} in the image."]
+    groups: dict[str, list[int]] = {}
+    for i in order:
+        groups.setdefault(objs[i].category, []).append(i)
+    for cat, members in groups.items():
+        if len(members) == 1:
+            obj = objs[members[0]]
+            head.append(f"A {object_size(scene, obj)} {obj.colour} {cat} is "
+                        f"{_POSITIONS[object_position(scene, obj)]}.")
+            continue
+        parts = [f"a {object_size(scene, objs[i])} {objs[i].colour} one {_POSITIONS[object_position(scene, objs[i])]}"
+                 for i in members]
+        listed = ", ".join(parts[:-1]) + " and " + parts[-1]
+        head.append(f"There are {NUMBER_WORDS[len(members)]} {plural(cat)}, {listed}.")
+    tail = [f"The background is {scene.background_tone} grey and {scene.background}."]
+
+    names = _names(scene)
+    relations: list[str] = []
+    seen: set[frozenset[int]] = set()
+    for i in order:
+        if i not in names:
+            continue
+        others = sorted((j for j in names if j != i),
+                        key=lambda j: (abs(sum(objs[i].box[0::2]) - sum(objs[j].box[0::2]))
+                                       + abs(sum(objs[i].box[1::2]) - sum(objs[j].box[1::2])), j))
+        for j in others:
+            relation = _box_relation(scene, objs[i], objs[j])
+            if relation is not None:
+                if frozenset((i, j)) not in seen:
+                    seen.add(frozenset((i, j)))
+                    relations.append(f"The {names[i]} is {relation} the {names[j]}.")
+                break
+    # Instances that no phrase tells apart still have relations among themselves.
+    for cat, members in groups.items():
+        if all(i in names for i in members):
+            continue
+        pair = next(((i, j) for i in members for j in members
+                     if i < j and _box_relation(scene, objs[i], objs[j]) is not None), None)
+        if pair is not None:
+            other = "the other" if len(members) == 2 else "another"
+            relations.append(f"One {cat} is {_box_relation(scene, objs[pair[0]], objs[pair[1]])} {other} {cat}.")
+    fillers = [f"The {names[i]} is {_edge_phrase(scene, objs[i])}." for i in order if i in names]
+    # The size again, for objects whose referring phrase does not hold it.
+    fillers += [f"The {names[i]} is {object_size(scene, objs[i])} in size." for i in order
+                if names.get(i, "").count(" ") == 1]
+    if n == 1:
+        fillers.append(f"Nothing else is in the image besides the {objs[0].category}.")
+    elif len(groups) == 1:
+        fillers.append(f"All objects in the image are {plural(objs[0].category)}.")
+
+    def size(sentences: list[str]) -> tuple[int, int]:
+        text = " ".join(sentences)
+        return len(text.split()), _mentions(text)
+
+    def fits(sentences: list[str]) -> bool:
+        words, mentions = size(sentences)
+        return words <= DETAILED_MAX_WORDS and mentions <= DETAILED_MAX_MENTIONS
+
+    extra: list[str] = []
+    for sentence in relations[:MAX_RELATIONS]:
+        if fits(head + extra + [sentence] + tail):
+            extra.append(sentence)
+    for sentence in fillers:
+        words, mentions = size(head + extra + tail)
+        if words >= DETAILED_MIN_WORDS and mentions >= DETAILED_MIN_MENTIONS:
+            break
+        if fits(head + extra + [sentence] + tail):
+            extra.append(sentence)
+    return " ".join(head + extra + tail)
+
+
+def caption_answer(scene: Scene, style: str) -> str:
+    """The reference caption of `scene` in `style` ("short" or "detailed")."""
+    if style == "short":
+        return reference_caption(scene)
+    if style == "detailed":
+        return detailed_caption(scene)
+    raise ValueError(f"caption style must be one of {CAPTION_STYLES}, got {style!r}")
+
+
+def _caption_for_scene(scene: Scene, style: str = "legacy") -> Question:
+    """The caption question of `scene`: "legacy" is the shipped model's pair (the detailed prompt answered by the
+    short caption, qid "...-caption-0"); "short" and "detailed" pair each style with its own prompt."""
     ws, si = scene.world_seed, scene.index
-    return Question(ws, si, "caption", "", CAPTION_PROMPT, reference_caption(scene), "", f"w{ws}-s{si}-caption-0")
+    if style == "legacy":
+        return Question(ws, si, "caption", "", CAPTION_PROMPT, reference_caption(scene), "",
+                        f"w{ws}-s{si}-caption-0")
+    prompt = CAPTION_PROMPT if style == "detailed" else BRIEF_CAPTION_PROMPT
+    return Question(ws, si, "caption", style, prompt, caption_answer(scene, style), "",
+                    f"w{ws}-s{si}-caption-{style}-0")
 
 
-def caption_questions(world_seed: int, n_scenes: int, start: int = 0) -> list[Question]:
-    """One "Describe the image in detail." question per scene; the answer is `reference_caption`."""
+def caption_questions(world_seed: int, n_scenes: int, start: int = 0, style: str = "legacy") -> list[Question]:
+    """One caption question per scene.
+
+    `style` "detailed": "Describe the image in detail." answered by `detailed_caption`; "short": "Describe the
+    image briefly." answered by `reference_caption`; "legacy" (the default, what the shipped model was trained
+    on): "Describe the image in detail." answered by `reference_caption`.
+    """
     _check(n_scenes, start)
-    return [_caption_for_scene(generate_scene(world_seed, i)) for i in range(start, start + n_scenes)]
+    if style not in (*CAPTION_STYLES, "legacy"):
+        raise ValueError(f"caption style must be one of {CAPTION_STYLES} or 'legacy', got {style!r}")
+    return [_caption_for_scene(generate_scene(world_seed, i), style) for i in range(start, start + n_scenes)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,22 +520,38 @@ def ground_questions(world_seed: int, n_scenes: int, start: int = 0) -> list[Que
 # Instruction-tuning stream
 
 
-def questions_for_scene(scene: Scene, pope_split: str = "random") -> list[Question]:
-    """The caption, POPE (`pope_split`) and VQA questions of one scene, in a deterministic shuffled order."""
-    qs = [_caption_for_scene(scene), *_pope_for_scene(scene, pope_split), *_vqa_for_scene(scene)]
+def _captions_for_mix(scene: Scene, caption_mix: str) -> list[Question]:
+    if caption_mix == "legacy":
+        return [_caption_for_scene(scene)]
+    if caption_mix == "detailed":
+        return [_caption_for_scene(scene, "detailed"), _caption_for_scene(scene, "short")]
+    raise ValueError(f"caption_mix must be one of {CAPTION_MIXES}, got {caption_mix!r}")
+
+
+def questions_for_scene(scene: Scene, pope_split: str = "random", caption_mix: str = "legacy") -> list[Question]:
+    """The caption(s) (`caption_mix`, see CAPTION_MIXES), POPE (`pope_split`) and VQA questions of one scene, in a
+    deterministic shuffled order. The "legacy" mix gives exactly the shipped model's training questions."""
+    qs = [*_captions_for_mix(scene, caption_mix), *_pope_for_scene(scene, pope_split), *_vqa_for_scene(scene)]
     _rng(scene, "mix").shuffle(qs)
     return qs
 
 
-def training_examples(world_seed: int, n_scenes: int, start: int = 0) -> Iterator[tuple[Scene, Question]]:
-    """(scene, question) pairs for instruction tuning: per scene its caption, POPE questions and VQA questions
+def training_examples(world_seed: int, n_scenes: int, start: int = 0,
+                      caption_mix: str = "legacy") -> Iterator[tuple[Scene, Question]]:
+    """(scene, question) pairs for instruction tuning: per scene its caption(s), POPE questions and VQA questions
     (every kind but grounding), each scene generated once, deterministic.
+
+    `caption_mix` "legacy" is the shipped model's recipe (one short caption for "Describe the image in
+    detail."); "detailed" adds the detailed caption for that prompt and moves the short one to "Describe the
+    image briefly.", keeping every other question.
 
     POPE negatives here use the random split only: absent co-occurrence partners are then rarely asked about,
     so the caption statistics leave the model the partner prior that the adversarial split measures.
     """
     _check(n_scenes, start)
+    if caption_mix not in CAPTION_MIXES:
+        raise ValueError(f"caption_mix must be one of {CAPTION_MIXES}, got {caption_mix!r}")
     for i in range(start, start + n_scenes):
         scene = generate_scene(world_seed, i)
-        for q in questions_for_scene(scene):
+        for q in questions_for_scene(scene, caption_mix=caption_mix):
             yield scene, q

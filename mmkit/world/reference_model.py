@@ -67,28 +67,40 @@ TINY_SPEC = ReferenceSpec(
 SPECS = {"reference": REFERENCE_SPEC, "tiny": TINY_SPEC}
 
 
-def vocabulary() -> list[str]:
-    """The tokenizer's word list after the specials: world words in lower and capitalised form, frame words,
-    punctuation and digits, sorted so token ids do not depend on set order."""
-    from mmkit.world.vocab import world_words
-
-    words: set[str] = set()
-    for word in world_words():
+def _forms(words) -> set[str]:
+    forms: set[str] = set()
+    for word in words:
         for form in (word, word.lower(), word[:1].upper() + word[1:]):
             if form and not any(ch.isspace() for ch in form):
-                words.add(form)
-    words.update(TEMPLATE_WORDS)
-    words.update(EXTRA_SYMBOLS)
-    words.difference_update(SPECIAL_TOKENS)
-    return sorted(words)
+                forms.add(form)
+    return forms
 
 
-def build_tokenizer():
+def vocabulary(with_added: bool = True) -> list[str]:
+    """The tokenizer's word list after the specials.
+
+    First the original list, from which the ids of the first shipped model were built: world words
+    (`mmkit.world.vocab.world_words`) in lower and capitalised form, frame words, punctuation and digits, sorted so
+    ids do not depend on set order. Then, sorted, the forms of the words added later (`added_words`, the detailed
+    caption style) that the original list lacks: appended, so every original word keeps its id.
+    `with_added=False` gives the original list alone (the vocabulary of the first shipped tokenizer).
+    """
+    from mmkit.world.vocab import added_words, world_words
+
+    base = _forms(world_words())
+    base.update(TEMPLATE_WORDS)
+    base.update(EXTRA_SYMBOLS)
+    base.difference_update(SPECIAL_TOKENS)
+    added = _forms(added_words()) - base - set(SPECIAL_TOKENS) if with_added else set()
+    return sorted(base) + sorted(added)
+
+
+def build_tokenizer(with_added: bool = True):
     """A word-level `PreTrainedTokenizerFast` over the world's vocabulary.
 
     Whitespace splits words and every punctuation character is a token of its own, so "yes." is ["yes", "."];
     encoding prepends <s>; decoding joins words with spaces and re-attaches punctuation ("A red star and a blue
-    cup.").
+    cup."). `with_added=False` leaves out the words appended for the detailed caption style (`vocabulary`).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -96,7 +108,7 @@ def build_tokenizer():
     from mmkit.models.builtin import LLAVA_CHAT_TEMPLATE
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for word in vocabulary():
+    for word in vocabulary(with_added):
         vocab[word] = len(vocab)
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Sequence(

@@ -88,6 +88,12 @@ RIM_MIN_SIDE = 24
 RIM_SHADE = 0.7
 # Background channel values stay in this range: far from black and white objects, and low in saturation.
 BACKGROUND_RANGE = (70.0, 190.0)
+# Names of the background kinds drawn by `_background`, in the order of its `kind` draw.
+BACKGROUND_PATTERNS = ("plain", "shaded", "striped", "checkered", "mottled")
+# Lightness names of a background by its mean grey level (0..255): below the first bound "dark", below the second
+# "medium", else "light".
+BACKGROUND_TONES = ("dark", "medium", "light")
+BACKGROUND_TONE_BOUNDS = (112.0, 148.0)
 # Amplitude of the fine pixel noise over the whole image, so objects are not perfectly flat.
 PIXEL_NOISE = 4.0
 
@@ -116,6 +122,10 @@ class Scene:
     index: int
     image: Image.Image = field(compare=False, repr=False)
     objects: tuple[WorldObject, ...] = ()
+    # The background's truth: its pattern (one of BACKGROUND_PATTERNS) and its lightness (one of
+    # BACKGROUND_TONES, from the mean grey level of the background before objects are drawn).
+    background: str = "plain"
+    background_tone: str = "medium"
 
     @property
     def size(self) -> int:
@@ -427,8 +437,9 @@ def _muted(rng: np.random.Generator) -> np.ndarray:
     return np.clip(grey + rng.uniform(-18, 18, size=3), *BACKGROUND_RANGE)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    kind = int(rng.integers(0, 5))
+def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
+    """The background image and its pattern name (an entry of BACKGROUND_PATTERNS)."""
+    kind = int(rng.integers(0, len(BACKGROUND_PATTERNS)))
     a = _muted(rng)
     # The second tone differs mostly in lightness, so textures stay grey rather than turning into colours.
     b = np.clip(a + rng.uniform(-32, 32) + rng.uniform(-8, 8, size=3), *BACKGROUND_RANGE)
@@ -454,7 +465,15 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     else:  # smooth noise
         smooth = _crop(_noise_bank()[1], rng, size, size)
         img = a + smooth[..., None] * (b - a) * 0.35
-    return np.asarray(img, dtype=np.float32)
+    return np.asarray(img, dtype=np.float32), BACKGROUND_PATTERNS[kind]
+
+
+def _tone(background: np.ndarray) -> str:
+    grey = float(background.mean())
+    for name, bound in zip(BACKGROUND_TONES, BACKGROUND_TONE_BOUNDS):
+        if grey < bound:
+            return name
+    return BACKGROUND_TONES[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -486,7 +505,8 @@ def generate_scene(world_seed: int, index: int, size: int = BASE_SIZE) -> Scene:
     scale = size / BASE_SIZE
     cats = _sample_categories(rng)
     cats = [cats[i] for i in rng.permutation(len(cats))]
-    img = _background(rng, size)
+    img, pattern = _background(rng, size)
+    tone = _tone(img)
     owner = np.full((size, size), -1, dtype=np.int16)
     placed: list[tuple[str, str, int]] = []  # category, colour, drawn area
     visible: list[int] = []  # pixels of each placed object still visible
@@ -543,7 +563,8 @@ def generate_scene(world_seed: int, index: int, size: int = BASE_SIZE) -> Scene:
         mask.flags.writeable = False
         box = (int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1)
         objects.append(WorldObject(category=cat, colour=colour, box=box, mask=mask, area=int(mask.sum())))
-    return Scene(world_seed=world_seed, index=index, image=image, objects=tuple(objects))
+    return Scene(world_seed=world_seed, index=index, image=image, objects=tuple(objects), background=pattern,
+                 background_tone=tone)
 
 
 def iter_scenes(world_seed: int, n: int, start: int = 0, size: int = BASE_SIZE) -> Iterator[Scene]:

@@ -11,6 +11,10 @@ Recipe (three phases in one run, one AdamW optimiser, warm-up then cosine decay 
    kept as an auxiliary term.
 
 The patch heads are training-only: the saved directory is a plain `LlavaForConditionalGeneration`.
+
+A run can also continue from trained weights (`init_from`; weights trained with fewer tokens get their embedding
+rows grown, `grow_token_rows`), train the detailed caption mix (`caption_mix="detailed"`), and write checkpoints
+that a later call resumes from with the same result as an uninterrupted run (`checkpoint_dir`, `resume`).
 """
 
 from __future__ import annotations
@@ -74,6 +78,19 @@ class TrainConfig:
     init_from: str | None = None
     # Added to every scene index of the training stream, so a continued run sees new scenes.
     scene_offset: int = 0
+    # Captions of the align and instruct phases: "legacy" (the shipped model's recipe: short captions for the
+    # detailed prompt) or "detailed" (detailed captions for the detailed prompt, short ones for the brief prompt).
+    caption_mix: str = "legacy"
+    # Detailed mix only: keep each scene's other questions with the probability that makes detailed captions this
+    # fraction of the instruct stream on average (None: every question of every scene, about 1 in 12 detailed).
+    detailed_share: float | None = None
+    # Loss over answer tokens: "token" (mean over all answer tokens of the batch, the shipped recipe; a detailed
+    # caption then weighs ~80 one-word answers) or "sample" (mean per answer, then over the batch).
+    answer_loss: str = "token"
+    # New tokens of held-out captions in evaluations (None: 48 for the legacy mix, 128 for detailed captions).
+    eval_max_new_tokens: int | None = None
+    # Write a resumable checkpoint (weights, patch heads, optimiser, step, log) every this many steps (0: never).
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         if self.size not in SPECS:
@@ -87,6 +104,21 @@ class TrainConfig:
             raise ValueError("batch sizes must be >= 1")
         if self.world_seed == self.eval_world_seed:
             raise ValueError("eval_world_seed must differ from world_seed: evaluation is on held-out scenes")
+        from mmkit.world.questions import CAPTION_MIXES
+
+        if self.caption_mix not in CAPTION_MIXES:
+            raise ValueError(f"caption_mix must be one of {', '.join(CAPTION_MIXES)}, got {self.caption_mix!r}")
+        if self.checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be >= 0")
+        if self.detailed_share is not None:
+            if self.caption_mix != "detailed":
+                raise ValueError("detailed_share needs caption_mix 'detailed'")
+            if not 0 < self.detailed_share <= 1:
+                raise ValueError(f"detailed_share must be in (0, 1], got {self.detailed_share}")
+        if self.answer_loss not in ("token", "sample"):
+            raise ValueError(f"answer_loss must be 'token' or 'sample', got {self.answer_loss!r}")
+        if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:
+            raise ValueError("eval_max_new_tokens must be >= 1")
 
     @property
     def spec(self) -> ReferenceSpec:
@@ -95,6 +127,17 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return self.vision_steps + self.align_steps + self.instruct_steps
+
+    @property
+    def caption_tokens(self) -> int:
+        """New tokens of held-out captions in evaluations."""
+        if self.eval_max_new_tokens is not None:
+            return self.eval_max_new_tokens
+        return DETAILED_CAPTION_TOKENS if self.caption_mix == "detailed" else 48
+
+
+# Room for a detailed caption: at most 80 words plus their punctuation (about 95 tokens), with a margin.
+DETAILED_CAPTION_TOKENS = 128
 
 
 # About a minute on 2 CPU cores: enough for the losses to fall, not to learn the world.
@@ -151,16 +194,20 @@ class WorldStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, phase: str, world_seed: int, grid: int, tokenizer_json: str, num_image_tokens: int,
-                 eos_id: int, seed: int, shuffle_buffer: int = 256, chunk: int = 16, scene_offset: int = 0) -> None:
+                 eos_id: int, seed: int, shuffle_buffer: int = 256, chunk: int = 16, scene_offset: int = 0,
+                 caption_mix: str = "legacy", detailed_share: float | None = None) -> None:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         self.phase, self.world_seed, self.grid = phase, world_seed, grid
         self.tokenizer_json, self.num_image_tokens, self.eos_id = tokenizer_json, num_image_tokens, eos_id
         self.seed, self.shuffle_buffer, self.chunk = seed, shuffle_buffer, chunk
         self.scene_offset = scene_offset
+        self.caption_mix = caption_mix
+        self.detailed_share = detailed_share
+        self._others = (-1, 0)  # (scene index, its question count besides the detailed caption), see `_keep`
 
     def _items(self, start: int, tokenizer_core) -> Iterator[dict]:
-        from mmkit.world.questions import reference_caption, training_examples
+        from mmkit.world.questions import BRIEF_CAPTION_PROMPT, detailed_caption, reference_caption, training_examples
         from mmkit.world.scenes import generate_scene
 
         if self.phase == "vision":
@@ -168,12 +215,17 @@ class WorldStream(torch.utils.data.IterableDataset):
                 pixels, cat, col = _scene_arrays(generate_scene(self.world_seed, index), self.grid)
                 yield {"pixels": pixels, "category": cat, "colour": col}
             return
-        if self.phase == "align":
+        if self.phase == "align" and self.caption_mix == "legacy":
             pairs = ((scene, CAPTION_PROMPT, reference_caption(scene))
                      for scene in (generate_scene(self.world_seed, i) for i in range(start, start + self.chunk)))
+        elif self.phase == "align":
+            pairs = (pair for scene in (generate_scene(self.world_seed, i) for i in range(start, start + self.chunk))
+                     for pair in ((scene, CAPTION_PROMPT, detailed_caption(scene)),
+                                  (scene, BRIEF_CAPTION_PROMPT, reference_caption(scene))))
         else:
-            pairs = ((scene, q.prompt, q.answer)
-                     for scene, q in training_examples(self.world_seed, self.chunk, start=start))
+            pairs = ((scene, q.prompt, q.answer) for scene, q in
+                     training_examples(self.world_seed, self.chunk, start=start, caption_mix=self.caption_mix)
+                     if self._keep(scene, q))
         arrays: dict[int, tuple] = {}
         for scene, prompt, answer in pairs:
             if scene.index not in arrays:
@@ -183,6 +235,18 @@ class WorldStream(torch.utils.data.IterableDataset):
             answer_ids = _encode_answer(tokenizer_core, answer, self.eos_id)
             yield {"pixels": pixels, "category": cat, "colour": col,
                    "ids": np.asarray(prompt_ids + answer_ids, dtype=np.int64), "n_prompt": len(prompt_ids)}
+
+    def _keep(self, scene, question) -> bool:
+        """Whether the stream keeps `question` under `detailed_share`: detailed captions always; the scene's other
+        questions each with probability p, so that 1 / (1 + p * others) = detailed_share per scene."""
+        if self.detailed_share is None or (question.kind == "caption" and question.split == "detailed"):
+            return True
+        from mmkit.world.questions import questions_for_scene
+
+        if self._others[0] != scene.index:  # counted once per scene
+            self._others = (scene.index, len(questions_for_scene(scene, caption_mix="detailed")) - 1)
+        p = (1 / self.detailed_share - 1) / max(self._others[1], 1)
+        return random.Random(f"{self.seed}-{question.qid}-share").random() < p
 
     def __iter__(self) -> Iterator[dict]:
         from tokenizers import Tokenizer
@@ -259,8 +323,9 @@ def _patch_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return out.hidden_states[model.config.vision_feature_layer][:, 1:]
 
 
-def _lm_loss(model, patches: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token cross-entropy on answer tokens only; the image features fill the <image> positions."""
+def _lm_loss(model, patches: torch.Tensor, batch: dict[str, torch.Tensor], per_sample: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy on answer tokens only; the image features fill the <image> positions. The mean is
+    over all answer tokens of the batch, or with `per_sample` over each answer first, then over the answers."""
     ids, targets = batch["ids"], batch["targets"]
     image_features = model.model.multi_modal_projector(patches)
     embeds = model.get_input_embeddings()(ids)
@@ -270,7 +335,13 @@ def _lm_loss(model, patches: torch.Tensor, batch: dict[str, torch.Tensor]) -> to
     # The state at t predicts the token at t + 1; only answer tokens are scored, so only their states reach lm_head.
     select = targets[:, 1:]
     logits = model.lm_head(hidden[:, :-1][select]).float()
-    return nn.functional.cross_entropy(logits, ids[:, 1:][select])
+    if not per_sample:
+        return nn.functional.cross_entropy(logits, ids[:, 1:][select])
+    losses = nn.functional.cross_entropy(logits, ids[:, 1:][select], reduction="none")
+    rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(select)[select]
+    per_row = torch.zeros(ids.shape[0], device=losses.device).index_add_(0, rows, losses)
+    counts = select.sum(dim=1)
+    return (per_row[counts > 0] / counts[counts > 0]).mean()
 
 
 # ----------------------------------------------------------------------------------------------------- evaluation
@@ -284,12 +355,14 @@ class EvalResult:
     chair_s: float = float("nan")
     chair_i: float = float("nan")
     caption_recall: float = float("nan")
+    caption_words: float = float("nan")
     n_captions: int = 0
     examples: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         pope = " ".join(f"{s}:F1={m['f1']:.3f}/yes={m['yes_ratio']:.2f}" for s, m in self.pope.items())
-        return f"POPE {pope} | CHAIR_S={self.chair_s:.3f} CHAIR_I={self.chair_i:.3f} recall={self.caption_recall:.3f}"
+        return (f"POPE {pope} | CHAIR_S={self.chair_s:.3f} CHAIR_I={self.chair_i:.3f} recall={self.caption_recall:.3f} "
+                f"words={self.caption_words:.1f}")
 
 
 def _f1(preds: list[bool], truth: list[bool]) -> dict[str, float]:
@@ -364,7 +437,7 @@ def evaluate(model, tokenizer, world_seed: int = 1, n_scenes: int = 100, n_capti
             truth.append(q.answer.strip().lower().startswith("yes"))
     result.pope = {split: _f1(p, t) for split, (p, t) in sorted(by_split.items())}
 
-    hallucinated, mentioned_total, absent_total, recalled, present_total = 0, 0, 0, 0, 0
+    hallucinated, mentioned_total, absent_total, recalled, present_total, words = 0, 0, 0, 0, 0, 0
     prompt_ids = _encode_prompt(core, CAPTION_PROMPT, n_tokens)
     indices = list(range(n_captions))
     for start in range(0, len(indices), batch_size):
@@ -384,6 +457,7 @@ def evaluate(model, tokenizer, world_seed: int = 1, n_scenes: int = 100, n_capti
             absent_total += len(absent)
             recalled += len(named & truth)
             present_total += len(truth)
+            words += len(text.split())
             if len(result.examples) < 6:
                 result.examples.append(f"[{', '.join(sorted(truth))}] -> {text}")
     if indices:
@@ -391,6 +465,7 @@ def evaluate(model, tokenizer, world_seed: int = 1, n_scenes: int = 100, n_capti
         result.chair_s = hallucinated / len(indices)
         result.chair_i = absent_total / max(mentioned_total, 1)
         result.caption_recall = recalled / max(present_total, 1)
+        result.caption_words = words / len(indices)
     model.train(was_training)
     return result
 
@@ -417,7 +492,8 @@ def _loader(phase: str, cfg: TrainConfig, tokenizer, workers: int, batch_size: i
     spec = cfg.spec
     stream = WorldStream(phase, cfg.world_seed, spec.grid, tokenizer.backend_tokenizer.to_str(),
                          spec.num_image_tokens, tokenizer.eos_token_id, cfg.seed, cfg.shuffle_buffer,
-                         scene_offset=cfg.scene_offset)
+                         scene_offset=cfg.scene_offset, caption_mix=cfg.caption_mix,
+                         detailed_share=cfg.detailed_share)
     return torch.utils.data.DataLoader(
         stream, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
         collate_fn=functools.partial(collate, pad_id=tokenizer.pad_token_id),
@@ -429,17 +505,69 @@ def _default_workers() -> int:
     return max(0, min(14, (os.cpu_count() or 1) - 2))
 
 
+# Fields a resumed run may change: they steer stopping, evaluation and checkpointing, not the optimisation.
+RESUMABLE_CHANGES = frozenset({
+    "max_minutes", "stop_at", "num_workers", "eval_every", "eval_scenes", "eval_captions", "eval_max_new_tokens",
+    "checkpoint_every",
+})
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
+    """Write a training checkpoint atomically (temporary file beside it, then rename)."""
+    from mmkit.atomic import atomic_path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+    return path
+
+
+def load_checkpoint(checkpoint_dir: str | os.PathLike) -> dict | None:
+    """The checkpoint saved in `checkpoint_dir`, or None when there is none."""
+    path = Path(checkpoint_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file: say which, do not guess
+        raise ValueError(f"{path} is not a readable training checkpoint ({err}); remove it to start over") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a training checkpoint of this version; remove it to start over")
+    return state
+
+
+def _check_resumable(cfg: TrainConfig, saved: dict, where) -> None:
+    current = asdict(cfg)
+    diff = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if diff:
+        raise ValueError(f"the checkpoint in {where} is from a different run (differs in {', '.join(diff)}); "
+                         "use the same settings or another checkpoint directory")
+
+
 def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, device: str | None = None,
-          snapshot_dir: str | os.PathLike | None = None) -> tuple[object, object, list[dict]]:
-    """Train the reference model from scratch; returns (model, processor, log) and saves the HF directory to
-    `out_dir` when given (written to a temporary directory, then renamed into place).
+          snapshot_dir: str | os.PathLike | None = None, checkpoint_dir: str | os.PathLike | None = None,
+          resume: bool = False) -> tuple[object, object, list[dict]]:
+    """Train the reference model (from scratch, or from `cfg.init_from`); returns (model, processor, log) and saves
+    the HF directory to `out_dir` when given (written to a temporary directory, then renamed into place).
 
     `log` holds one dict per logged step (phase, losses, patch accuracy, lr, samples, seconds) and per evaluation
     (held-out POPE and CHAIR). With `snapshot_dir`, the weights at every evaluation are also saved there (fp16
     safetensors), so a run can be cut at the evaluation that fits best.
+
+    With `checkpoint_dir`, a checkpoint (weights, patch heads, optimiser, step, log) is written there every
+    `cfg.checkpoint_every` steps and when a time budget or `stop_at` ends the run early. `resume=True` continues
+    from that checkpoint when one exists: the data stream is fast-forwarded to the saved step, so on CPU a resumed
+    run gives the same weights as an uninterrupted one.
     """
     from mmkit.world.scenes import CATEGORIES, COLOURS
 
+    if cfg.checkpoint_every and checkpoint_dir is None:
+        raise ValueError("checkpoint_every needs a checkpoint directory")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resuming needs a checkpoint directory")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -450,7 +578,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, device: st
     model = build_model(tokenizer, spec, seed=cfg.seed)
     if cfg.init_from:
         # Continue training from earlier weights (an HF directory or a snapshot) instead of a fresh initialisation.
-        _load_weights(model, cfg.init_from)
+        _load_weights(model, cfg.init_from, tokenizer)
     model = model.to(dev)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
@@ -466,18 +594,40 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, device: st
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
     workers = _default_workers() if cfg.num_workers is None else cfg.num_workers
     log: list[dict] = []
-    t0 = time.time()
-    step, samples = 0, 0
-    deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else None
-    stopped_early = False
+    step, samples, elapsed_before = 0, 0, 0.0
+    # Running sums of the current logging window, kept in checkpoints so a resumed log equals an uninterrupted one.
+    window = {"acc": 0.0, "loss": 0.0, "lm": 0.0, "count": 0}
+    saved = load_checkpoint(checkpoint_dir) if resume else None
+    if saved is not None:
+        _check_resumable(cfg, saved["config"], checkpoint_dir)
+        # The worker count shapes the data order, so the resumed run keeps the saved one.
+        if cfg.num_workers is not None and cfg.num_workers != saved["workers"]:
+            raise ValueError(f"the checkpoint in {checkpoint_dir} was made with {saved['workers']} data workers; "
+                             f"resume with the same count (or leave it unset), not {cfg.num_workers}")
+        workers = saved["workers"]
+        model.load_state_dict(saved["model"])
+        heads.load_state_dict(saved["heads"])
+        optimiser.load_state_dict(saved["optimiser"])
+        torch.set_rng_state(saved["torch_rng"])
+        step, samples, log, window = saved["step"], saved["samples"], saved["log"], saved["window"]
+        elapsed_before = saved["seconds"]
+        logger.info("resuming from %s at step %d", checkpoint_dir, step)
+    elif resume:
+        logger.info("no checkpoint in %s: starting at step 0", checkpoint_dir)
+    t0 = time.time() - elapsed_before
+    cpu0 = time.process_time() - (saved["cpu_seconds"] if saved is not None else 0.0)
+    stopped_early = cfg.stop_at is not None and step >= cfg.stop_at
+    deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes else None
     if snapshot_dir is not None:
         Path(snapshot_dir).mkdir(parents=True, exist_ok=True)
 
     def run_eval() -> None:
-        res = evaluate(model, tokenizer, cfg.eval_world_seed, cfg.eval_scenes, cfg.eval_captions)
+        res = evaluate(model, tokenizer, cfg.eval_world_seed, cfg.eval_scenes, cfg.eval_captions,
+                       max_new_tokens=cfg.caption_tokens)
         entry = {"eval": True, "step": step, "samples": samples, "seconds": round(time.time() - t0, 1),
                  "pope": res.pope, "chair_s": res.chair_s, "chair_i": res.chair_i,
-                 "caption_recall": res.caption_recall, "examples": res.examples}
+                 "caption_recall": res.caption_recall, "caption_words": res.caption_words,
+                 "examples": res.examples}
         log.append(entry)
         logger.info("eval step %d: %s", step, res.summary())
         if snapshot_dir is not None:
@@ -486,14 +636,30 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, device: st
             state = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
             atomic_save_safetensors(state, Path(snapshot_dir) / f"step{step:06d}.safetensors")
 
+    def checkpoint() -> None:
+        save_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE, {
+            "config": asdict(cfg), "workers": workers, "step": step, "samples": samples,
+            "seconds": round(time.time() - t0, 1), "cpu_seconds": time.process_time() - cpu0, "log": log,
+            "window": dict(window),
+            "model": model.state_dict(), "heads": heads.state_dict(), "optimiser": optimiser.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        })
+        logger.info("checkpoint at step %d in %s", step, checkpoint_dir)
+
+    phase_start = 0
     for phase in PHASES:
         n_steps = getattr(cfg, f"{phase}_steps")
-        if n_steps == 0 or stopped_early:
+        done = min(max(step - phase_start, 0), n_steps)
+        phase_start += n_steps
+        if done == n_steps or stopped_early:
             continue
+        if done == 0:  # every phase starts a fresh logging window
+            window = {"acc": 0.0, "loss": 0.0, "lm": 0.0, "count": 0}
         batch_size = cfg.vision_batch if phase == "vision" else cfg.batch
         loader = iter(_loader(phase, cfg, tokenizer, workers, batch_size))
-        acc_sum, loss_sum, lm_sum, count = 0.0, 0.0, 0.0, 0
-        for _ in range(n_steps):
+        for _ in range(done):  # a resumed phase: the batches its saved steps already used
+            next(loader)
+        for _ in range(n_steps - done):
             batch = {k: v.to(dev, non_blocking=True) for k, v in next(loader).items()}
             lr = _lr_at(step, cfg)
             for group in optimiser.param_groups:
@@ -504,7 +670,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, device: st
                 if phase == "vision":
                     loss, lm = patch_loss, torch.zeros(())
                 else:
-                    lm = _lm_loss(model, patches, batch)
+                    lm = _lm_loss(model, patches, batch, per_sample=cfg.answer_loss == "sample")
                     loss = lm + cfg.patch_loss_weight * patch_loss
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -512,27 +678,34 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, device: st
             optimiser.step()
             step += 1
             samples += batch["pixels"].shape[0]
-            loss_sum += loss.item()
-            lm_sum += float(lm.item())
-            acc_sum += patch_acc if not math.isnan(patch_acc) else 0.0
-            count += 1
+            window["loss"] += loss.item()
+            window["lm"] += float(lm.item())
+            window["acc"] += patch_acc if not math.isnan(patch_acc) else 0.0
+            window["count"] += 1
             if step % cfg.log_every == 0 or step == cfg.total_steps:
-                entry = {"step": step, "phase": phase, "loss": loss_sum / count, "lm_loss": lm_sum / count,
-                         "patch_acc": acc_sum / count, "lr": lr, "samples": samples,
-                         "seconds": round(time.time() - t0, 1)}
+                count = window["count"]
+                entry = {"step": step, "phase": phase, "loss": window["loss"] / count, "lm_loss": window["lm"] / count,
+                         "patch_acc": window["acc"] / count, "lr": lr, "samples": samples,
+                         "seconds": round(time.time() - t0, 1),
+                         # CPU time of this process (data included when workers=0): on a shared machine the
+                         # wall time measures the load, this measures the work.
+                         "cpu_seconds": round(time.process_time() - cpu0, 1)}
                 log.append(entry)
                 logger.info("step %d %s loss %.4f lm %.4f patch_acc %.3f (%.0fs)", step, phase, entry["loss"],
                             entry["lm_loss"], entry["patch_acc"], entry["seconds"])
-                acc_sum, loss_sum, lm_sum, count = 0.0, 0.0, 0.0, 0
+                window = {"acc": 0.0, "loss": 0.0, "lm": 0.0, "count": 0}
             if cfg.eval_every and phase != "vision" and step % cfg.eval_every == 0:
                 run_eval()
             if cfg.stop_at is not None and step >= cfg.stop_at:
                 logger.info("stopping at step %d (stop_at)", step)
                 stopped_early = True
-                break
-            if deadline is not None and time.time() > deadline:
+            elif deadline is not None and time.time() > deadline:
                 logger.warning("stopping at step %d: the time budget of %.1f min is spent", step, cfg.max_minutes)
                 stopped_early = True
+            if checkpoint_dir is not None and (stopped_early or (cfg.checkpoint_every
+                                                                 and step % cfg.checkpoint_every == 0)):
+                checkpoint()
+            if stopped_early:
                 break
         del loader
     if cfg.eval_scenes and (not log or not log[-1].get("eval")):
@@ -560,7 +733,48 @@ def save_reference(model, processor, out_dir: str | os.PathLike, log: list[dict]
     return out
 
 
-def _load_weights(model, source: str | os.PathLike) -> None:
+EMBEDDING_KEYS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+
+
+def grow_token_rows(state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """`state` with its token-embedding and LM-head matrices grown to `vocab_size` rows.
+
+    Existing rows (the ids of the words the weights were trained with) are kept exactly; each new row starts as
+    the mean of the old rows of its matrix, so a new word's embedding is an average word and its logit starts at
+    the average logit instead of a random extreme. Shrinking is refused: it would drop trained words.
+    """
+    out = dict(state)
+    for key in EMBEDDING_KEYS:
+        if key not in state:
+            raise ValueError(f"the weights have no {key}: not a reference-model state")
+        old = state[key]
+        if old.shape[0] > vocab_size:
+            raise ValueError(f"the weights know {old.shape[0]} tokens, more than this tokenizer's {vocab_size}")
+        if old.shape[0] < vocab_size:
+            grown = old.new_empty((vocab_size, old.shape[1]))
+            grown[:old.shape[0]] = old
+            grown[old.shape[0]:] = old.mean(dim=0, keepdim=True)
+            out[key] = grown
+    return out
+
+
+def _check_tokenizer_prefix(source: Path, tokenizer) -> None:
+    """The tokenizer saved with `source` must be a prefix of `tokenizer`: every word it knows at the same id."""
+    path = source / "tokenizer.json"
+    if tokenizer is None or not path.is_file():
+        return
+    old = json.loads(path.read_text())["model"]["vocab"]
+    new = tokenizer.get_vocab()
+    moved = sorted(w for w, i in old.items() if new.get(w) != i)
+    if moved:
+        raise ValueError(f"{source}'s tokenizer does not match this one at the same ids ({len(moved)} tokens differ, "
+                         f"e.g. {moved[:3]}); weights can only continue with a tokenizer that appends new words")
+
+
+def _load_weights(model, source: str | os.PathLike, tokenizer=None) -> None:
+    """Load `source` (an HF directory or a .safetensors snapshot) into `model`. Weights trained with a shorter
+    vocabulary get their embedding and LM-head rows grown to the model's (`grow_token_rows`); an HF directory's
+    tokenizer must then be a prefix of `tokenizer`."""
     from safetensors.torch import load_file
 
     path = Path(source)
@@ -568,11 +782,15 @@ def _load_weights(model, source: str | os.PathLike) -> None:
         # An HF directory stores keys in the checkpoint layout; from_pretrained maps them to the module names.
         from transformers import LlavaForConditionalGeneration
 
+        _check_tokenizer_prefix(path, tokenizer)
         state = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).state_dict()
     elif path.is_file():
         state = {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
     else:
         raise ValueError(f"cannot initialise from {source}: not an HF model directory or a .safetensors snapshot")
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    if all(k in state for k in EMBEDDING_KEYS) and state[EMBEDDING_KEYS[0]].shape[0] != vocab_size:
+        state = grow_token_rows(state, vocab_size)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{source} does not match this model: missing {missing[:3]}, unexpected {unexpected[:3]}")

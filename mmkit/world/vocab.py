@@ -66,6 +66,20 @@ def mentioned_categories(text: str) -> list[str]:
     return found
 
 
+def category_words(text: str) -> list[str]:
+    """The category of every category word in `text`, in order and with repeats ("Two cups; the red cup." ->
+    ["cup", "cup"]). Same matching rules as `mentioned_categories`."""
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a string, got {type(text).__name__}")
+    lexicon = _lexicon()
+    return [lexicon[w] for w in _WORD.findall(text.lower()) if w in lexicon]
+
+
+def category_word_count(text: str) -> int:
+    """How many category words `text` holds, repeats included."""
+    return len(category_words(text))
+
+
 @functools.lru_cache(maxsize=1)
 def _world_words() -> tuple[str, ...]:
     from mmkit.world import questions
@@ -80,6 +94,29 @@ def _world_words() -> tuple[str, ...]:
 
 
 def world_words() -> list[str]:
-    """Every word any prompt, answer or caption of the world can contain: lowercase words, punctuation tokens and
-    numerals (counts, and pixel coordinates up to MAX_COORDINATE in grounding answers). Sorted, no duplicates."""
+    """The world's original word list, from which the shipped tokenizer's ids were built: every word of the
+    short captions, questions and answers (lowercase words, punctuation tokens and numerals: counts, and pixel
+    coordinates up to MAX_COORDINATE in grounding answers). Sorted, no duplicates. Words that later caption styles
+    need are `added_words`; `all_words` is both."""
     return list(_world_words())
+
+
+@functools.lru_cache(maxsize=1)
+def _added_words() -> tuple[str, ...]:
+    from mmkit.world import questions
+
+    words: set[str] = set(questions.DETAILED_WORDS)
+    for template in questions.ADDED_TEMPLATES:
+        words.update(_WORD.findall(template.lower()))
+    return tuple(sorted(words - set(_world_words())))
+
+
+def added_words() -> list[str]:
+    """Words of the detailed caption style and its prompts that `world_words` lacks. Sorted; a tokenizer appends
+    them after the original words, so the ids of the original words never change."""
+    return list(_added_words())
+
+
+def all_words() -> list[str]:
+    """Every word any prompt, answer or caption of the world can contain: `world_words` then `added_words`."""
+    return list(_world_words()) + list(_added_words())

@@ -39,7 +39,7 @@ def pope_adversarial_docs(_dataset):
 
 
 def chair_docs(_dataset):
-    return _docs("chair", "all")
+    return _docs("chair", "detailed")
 
 
 def doc_to_visual(doc: dict[str, Any]) -> list:

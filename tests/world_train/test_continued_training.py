@@ -1,0 +1,239 @@
+"""Continued training: the tokenizer grows by appending words, weights with the shorter vocabulary are resized
+consistently, the detailed caption mix trains, and an interrupted run resumed from its checkpoint equals an
+uninterrupted one."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmkit.world.reference_model import TINY_SPEC, build_model, build_processor, build_tokenizer
+
+SHIPPED = Path(__file__).resolve().parents[2] / "mmkit" / "models" / "weights" / "reference"
+
+
+def test_tokenizer_appends_new_words_after_the_shipped_ids():
+    old, new = build_tokenizer(with_added=False), build_tokenizer()
+    old_vocab, new_vocab = old.get_vocab(), new.get_vocab()
+    assert len(new_vocab) > len(old_vocab)
+    assert all(new_vocab[w] == i for w, i in old_vocab.items())
+    assert sorted(new_vocab.values()) == list(range(len(new_vocab)))
+    assert {"briefly", "background", "below", "large", "grey"} <= {w for w, i in new_vocab.items()
+                                                                    if i >= len(old_vocab)}
+    shipped = SHIPPED / "tokenizer.json"
+    if shipped.is_file():  # the shipped model's tokenizer is exactly the original list
+        assert json.loads(shipped.read_text())["model"]["vocab"] == old_vocab
+
+
+def test_detailed_captions_encode_without_unknown_words():
+    from mmkit.world.questions import BRIEF_CAPTION_PROMPT, detailed_caption
+    from mmkit.world.scenes import iter_scenes
+
+    tokenizer = build_tokenizer()
+    unk = tokenizer.unk_token_id
+    assert unk not in tokenizer(BRIEF_CAPTION_PROMPT).input_ids
+    for scene in iter_scenes(3, 60):
+        text = detailed_caption(scene)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        assert unk not in ids, text
+        assert tokenizer.decode(ids) == text  # decodes back to the same sentences
+
+
+def _save_dir(model, tokenizer, path):
+    from mmkit.world.train import save_reference
+
+    save_reference(model, build_processor(tokenizer, TINY_SPEC), path)
+    return path
+
+
+def test_weights_with_the_shorter_vocabulary_grow_consistently(tmp_path):
+    """Loading old weights into the grown model keeps every old row and function exactly; new rows are the mean."""
+    from mmkit.world.train import EMBEDDING_KEYS, _load_weights
+
+    old_tok, new_tok = build_tokenizer(with_added=False), build_tokenizer()
+    old = build_model(old_tok, TINY_SPEC, seed=3).eval()
+    _save_dir(old, old_tok, tmp_path / "old")
+    grown = build_model(new_tok, TINY_SPEC, seed=9).eval()
+    _load_weights(grown, tmp_path / "old", new_tok)
+    n_old, n_new = len(old_tok), len(new_tok)
+    old_state, new_state = old.state_dict(), grown.state_dict()
+    for key, value in old_state.items():
+        if key in EMBEDDING_KEYS:
+            assert new_state[key].shape == (n_new, value.shape[1])
+            assert torch.equal(new_state[key][:n_old], value)
+            expected = value.mean(dim=0).expand(n_new - n_old, -1)
+            torch.testing.assert_close(new_state[key][n_old:], expected, atol=0, rtol=0)
+        else:
+            assert torch.equal(new_state[key], value), key
+    assert grown.config.text_config.vocab_size == n_new
+    # Same function on old words: identical logits over the old ids, and every new word's logit is the mean logit.
+    ids = old_tok("USER: Describe the image in detail. ASSISTANT: A red cup", return_tensors="pt").input_ids
+    assert torch.equal(ids, new_tok("USER: Describe the image in detail. ASSISTANT: A red cup",
+                                    return_tensors="pt").input_ids)
+    with torch.no_grad():
+        a = old(input_ids=ids).logits
+        b = grown(input_ids=ids).logits
+    torch.testing.assert_close(b[..., :n_old], a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b[..., n_old:], a.mean(-1, keepdim=True).expand(-1, -1, n_new - n_old),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_weights_with_a_reordered_tokenizer_are_refused(tmp_path):
+    from mmkit.world.train import _load_weights
+
+    new_tok = build_tokenizer()
+    model = build_model(new_tok, TINY_SPEC, seed=0)
+    path = _save_dir(model, new_tok, tmp_path / "m")
+    data = json.loads((path / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["red"], vocab["blue"] = vocab["blue"], vocab["red"]
+    (path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="does not match this one at the same ids"):
+        _load_weights(build_model(new_tok, TINY_SPEC, seed=0), path, new_tok)
+
+
+def _tiny(**overrides):
+    from mmkit.world.train import TINY_CONFIG
+
+    base = replace(TINY_CONFIG, vision_steps=2, align_steps=2, instruct_steps=3, eval_scenes=0, num_workers=0,
+                   vision_batch=2, batch=2, shuffle_buffer=4, log_every=1, warmup_steps=2)
+    return replace(base, **overrides)
+
+
+def test_continued_training_on_the_detailed_mix_from_old_weights(tmp_path):
+    """The recipe's path end to end on a tiny model: weights of the old vocabulary continue on the detailed mix;
+    new rows move (new words are trained), and the saved directory holds the grown tokenizer and model."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from mmkit.world.train import train
+
+    old_tok, new_tok = build_tokenizer(with_added=False), build_tokenizer()
+    _save_dir(build_model(old_tok, TINY_SPEC, seed=1), old_tok, tmp_path / "old")
+    cfg = _tiny(vision_steps=0, align_steps=0, instruct_steps=3, init_from=str(tmp_path / "old"),
+                caption_mix="detailed", lr=1e-2)
+    model, _, log = train(cfg, out_dir=tmp_path / "new", device="cpu")
+    assert [e["step"] for e in log if "phase" in e] == [1, 2, 3]
+    rows = model.get_input_embeddings().weight[len(old_tok):]
+    assert not torch.allclose(rows, rows[0].expand_as(rows))  # the new words no longer share one row
+    saved = LlavaForConditionalGeneration.from_pretrained(tmp_path / "new")
+    assert saved.get_input_embeddings().weight.shape[0] == len(new_tok)
+    assert AutoProcessor.from_pretrained(tmp_path / "new").tokenizer.get_vocab() == new_tok.get_vocab()
+
+
+def test_detailed_mix_stream_holds_both_caption_styles():
+    from mmkit.world.questions import BRIEF_CAPTION_PROMPT, CAPTION_PROMPT, detailed_caption, reference_caption
+    from mmkit.world.questions import training_examples
+
+    legacy = [q for _, q in training_examples(0, 6, start=40)]
+    detailed = [(s, q) for s, q in training_examples(0, 6, start=40, caption_mix="detailed")]
+    captions = [(s, q) for s, q in detailed if q.kind == "caption"]
+    assert len(captions) == 12
+    for scene, q in captions:
+        expected = detailed_caption(scene) if q.prompt == CAPTION_PROMPT else reference_caption(scene)
+        assert q.prompt in (CAPTION_PROMPT, BRIEF_CAPTION_PROMPT) and q.answer == expected
+    # Every other question of the shipped recipe is kept (in a reshuffled order).
+    def others(qs):
+        return sorted((q for q in qs if q.kind != "caption"), key=lambda q: q.qid)
+
+    assert others(legacy) == others(q for _, q in detailed)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, workers):
+    """Cut at step 3 (inside the align phase), resumed from the checkpoint: same weights and same log (timings
+    aside) as one uninterrupted run, with data made in the trainer or in a worker process; the checkpoint records
+    the step it was written at."""
+    from mmkit.world.train import CHECKPOINT_FILE, load_checkpoint, train
+
+    cfg = _tiny(caption_mix="detailed", checkpoint_every=2, num_workers=workers)
+    full, _, full_log = train(cfg, device="cpu", checkpoint_dir=tmp_path / "a")
+    _, _, cut_log = train(replace(cfg, stop_at=3), device="cpu", checkpoint_dir=tmp_path / "b")
+    assert cut_log[-1]["step"] == 3 and cut_log[-1]["stopped_early"]
+    assert load_checkpoint(tmp_path / "b")["step"] == 3
+    resumed, _, resumed_log = train(cfg, device="cpu", checkpoint_dir=tmp_path / "b", resume=True)
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+    def strip(log):
+        return [{k: v for k, v in e.items() if k not in ("seconds", "cpu_seconds")} for e in log]
+
+    assert strip(resumed_log) == strip(full_log)
+    assert (tmp_path / "b" / CHECKPOINT_FILE).is_file()
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    from mmkit.world.train import train
+
+    cfg = _tiny(instruct_steps=1, align_steps=0, checkpoint_every=1, stop_at=1)
+    train(cfg, device="cpu", checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="differs in lr"):
+        train(replace(cfg, lr=0.5, stop_at=None), device="cpu", checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="data workers"):
+        train(replace(cfg, num_workers=2, stop_at=None), device="cpu", checkpoint_dir=tmp_path, resume=True)
+
+
+def test_detailed_share_sets_the_fraction_of_detailed_captions():
+    from mmkit.world.train import WorldStream
+
+    tok = build_tokenizer()
+    counts = {}
+    for share in (None, 0.25):
+        stream = WorldStream("instruct", 0, TINY_SPEC.grid, tok.backend_tokenizer.to_str(), 4, tok.eos_token_id,
+                             seed=0, caption_mix="detailed", detailed_share=share)
+        items = list(stream._items(5000, tok.backend_tokenizer)) + list(stream._items(5016, tok.backend_tokenizer))
+        # Detailed captions are the only answers longer than 30 tokens.
+        detailed = sum(len(it["ids"]) - it["n_prompt"] > 30 for it in items)
+        counts[share] = (detailed, len(items))
+    assert counts[None][0] == counts[0.25][0] == 32  # one per scene, always kept
+    assert counts[None][0] / counts[None][1] < 0.1
+    assert 0.2 < counts[0.25][0] / counts[0.25][1] < 0.3
+
+
+def test_per_sample_answer_loss_by_hand():
+    """answer_loss="sample": the mean of each answer's token losses, then over answers (recomputed from the
+    per-token losses of the token-mean path)."""
+    from mmkit.world.train import _lm_loss
+
+    tok = build_tokenizer()
+    model = build_model(tok, TINY_SPEC, seed=0).eval()
+    n_img = TINY_SPEC.num_image_tokens
+    ids = torch.tensor([[1] + [4] * n_img + [10, 11, 12, 13, 14], [1] + [4] * n_img + [20, 21, 22, 0, 0]])
+    targets = torch.zeros_like(ids, dtype=torch.bool)
+    targets[0, n_img + 2:] = True  # 4 answer tokens
+    targets[1, n_img + 3:n_img + 4] = True  # 1 answer token
+    batch = {"ids": ids, "targets": targets, "attention_mask": (ids != 0).long()}
+    patches = torch.randn(2, n_img, TINY_SPEC.vision_hidden)
+    with torch.no_grad():
+        per_token = []
+        for row in range(2):
+            one = {k: v[row:row + 1] for k, v in batch.items()}
+            per_token.append(_lm_loss(model, patches[row:row + 1], one))
+        token_mean = _lm_loss(model, patches, batch)
+        sample_mean = _lm_loss(model, patches, batch, per_sample=True)
+    torch.testing.assert_close(sample_mean, (per_token[0] + per_token[1]) / 2)
+    torch.testing.assert_close(token_mean, (4 * per_token[0] + per_token[1]) / 5)
+
+
+def test_cli_stop_and_resume(tmp_path):
+    """`train-reference ... --stop-at` leaves a checkpoint next to --out; the same command with --resume finishes
+    the run from it."""
+    from click.testing import CliRunner
+
+    from mmkit.cli.train_reference import train_reference
+
+    out = tmp_path / "run"
+    args = ["--tiny", "--device", "cpu", "--out", str(out), "--workers", "0", "--steps", "1,1,2", "--batch", "2",
+            "--eval-scenes", "0", "--captions", "detailed", "--answer-loss", "sample", "--log-every", "1"]
+    first = CliRunner().invoke(train_reference, args + ["--stop-at", "3"])
+    assert first.exit_code == 0, first.output
+    assert "stopped early at step 3" in first.output and (tmp_path / "run-checkpoints" / "checkpoint.pt").is_file()
+    second = CliRunner().invoke(train_reference, args + ["--resume"])
+    assert second.exit_code == 0, second.output
+    log = json.loads((out / "training_log.json").read_text())
+    assert [e["step"] for e in log if "phase" in e] == [1, 2, 3, 4] and log[-1]["step"] == 4
+    from mmkit.cli import main
+
+    bad = CliRunner().invoke(main, ["train-reference", *args, "--resume", "--lr", "0.5"])
+    assert bad.exit_code == 2 and "differs in lr" in bad.stderr
