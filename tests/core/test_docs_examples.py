@@ -21,20 +21,22 @@ from mmkit.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 DOC_FILES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 
-# (file, index of the Python block in that file) -> how the test treats it. A new block must be added here.
+# (file, a line the block contains) -> how the test treats it. Each Python block must match exactly one entry, so a
+# new or rewritten block is classified before it runs (a benchmark recipe must never run by accident).
 PYTHON_BLOCKS = {
-    ("README.md", 0): "run",
-    ("README.md", 1): "run",                 # composition: a fragment after the example above (mmkit imported)
-    ("docs/dyvte.md", 0): "run",
-    ("docs/grounding.md", 0): "run",
-    ("docs/grounding.md", 1): "imports",     # the 50-scene grounding bench behind the numbers on that page
-    ("docs/reference-model.md", 0): "run",
-    ("docs/reference-model.md", 1): "imports",  # the 150-scene evaluation (about 4 minutes)
-    ("docs/visor.md", 0): "run",
-    ("docs/visor.md", 1): "imports",         # the 1 350-question VISOR benchmark
+    ("README.md", 'reference.save_pretrained("exported/")'): "run",
+    ("README.md", 'methods=["visionzip:keep=0.25", "paint"]'): "run",   # composition: a fragment (mmkit imported)
+    ("docs/dyvte.md", "dyvte.last_exit_layers"): "run",
+    ("docs/grounding.md", "results[0].stats"): "run",
+    ("docs/grounding.md", "run_ground_bench(s, ground_questions(1, 50)"): "imports",  # the 50-scene grounding bench
+    ("docs/reference-model.md", "conversation = "): "run",
+    ("docs/reference-model.md", "detailed_share=share"): "run",        # caption statistics of the training stream
+    ("docs/reference-model.md", "n_scenes=150, n_captions=150"): "imports",  # the 150-scene evaluation (4 minutes)
+    ("docs/visor.md", "session.methods[0].impl.last_budgets"): "run",
+    ("docs/visor.md", "closed-gates.safetensors"): "imports",          # the 1 350-question VISOR benchmark
 }
 # Blocks known to fail today, with the reason; strict, so each is noticed once it passes.
-XFAIL: dict[tuple[str, int], str] = {}
+XFAIL: dict[tuple[str, str], str] = {}
 # Command lines that also run for real (cheap on the reference or tiny models).
 RUN_COMMANDS = {"methods", "info", "generate", "export"}
 
@@ -53,11 +55,14 @@ def code_blocks(text: str) -> list[tuple[str, str]]:
     return blocks
 
 
-def python_blocks() -> dict[tuple[str, int], str]:
+def python_blocks() -> dict[tuple[str, str], str]:
+    """(file, marker) -> source of every Python block; blocks matching no entry (or several) get their own key."""
     found = {}
     for name in DOC_FILES:
         blocks = [body for lang, body in code_blocks((ROOT / name).read_text()) if lang == "python"]
-        found.update({(name, i): body for i, body in enumerate(blocks)})
+        for i, body in enumerate(blocks):
+            keys = [key for key in PYTHON_BLOCKS if key[0] == name and key[1] in body]
+            found[keys[0] if len(keys) == 1 else (name, f"block {i}, matching {len(keys)} entries")] = body
     return found
 
 
@@ -103,24 +108,24 @@ def _namespace():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(k for k, mode in PYTHON_BLOCKS.items() if mode == "run"),
-                         ids=lambda k: f"{k[0]}#{k[1]}")
+                         ids=lambda k: f"{k[0]}: {k[1]}")
 def test_python_example_runs(key, example_dir, request):
     if key in XFAIL:
         from mmkit.errors import MmkitError
 
         request.applymarker(pytest.mark.xfail(strict=True, raises=MmkitError, reason=XFAIL[key]))
     source = python_blocks()[key]
-    exec(compile(source, f"{key[0]}#{key[1]}", "exec"), _namespace())  # noqa: S102 - the example under test
+    exec(compile(source, key[0], "exec"), _namespace())  # noqa: S102 - the example under test
 
 
 @pytest.mark.parametrize("key", sorted(k for k, mode in PYTHON_BLOCKS.items() if mode == "imports"),
-                         ids=lambda k: f"{k[0]}#{k[1]}")
+                         ids=lambda k: f"{k[0]}: {k[1]}")
 def test_benchmark_recipe_imports_and_compiles(key):
     source = python_blocks()[key]
     tree = ast.parse(source)
     imports = ast.Module(body=[n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], type_ignores=[])
     assert imports.body, "a recipe without imports is not checked by anything"
-    exec(compile(imports, f"{key[0]}#{key[1]}", "exec"), {})  # noqa: S102
+    exec(compile(imports, key[0], "exec"), {})  # noqa: S102
     # Every keyword argument passed to an mmkit function exists in its signature.
     namespace: dict = {}
     exec(compile(imports, "imports", "exec"), namespace)  # noqa: S102
