@@ -18,18 +18,23 @@ from mmkit.errors import MmkitError
 MMKIT_CONFIG = "mmkit_config.json"
 FORMAT_VERSION = 1
 REMOTE_CODE_FILE = "modeling_mmkit.py"
-# The remote-code class of each supported architecture (what `auto_map` names in an export's config.json).
-REMOTE_CLASSES = {"LlavaForConditionalGeneration": "MmkitLlavaForConditionalGeneration",
-                  "LlavaNextForConditionalGeneration": "MmkitLlavaNextForConditionalGeneration"}
+# The remote-code class of each supported architecture (what `auto_map` names in an export's config.json), with the
+# model type whose checkpoint layout it shares.
+_REMOTE_ARCHITECTURES = (("LlavaForConditionalGeneration", "llava"), ("LlavaNextForConditionalGeneration", "llava_next"),
+                         ("LlavaOnevisionForConditionalGeneration", "llava_onevision"),
+                         ("Qwen2VLForConditionalGeneration", "qwen2_vl"),
+                         ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"),
+                         ("Qwen3VLForConditionalGeneration", "qwen3_vl"))
+REMOTE_CLASSES = {arch: f"Mmkit{arch}" for arch, _ in _REMOTE_ARCHITECTURES}
 
 # Written into an export made with remote_code=True: plain transformers loads it with trust_remote_code=True and
 # the exported methods come back attached to the model, so `model.generate` runs with them.
-_REMOTE_CODE = '''"""Remote code of an mmkit export: `AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)`
+_REMOTE_CODE_HEAD = '''"""Remote code of an mmkit export: `AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)`
 loads the model with plain transformers and re-attaches the methods in mmkit_config.json (scoped hooks on this
 instance), so `model.generate(**processor(...))` runs with them. Needs the mmkit-vlm package; `model.mmkit_session`
 is the session that owns the hooks (`model.mmkit_session.close()` detaches them)."""
 
-from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers import {imports}
 
 
 def _attach(model, source):
@@ -39,21 +44,16 @@ def _attach(model, source):
         raise ImportError("this model was exported by mmkit with methods that run inside its forward; "
                           "`pip install mmkit-vlm` to load it with trust_remote_code=True") from err
     return attach_exported_methods(model, source)
+'''
+_REMOTE_CODE_CLASS = '''
 
-
-class MmkitLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+class {remote}({stock}):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         return _attach(model, pretrained_model_name_or_path)
-
-
-class MmkitLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        return _attach(model, pretrained_model_name_or_path)
-
+'''
+_REMOTE_CODE_TAIL = '''
 
 def _share_checkpoint_layout():
     # transformers renames checkpoint keys per class; remote-code classes get no renaming unless registered, and
@@ -61,15 +61,24 @@ def _share_checkpoint_layout():
     from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
                                                  register_checkpoint_conversion_mapping)
 
-    for cls, model_type in ((MmkitLlavaForConditionalGeneration, "llava"),
-                            (MmkitLlavaNextForConditionalGeneration, "llava_next")):
-        mapping = get_checkpoint_conversion_mapping(model_type)
+    for cls, stock, model_type in ({pairs}):
+        # Some layouts are registered under the stock class name (Qwen-VL), others under the model type (LLaVA).
+        mapping = get_checkpoint_conversion_mapping(stock) or get_checkpoint_conversion_mapping(model_type)
         if mapping:
             register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)
 
 
 _share_checkpoint_layout()
 '''
+
+
+def remote_code_source(architecture: str) -> str:
+    """The `modeling_mmkit.py` of an export of `architecture`: one class, subclassing the stock one."""
+    remote = REMOTE_CLASSES[architecture]
+    model_type = dict(_REMOTE_ARCHITECTURES)[architecture]
+    return (_REMOTE_CODE_HEAD.format(imports=architecture)
+            + _REMOTE_CODE_CLASS.format(remote=remote, stock=architecture)
+            + _REMOTE_CODE_TAIL.format(pairs=f"({remote}, {architecture!r}, {model_type!r}),"))
 
 
 def save_session(session, out_dir: str | os.PathLike, overwrite: bool = False, remote_code: bool = False) -> Path:
@@ -118,7 +127,7 @@ def save_session(session, out_dir: str | os.PathLike, overwrite: bool = False, r
                     "text_attn_implementation_at_export": attn, "methods": methods, "remote_code": remote_code}
         (tmp / MMKIT_CONFIG).write_text(json.dumps(manifest, indent=2))
         if remote_code:
-            (tmp / REMOTE_CODE_FILE).write_text(_REMOTE_CODE)
+            (tmp / REMOTE_CODE_FILE).write_text(remote_code_source(session.adapter.architecture))
             config = json.loads((tmp / "config.json").read_text())
             name = REMOTE_CLASSES[session.adapter.architecture]
             config["auto_map"] = {"AutoModelForImageTextToText": f"{REMOTE_CODE_FILE[:-3]}.{name}"}
@@ -205,7 +214,14 @@ def attach_exported_methods(model, source):
     for entry in manifest["methods"]:
         if entry.get("state"):
             cached_file(str(source), entry["state"])  # a hub export's state files land beside the manifest
-    processor = AutoProcessor.from_pretrained(str(source))
+    from mmkit.models.adapters import supported_base
+    from mmkit.models.processors import STOCK_PROCESSORS, load_family_processor
+
+    architecture = supported_base(model)
+    if architecture in STOCK_PROCESSORS:  # the stock processor, or the image-only one without torchvision
+        processor = load_family_processor(str(directory), architecture)
+    else:
+        processor = AutoProcessor.from_pretrained(str(source))
     processor.tokenizer.padding_side = "left"
     session = Session(model.eval(), processor, source=str(source))
     apply_manifest(session, directory, manifest)

@@ -14,6 +14,8 @@ from mmkit.contract import Branching, check_implementation
 from mmkit.errors import MmkitError
 from mmkit.images import load_image
 from mmkit.models.adapters import adapter_for
+from mmkit.models.families import refusal
+from mmkit.models.family_inputs import decode_position_ids, fix_branch_inputs
 from mmkit.patching.attention import TextAttentionSwitch
 from mmkit.patching.context import ForwardContext, install_context_hooks
 from mmkit.patching.probe import AttentionProbe
@@ -98,7 +100,8 @@ class Session:
         self.processor = processor
         self.source = source
         self.adapter = adapter_for(model)
-        self.context = ForwardContext(num_layers=self.adapter.num_layers, image_token_id=self.adapter.image_token_id)
+        self.context = ForwardContext(num_layers=self.adapter.num_layers, image_token_id=self.adapter.image_token_id,
+                                      first_droppable_layer=self.adapter.first_droppable_layer)
         self.text_attention = TextAttentionSwitch(model, self.adapter.language_model,
                                                   [layer.self_attn for layer in self.adapter.decoder_layers])
         self.probe = AttentionProbe(self)
@@ -114,6 +117,9 @@ class Session:
         """Apply a method given as a spec string (`"fastv:layer=2,keep=0.25"`) or a config object."""
         config = parse_spec(spec) if isinstance(spec, str) else spec
         info = method_for_config(config)
+        refused = refusal(self.adapter.family, info.name)
+        if refused:
+            raise MmkitError(refused)
         for active in self._handles:
             conflict = info.conflict_with(active.info)
             if conflict:
@@ -256,7 +262,7 @@ class Session:
         inputs = self.prepare(images, prompts)
         brancher = self._brancher()
         if brancher is not None:
-            out = self.model(**brancher.expand_inputs(self, inputs), logits_to_keep=1, use_cache=False)
+            out = self.model(**self.expand_branches(brancher, inputs), logits_to_keep=1, use_cache=False)
             logits = brancher.combine_logits(out.logits[:, -1, :].float())
         else:
             logits = self.model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
@@ -271,9 +277,14 @@ class Session:
         branchers = [h.impl for h in self._handles if h.info.capabilities.branches_logits]
         return branchers[0] if branchers else None
 
+    def expand_branches(self, brancher, inputs: dict) -> dict:
+        """The brancher's k * B input rows, with the family's per-row inputs (Qwen-VL's `mm_token_type_ids`)
+        re-derived from the rows' image tokens."""
+        return fix_branch_inputs(self.adapter, brancher.expand_inputs(self, inputs))
+
     def _branched_generate(self, brancher, inputs, max_new_tokens, do_sample, temperature, top_p, seed):
         tokenizer = self.processor.tokenizer
-        expanded = brancher.expand_inputs(self, inputs)
+        expanded = self.expand_branches(brancher, inputs)
         batch = inputs["input_ids"].shape[0]
         k = expanded["input_ids"].shape[0] // batch
         generator = None
@@ -299,7 +310,8 @@ class Session:
             step_ids = nxt.repeat(k)[:, None]
             attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=1)
             out = self.model(input_ids=step_ids, attention_mask=attention_mask, past_key_values=out.past_key_values,
-                             use_cache=True, logits_to_keep=1)
+                             position_ids=decode_position_ids(self.adapter, attention_mask), use_cache=True,
+                             logits_to_keep=1)
         return torch.stack(tokens, dim=1)
 
     def ground(self, images, query: str | Sequence[str] | None = None, sam=None, config=None) -> list:
@@ -312,7 +324,9 @@ class Session:
         image. See docs/grounding.md.
         """
         from mmkit.grounding.vlsam import default_sam, ground
+        from mmkit.models.families import check_grounding
 
+        check_grounding(self.adapter.family)  # before the SAM checkpoint is loaded
         if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
             images = [images]
         return ground(self, default_sam(sam, self.device), list(images), query=query, config=config)
@@ -332,10 +346,15 @@ class Session:
         patch = getattr(cfg.vision_config, "patch_size", None)
         return {
             "source": self.source,
+            "family": self.adapter.family.name,
             "architecture": self.adapter.architecture,
             "image_token_id": self.adapter.image_token_id,
             "image_token": getattr(self.processor, "image_token", "<image>"),
-            "visual_tokens": _visual_tokens(cfg, image_size, patch),
+            "visual_layout": self.adapter.family.visual_layout,
+            "vision_cls_token": self.adapter.has_cls_token,
+            "visual_tokens": _visual_tokens(cfg, image_size, patch, self.processor),
+            "attn_implementation": _loaded_attention(self),
+            "attn_per_layer": _attention_placement(self),
             "image_size": image_size,
             "patch_size": patch,
             "vision_feature_layer": layer,
@@ -344,6 +363,7 @@ class Session:
             "hidden_size": self.adapter.hidden_size,
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),
+            "device_map": _device_placement(self.model),
             "prompt_layout": self.chat_prompt("{prompt}"),
             "methods": [h.spec for h in self._handles],
         }
@@ -360,13 +380,49 @@ def _top_p_probs(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
 
 
-def _visual_tokens(cfg, image_size, patch):
-    if not image_size or not patch:
+# Image sizes `mmkit info` reports visual-token counts for (the reference world draws 336 px squares).
+_INFO_IMAGE_SIZES = ((336, 336), (336, 504), (672, 672))
+
+
+def _visual_tokens(cfg, image_size, patch, processor=None):
+    """Visual tokens per image: a number for fixed-grid models; for models whose count depends on the image size,
+    the count the processor gives a few sizes (H x W px)."""
+    if type(cfg).__name__ in ("LlavaNextConfig", "LlavaOnevisionConfig") or not image_size:
+        counter = getattr(processor, "_get_num_multimodal_tokens", None)
+        try:
+            counts = counter(image_sizes=[list(s) for s in _INFO_IMAGE_SIZES])["num_image_tokens"]
+        except (AttributeError, TypeError, KeyError, ValueError):  # no count API: say it varies rather than guess
+            return "varies with image size"
+        return "varies with image size: " + ", ".join(
+            f"{int(n)} at {h}x{w}" for (h, w), n in zip(_INFO_IMAGE_SIZES, counts))
+    if not patch:
         return None
-    if type(cfg).__name__ == "LlavaNextConfig":
-        return "varies with image size (anyres tiling)"
     n = (image_size // patch) ** 2
     return n if cfg.vision_feature_select_strategy == "default" else n + 1
+
+
+def _loaded_attention(session) -> str:
+    """The implementation the decoder was loaded with (while methods hold the mmkit backend, the one it wraps)."""
+    switch = session.text_attention
+    return str(switch.original) if switch.count else session.adapter.attn_implementation
+
+
+def _attention_placement(session) -> str:
+    """Which attention implementation runs on which decoder layers: the loaded one on layers no method edits, the
+    mmkit backend where methods observe or replace attention."""
+    text = session.adapter.attn_implementation
+    vision = getattr(getattr(session.model.config, "vision_config", None), "_attn_implementation", None)
+    switch = session.text_attention
+    if switch.count:
+        text = f"mmkit backend around {switch.original} (methods observe or replace attention)"
+    return f"decoder layers 0-{session.adapter.num_layers - 1}: {text}; vision tower: {vision}"
+
+
+def _device_placement(model) -> str | None:
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return None
+    return ", ".join(f"{name or 'model'}={dev}" for name, dev in device_map.items())
 
 
 def _as_lists(images, prompts):
@@ -385,14 +441,22 @@ def _as_lists(images, prompts):
     return images, prompts
 
 
-def load(model: str, methods: Sequence | None = None, device=None, dtype=None) -> Session:
-    """Load a LLaVA-family model (hub id, local directory, or built-in `tiny-random` / `reference`) and apply
-    `methods` (spec strings or config objects) in order."""
+def load(model: str, methods: Sequence | None = None, device=None, dtype=None,
+         attn_implementation: str | dict | None = None, device_map=None, quantization_config=None,
+         offload_folder=None) -> Session:
+    """Load a supported LVLM (hub id, local directory, or a built-in name such as `tiny-random`,
+    `tiny-random-qwen2.5-vl` or `reference`) and apply `methods` (spec strings or config objects) in order.
+
+    `attn_implementation` ("sdpa", "eager", "flex_attention", "flash_attention_2"), `device_map` (accelerate's
+    placement, e.g. "auto" or a dict), `quantization_config` and `offload_folder` are passed to `from_pretrained`
+    unchanged."""
     from mmkit.models.loading import load_model_and_processor
 
     from mmkit.export import apply_manifest, read_manifest
 
-    hf_model, processor, source = load_model_and_processor(model, device=device, dtype=dtype)
+    hf_model, processor, source = load_model_and_processor(
+        model, device=device, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map,
+        quantization_config=quantization_config, offload_folder=offload_folder)
     session = Session(hf_model, processor, source)
     manifest = read_manifest(Path(model)) if isinstance(model, str) and Path(model).is_dir() else None
     if manifest is not None:

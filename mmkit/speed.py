@@ -25,6 +25,20 @@ _LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32
                  num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
 # LLaVA-1.5: "<s> system prompt USER:" is 35 tokens before the image; a typical question adds ~40 after it.
 _PREFIX, _SUFFIX = 35, 40
+# llava-hf/llava-onevision-qwen2-7b-ov-hf: SigLIP-so400m (384 px tiles, no CLS, features of its last layer) and
+# Qwen2-7B; anyres over 384 px multiples up to 6 x 6 tiles.
+_SIGLIP_SO400M_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                          image_size=384, patch_size=14)
+_QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rope_theta=1000000.0)
+_OV_PINPOINTS = tuple((384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7))
+# Qwen/Qwen2.5-VL-7B-Instruct: a 32-block windowed ViT (full attention in blocks 7/15/23/31), 14 px patches merged
+# 2 x 2, and a Qwen2-7B-shaped decoder with 3-D rotary positions.
+_QWEN25_VIT = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                   window_size=112, fullatt_block_indexes=[7, 15, 23, 31], patch_size=14, spatial_merge_size=2,
+                   temporal_patch_size=2)
+_QWEN25_7B_TEXT = dict(_QWEN2_7B, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                                   "mrope_section": [16, 24, 24]})
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,10 @@ PRESETS = {
     "llava-1.5-7b": Preset("llava", _CLIP_L_336, _LLAMA_7B, 336),
     "llava-next-7b": Preset("llava_next", _CLIP_L_336, _LLAMA_7B, 672,
                             ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))),
+    # 768 px images: the base tile and 2 x 2 high-resolution tiles (3,699 visual tokens with unpadding and newlines).
+    "llava-onevision-7b": Preset("llava_onevision", _SIGLIP_SO400M_384, _QWEN2_7B, 768, _OV_PINPOINTS),
+    # 672 px images: 48 x 48 patches merged to 24 x 24 = 576 visual tokens, LLaVA-1.5's count.
+    "qwen2.5-vl-7b": Preset("qwen2_5_vl", _QWEN25_VIT, _QWEN25_7B_TEXT, 672),
     # For CPU tests of the benchmark code itself.
     "tiny": Preset("llava", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                  image_size=56, patch_size=14, projection_dim=32),
@@ -50,12 +68,45 @@ PRESETS = {
                         dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                              num_key_value_heads=4, vocab_size=512, max_position_embeddings=2048), 56,
                         ((28, 56), (56, 28), (56, 56))),
+    "tiny-onevision": Preset("llava_onevision", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, image_size=28, patch_size=14),
+                             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048), 56,
+                             ((28, 28), (28, 56), (56, 28), (56, 56))),
+    "tiny-qwen2.5-vl": Preset("qwen2_5_vl", dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                 out_hidden_size=64, window_size=32, fullatt_block_indexes=[1],
+                                                 patch_size=8, spatial_merge_size=2, temporal_patch_size=2),
+                              dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048,
+                                   bos_token_id=1, eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                    "mrope_section": [2, 3, 3]}), 64),
 }
 IMAGE_TOKEN_ID = 32000 - 1  # any id inside the vocabulary; the random model has no real tokenizer
 
 
+def _family_config(p: Preset, image_token: int):
+    """Config and class of the LLaVA-OneVision and Qwen2.5-VL presets."""
+    import transformers
+
+    if p.arch == "llava_onevision":
+        text = dict(p.text)
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta", 10000.0)}
+        config = transformers.LlavaOnevisionConfig(
+            vision_config=dict(p.vision, model_type="siglip_vision_model"), text_config=dict(text, model_type="qwen2"),
+            image_token_index=image_token, video_token_index=image_token - 1, vision_feature_layer=-1,
+            vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+            image_grid_pinpoints=[list(x) for x in p.pinpoints])
+        return config, transformers.LlavaOnevisionForConditionalGeneration
+    text = {k: v for k, v in p.text.items() if k != "rope_theta"}
+    config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=dict(p.vision), image_token_id=image_token,
+                                           video_token_id=image_token - 1, vision_start_token_id=image_token - 2,
+                                           vision_end_token_id=image_token - 3)
+    return config, transformers.Qwen2_5_VLForConditionalGeneration
+
+
 def build_random_model(preset: str, device, dtype=torch.bfloat16):
-    """A LLaVA / LLaVA-NeXT model of the preset's size with random weights, built directly on `device`."""
+    """A model of the preset's size (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision or Qwen2.5-VL) with random weights, built
+    directly on `device` (`"meta"` builds the shapes without memory)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
@@ -63,13 +114,15 @@ def build_random_model(preset: str, device, dtype=torch.bfloat16):
         raise MmkitError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
     image_token = min(IMAGE_TOKEN_ID, p.text["vocab_size"] - 1)
-    vision = CLIPVisionConfig(**p.vision)
-    text = LlamaConfig(**p.text)
-    if p.arch == "llava":
+    if p.arch in ("llava_onevision", "qwen2_5_vl"):
+        config, cls = _family_config(p, image_token)
+    elif p.arch == "llava":
+        vision, text = CLIPVisionConfig(**p.vision), LlamaConfig(**p.text)
         config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token,
                              vision_feature_layer=-2, vision_feature_select_strategy="default")
         cls = LlavaForConditionalGeneration
     else:
+        vision, text = CLIPVisionConfig(**p.vision), LlamaConfig(**p.text)
         config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=image_token,
                                  vision_feature_layer=-2, vision_feature_select_strategy="default",
                                  image_grid_pinpoints=[list(x) for x in p.pinpoints])
@@ -94,6 +147,13 @@ def make_inputs(model, preset: str, batch: int, seed: int = 0) -> dict[str, torc
         pixel_values = torch.randn(batch, 3, p.image_size, p.image_size, generator=g)
         n_image = (vision["image_size"] // vision["patch_size"]) ** 2
         extra = {}
+    elif p.arch == "qwen2_5_vl":
+        # Native resolution: (patches, C * T * P * P) rows per image and its (t, h, w) patch grid.
+        side = p.image_size // vision["patch_size"]
+        per_patch = 3 * vision["temporal_patch_size"] * vision["patch_size"] ** 2
+        pixel_values = torch.randn(batch * side * side, per_patch, generator=g)
+        extra = {"image_grid_thw": torch.tensor([[1, side, side]] * batch, device=device)}
+        n_image = side * side // vision["spatial_merge_size"] ** 2
     else:
         tiles = 1 + (p.image_size // vision["image_size"]) ** 2
         pixel_values = torch.randn(batch, tiles, 3, vision["image_size"], vision["image_size"], generator=g)
@@ -110,6 +170,8 @@ def make_inputs(model, preset: str, batch: int, seed: int = 0) -> dict[str, torc
     input_ids = torch.cat([text[:, :_PREFIX], image, text[:, _PREFIX:]], dim=1)
     input_ids[:, 0] = 1
     assert int(input_ids.max()) < vocab
+    if p.arch == "qwen2_5_vl":
+        extra["mm_token_type_ids"] = (input_ids == image_token).int().to(device)  # mRoPE: which tokens are image
     return {"input_ids": input_ids.to(device), "pixel_values": pixel_values.to(device, dtype),
             "attention_mask": torch.ones_like(input_ids, device=device), **extra}
 
@@ -167,7 +229,7 @@ def prefill_case(model, preset: str, batch: int, methods: list[str], reps: int =
 
     def vision():
         with torch.inference_mode():
-            kwargs = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+            kwargs = {k: inputs[k] for k in ("image_sizes", "image_grid_thw") if k in inputs}
             model.model.get_image_features(inputs["pixel_values"], **kwargs)
 
     session = _session(model)

@@ -2,7 +2,7 @@ import json
 
 import click
 
-from mmkit.cli.options import device_option, dtype_option, method_option, model_option
+from mmkit.cli.options import attn_option, device_option, dtype_option, method_option, model_option
 
 
 @click.command()
@@ -15,14 +15,17 @@ from mmkit.cli.options import device_option, dtype_option, method_option, model_
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling.")
 @device_option
 @dtype_option
+@attn_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def generate(model, image, prompt, methods, max_new_tokens, sample, seed, device, dtype, as_json):
+def generate(model, image, prompt, methods, max_new_tokens, sample, seed, device, dtype, attn_implementation,
+             as_json):
     """Answer PROMPT about IMAGE, with optional methods; prints the answer and efficiency stats."""
     import mmkit
     from mmkit.images import load_image
 
     picture = load_image(image)  # fail on a bad image before spending time loading the model
-    session = mmkit.load(model, methods=list(methods), device=device, dtype=dtype)
+    session = mmkit.load(model, methods=list(methods), device=device, dtype=dtype,
+                         attn_implementation=attn_implementation)
     result = session.generate([picture], [prompt], max_new_tokens=max_new_tokens, do_sample=sample, seed=seed)[0]
     stats = result.stats
     record = {

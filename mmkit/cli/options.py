@@ -6,7 +6,8 @@ DEFAULT_MODEL = "reference"
 
 model_option = click.option(
     "--model", "model", default=DEFAULT_MODEL, show_default=True,
-    help="Built-in name (reference, tiny-random), local directory, or hub id of a LLaVA / LLaVA-NeXT checkpoint.",
+    help="Built-in name (reference, tiny-random, tiny-random-qwen2.5-vl, ...), local directory, or hub id of a "
+         "LLaVA, LLaVA-NeXT, LLaVA-OneVision or Qwen2/2.5/3-VL checkpoint.",
 )
 method_option = click.option(
     "--method", "methods", multiple=True, metavar="SPEC",
@@ -14,6 +15,11 @@ method_option = click.option(
 )
 device_option = click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available).")
 dtype_option = click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: the checkpoint's).")
+attn_option = click.option(
+    "--attn-implementation", "attn_implementation", default=None,
+    type=click.Choice(["sdpa", "eager", "flex_attention", "flash_attention_2"]),
+    help="Attention implementation to load the model with (default: transformers' choice, usually sdpa).",
+)
 
 
 def calibration_data_options(fn):

@@ -5,7 +5,8 @@ import click
 
 
 @click.command()
-@click.option("--preset", type=click.Choice(["llava-1.5-7b", "llava-next-7b", "tiny", "tiny-next"]),
+@click.option("--preset", type=click.Choice(["llava-1.5-7b", "llava-next-7b", "llava-onevision-7b", "qwen2.5-vl-7b",
+                                             "tiny", "tiny-next", "tiny-onevision", "tiny-qwen2.5-vl"]),
               default="llava-1.5-7b", show_default=True)
 @click.option("--batch", type=int, default=8, show_default=True, help="Prefill batch size.")
 @click.option("--method", "methods", multiple=True, metavar="SPEC",

@@ -18,6 +18,7 @@ import logging
 from typing import Any
 
 from mmkit.errors import MmkitError
+from mmkit.models.family_inputs import fix_branch_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -157,9 +158,10 @@ def _build_class():
                 n_ctx = inputs["input_ids"].shape[1]
                 attention = torch.cat([inputs["attention_mask"], mask.to(inputs["attention_mask"])], 1)
                 inputs = dict(inputs, input_ids=torch.cat([inputs["input_ids"], extra], 1), attention_mask=attention)
+                inputs = fix_branch_inputs(session.adapter, inputs)  # Qwen-VL: token types follow the longer rows
                 brancher = session._brancher()
                 if brancher is not None:
-                    logits = session.model(**brancher.expand_inputs(session, inputs), use_cache=False).logits
+                    logits = session.model(**session.expand_branches(brancher, inputs), use_cache=False).logits
                     steps = [brancher.combine_logits(logits[:, n_ctx - 1 + t, :].float()) for t in range(width)]
                     logits = torch.stack(steps, 1)
                 else:

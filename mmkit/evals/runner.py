@@ -183,6 +183,10 @@ def run_eval(model: str = "reference", bench: str = "pope", split: str | None = 
         if state is not None and device is None:
             device = state.device  # one GPU per process under accelerate launch
         session = mmkit.load(model, methods=list(methods), device=device, dtype=dtype)
+    if bench == "ground":
+        from mmkit.models.families import check_grounding
+
+        check_grounding(session.adapter.family)  # before anything is written to the output directory
     method_specs = [h.spec for h in session.methods]
     ground = {"mode": ground_mode, "sam": sam or "shipped"} if bench == "ground" else None
     settings = _settings(session.source or model, bench, split, method_specs, limit, decoding, seed, world_seed,

@@ -347,7 +347,9 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
     """
     from mmkit.grounding.prompts import mask_to_box, nms, prompts_from_map, resample_prompt, upsample_map
     from mmkit.images import load_image
+    from mmkit.models.families import check_grounding
 
+    check_grounding(session.adapter.family)  # family handling: refuse layouts the maps cannot place, up front
     cfg = config or preset_config(auto_preset(session))
     pil = [load_image(img) for img in images]
     if not pil:

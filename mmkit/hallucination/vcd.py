@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mmkit.models.family_inputs import patch_pixel_noise
 from mmkit.hallucination.common import check_float, restrict_to_plausible, split_branches, stack_branches
 from mmkit.registry import register_method
 
@@ -60,13 +61,16 @@ def diffusion_coefficients(step: int, num_steps: int = DIFFUSION_STEPS) -> tuple
     return float(alpha_bar.sqrt()), float((1.0 - alpha_bar).sqrt())
 
 
-def add_diffusion_noise(pixel_values: torch.Tensor, step: int, seed: int) -> torch.Tensor:
+def add_diffusion_noise(pixel_values: torch.Tensor, step: int, seed: int, noise: torch.Tensor | None = None
+                        ) -> torch.Tensor:
     """Forward-diffuse each row of `pixel_values` (the processed, normalised image tensor, as the official code
-    does) to `step`. Every row gets the noise drawn from `seed`, so a row's result is independent of the batch."""
+    does) to `step`. Every row gets the noise drawn from `seed`, so a row's result is independent of the batch.
+    `noise`, if given, is used instead (families whose rows are flattened patches draw it per image)."""
     keep, noise_scale = diffusion_coefficients(step)
-    row_shape = pixel_values.shape[1:]
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    noise = torch.randn(row_shape, generator=generator, dtype=torch.float32).to(pixel_values.device)
+    if noise is None:
+        row_shape = pixel_values.shape[1:]
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        noise = torch.randn(row_shape, generator=generator, dtype=torch.float32).to(pixel_values.device)
     noised = keep * pixel_values.float() + noise_scale * noise
     return noised.to(pixel_values.dtype)
 
@@ -85,7 +89,8 @@ class VCDHandle:
         if "pixel_values" not in inputs:
             raise ValueError("vcd needs image inputs (pixel_values); got a text-only batch")
         self._branches = 2
-        noised = add_diffusion_noise(inputs["pixel_values"], self.config.noise_step, self.config.seed)
+        noise = patch_pixel_noise(session.adapter, inputs, self.config.seed)  # Qwen-VL: per image, not per patch
+        noised = add_diffusion_noise(inputs["pixel_values"], self.config.noise_step, self.config.seed, noise)
         return stack_branches(inputs, pixel_values=noised)
 
     def combine_logits(self, logits: torch.Tensor) -> torch.Tensor:

@@ -11,19 +11,44 @@ from dataclasses import dataclass
 import torch
 
 from mmkit.errors import UnsupportedModelError
+from mmkit.models.families import FAMILIES, Family
 
-SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
 
 @dataclass
 class LlavaAdapter:
-    """Adapter for `LlavaForConditionalGeneration` and `LlavaNextForConditionalGeneration` (same module layout)."""
+    """Adapter for every supported family. All keep the decoder at `model.model.language_model`; the vision tower
+    is `model.model.vision_tower` (LLaVA, LLaVA-NeXT, LLaVA-OneVision) or `model.model.visual` (Qwen-VL)."""
 
     model: torch.nn.Module
 
     @property
     def architecture(self) -> str:
         return supported_base(self.model)
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.architecture]
+
+    @property
+    def has_cls_token(self) -> bool:
+        """Whether the vision tower has a CLS token (CLIP: yes; SigLIP and the Qwen-VL towers: no). Read this, not
+        `vision_feature_select_strategy`: OneVision's "full" keeps every SigLIP patch, with no CLS among them."""
+        return self.family.cls_token
+
+    @property
+    def attn_implementation(self) -> str:
+        """The attention implementation the decoder was loaded with (what runs where no method intervenes)."""
+        return str(self.text_config._attn_implementation)
+
+    @property
+    def first_droppable_layer(self) -> int:
+        """The first decoder layer before which tokens may be dropped. Layer 0 always stays whole; Qwen3-VL adds
+        DeepStack visual features to the outputs of its first layers at the original image positions, so the
+        sequence must stay whole until those additions are done."""
+        deepstack = getattr(getattr(self.config, "vision_config", None), "deepstack_visual_indexes", None)
+        return max(1, len(deepstack or ()))
 
     @property
     def config(self):
@@ -43,7 +68,7 @@ class LlavaAdapter:
 
     @property
     def vision_tower(self) -> torch.nn.Module:
-        return self.model.model.vision_tower
+        return getattr(self.model.model, self.family.vision_attr)
 
     @property
     def decoder_layers(self) -> torch.nn.ModuleList:
@@ -74,11 +99,13 @@ class LlavaAdapter:
 
     @property
     def vision_feature_layer(self):
-        return self.model.config.vision_feature_layer
+        """The vision layer LLaVA-style models read features from; None for Qwen-VL (its merger reads the last)."""
+        return getattr(self.model.config, "vision_feature_layer", None)
 
     @property
-    def vision_feature_select_strategy(self) -> str:
-        return self.model.config.vision_feature_select_strategy
+    def vision_feature_select_strategy(self) -> str | None:
+        """LLaVA's CLS handling ("default" drops it, "full" keeps it); None for Qwen-VL, whose tower has no CLS."""
+        return getattr(self.model.config, "vision_feature_select_strategy", None)
 
     def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Bool (B, L): True where a position holds an image token."""

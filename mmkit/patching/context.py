@@ -22,6 +22,8 @@ _PREFILL_FIELDS = ("image_mask", "attention_mask", "image_counts")
 class ForwardContext:
     num_layers: int
     image_token_id: int
+    # Decoder layers before this one must see the whole sequence (see `TokenDropper`); set from the model family.
+    first_droppable_layer: int = 1
     prefill: bool = False
     image_mask: torch.Tensor | None = None          # (B, n) bool, positions of image tokens in the prefill
     image_counts: list[int] = field(default_factory=list)  # image tokens per row, on the host
@@ -94,8 +96,9 @@ class ForwardContext:
     def start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         self.prefill = True
         self.image_mask = input_ids == self.image_token_id
-        # Only a 2-D padding mask tells which positions are padding (static-cache generation passes a 4-D one).
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        # Only a 2-D padding mask tells which positions are padding (static-cache generation passes a 4-D one, or
+        # for decoders with sliding-window layer types such as Qwen2's, a dict of them per layer type).
+        if attention_mask is not None and (not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape):
             attention_mask = None
         self.attention_mask = attention_mask
         self.prompt_image_mask = self.image_mask

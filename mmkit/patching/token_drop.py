@@ -91,9 +91,13 @@ class TokenDropper:
     def __init__(self, ctx: ForwardContext, layers: torch.nn.ModuleList, schedule: dict[int, Selector]):
         if not schedule:
             raise ValueError("a TokenDropper needs at least one drop layer")
-        if min(schedule) < 1 or max(schedule) >= len(layers):
-            # Layer 0 must stay whole: the decoder sizes its masks from layer 0's cache.
-            raise ValueError(f"drop layers must be in [1, {len(layers) - 1}], got {sorted(schedule)}")
+        first = max(1, ctx.first_droppable_layer)
+        if min(schedule) < first or max(schedule) >= len(layers):
+            # Layer 0 must stay whole: the decoder sizes its masks from layer 0's cache. (Family handling: Qwen3-VL
+            # adds DeepStack features at the original image positions after its first layers, so those stay whole.)
+            why = "" if first == 1 else (f" (this model adds DeepStack visual features after decoder layers "
+                                         f"0-{first - 1}, at the original image positions)")
+            raise ValueError(f"drop layers must be in [{first}, {len(layers) - 1}], got {sorted(schedule)}{why}")
         self.ctx = ctx
         self.schedule = dict(schedule)
         self.first = min(schedule)
@@ -199,8 +203,8 @@ class TokenDropper:
             mask = _apply_key_valid(mask, _pad_valid(self.valid, mask.shape[-1]))
             # A padded slot may see no valid key; let it see itself so its row never softmaxes to NaN (a NaN value
             # would poison real rows even at zero weight).
-            eye = torch.eye(m, mask.shape[-1], dtype=torch.bool, device=idx.device)[None, None]
-            eye = eye & ~self.valid[:, None, :, None]
+            eye = torch.eye(m, mask.shape[-1], dtype=torch.bool, device=mask.device)[None, None]
+            eye = eye & ~self.valid.to(mask.device)[:, None, :, None]
             mask = mask | eye if mask.dtype == torch.bool else mask.masked_fill(eye, 0.0)
         kwargs["attention_mask"] = mask
         return kwargs
@@ -251,6 +255,9 @@ def _pad_valid(valid: torch.Tensor, length: int) -> torch.Tensor:
 def _take(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """x.gather(dim, index) where index is (B, m) over axis `dim`; size-1 batch or head axes broadcast."""
     batch, m = index.shape
+    # Family handling: with a device map the rotary tables and masks live where the decoder made them, the index
+    # where the hidden states are; gather on the tensor's device.
+    index = index.to(x.device)
     if x.shape[0] == 1 and batch > 1:
         x = x.expand(batch, *x.shape[1:])
     view = [batch] + [1] * (x.dim() - 1)
@@ -263,7 +270,7 @@ def _take(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
 def _apply_key_valid(mask: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     if valid is None:
         return mask
-    key_ok = valid[:, None, None, :]
+    key_ok = valid.to(mask.device)[:, None, None, :]
     if mask.dtype == torch.bool:
         return mask & key_ok
     return mask.masked_fill(~key_ok, torch.finfo(mask.dtype).min)

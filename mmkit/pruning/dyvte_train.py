@@ -131,6 +131,14 @@ def _teacher_forced_inputs(inputs: dict, answers: list[list[int]], pad: int) -> 
         new_mask[b, n - len(row):] = 1
     out = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     out["input_ids"], out["attention_mask"] = new_ids.to(ids.device), new_mask.to(ids.device)
+    if "mm_token_type_ids" in inputs:
+        # Qwen-VL derives 3-D positions from per-token types: the answer tokens are text (type 0).
+        types = inputs["mm_token_type_ids"]
+        new_types = torch.zeros_like(new_ids)
+        for b in range(ids.shape[0]):
+            prompt = types[b][mask[b].bool()]
+            new_types[b, n - len(rows[b]): n - len(rows[b]) + len(prompt)] = prompt.cpu()
+        out["mm_token_type_ids"] = new_types.to(types.device, types.dtype)
     return out
 
 

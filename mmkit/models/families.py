@@ -1,0 +1,96 @@
+"""The model families mmkit supports: what each looks like to a method, and which methods it refuses and why.
+
+A refusal is raised at `Session.apply`, before any hook is installed or any forward runs, as one line naming the
+family and the reason. `docs_support_matrix()` renders the method x family table in the README from this table and
+the method registry, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str                  # short name used in messages and the support matrix
+    architecture: str          # the transformers class
+    vision_attr: str           # attribute of `model.model` holding the vision tower
+    cls_token: bool            # whether the vision tower has a CLS token
+    visual_layout: str         # how image tokens are laid out (for `mmkit info`)
+    builtin: str               # the built-in tiny model of this family
+    refuses: dict[str, str] = field(default_factory=dict)  # method name -> why it cannot run on this family
+    # Why VL-SAM grounding (`Session.ground`, not a registered method) cannot run on this family; None = it can.
+    grounding_refused: str | None = None
+
+
+# VL-SAM turns the attention over one square grid of patch tokens into a map; multi-tile and native-resolution
+# layouts need their own map geometry.
+_GROUNDING_TILES = "its attention maps assume one square grid of patch tokens per image (the LLaVA-1.5 layout), " \
+                   "and anyres tiles with row newlines are not yet mapped back to the image"
+_GROUNDING_NATIVE = "its attention maps assume one square grid of patch tokens per image (the LLaVA-1.5 layout), " \
+                    "and native-resolution grids of any aspect ratio are not yet mapped back to the image"
+
+_TILED_REDUCTION = ("vision-side reduction supports the LLaVA-1.5 layout (one tile per image) only: anyres tiles "
+                    "and row newlines are packed into the image tokens; not yet adapted")
+_PAINT = ("it reads per-patch vision-tower features of the LLaVA-1.5 layout (one image = one run of patch tokens); "
+          "not yet adapted")
+_NEXT_REFUSALS = {
+    "visionzip": _TILED_REDUCTION,
+    "vflowopt": _TILED_REDUCTION,
+    "paint": _PAINT,
+    "agla": "its augmented view is built for LLaVA-1.5-layout models (one image tile per row); not yet adapted",
+}
+_ONEVISION_REFUSALS = dict(_NEXT_REFUSALS)
+_QWEN_REFUSALS = {
+    "visionzip": "its dominant tokens are ranked by attention inside the vision tower before the LLM (the LLaVA-1.5 "
+                 "layout), and the Qwen-VL patch merger packs 2 x 2 patches per visual token; not yet adapted",
+    "vflowopt": "it reduces tokens inside the vision tower (the LLaVA-1.5 layout), and the Qwen-VL patch merger packs "
+                "2 x 2 patches per visual token; not yet adapted",
+    "paint": _PAINT,
+    "agla": "its augmented view is built for LLaVA-1.5-layout models (one fixed-size tile per image); not yet adapted",
+}
+
+FAMILIES: dict[str, Family] = {
+    f.architecture: f
+    for f in (
+        Family("llava-1.5", "LlavaForConditionalGeneration", "vision_tower", True,
+               "one fixed grid of patch tokens per image", "tiny-random"),
+        Family("llava-next", "LlavaNextForConditionalGeneration", "vision_tower", True,
+               "anyres: base tile plus high-resolution tiles, unpadded, with row newlines", "tiny-random-next",
+               _NEXT_REFUSALS, _GROUNDING_TILES),
+        Family("llava-onevision", "LlavaOnevisionForConditionalGeneration", "vision_tower", False,
+               "anyres: base tile plus high-resolution tiles, unpadded, with row newlines", "tiny-random-onevision",
+               _ONEVISION_REFUSALS, _GROUNDING_TILES),
+        Family("qwen2-vl", "Qwen2VLForConditionalGeneration", "visual", False,
+               "native resolution, 2 x 2 patches merged per token, 3-D rotary positions", "tiny-random-qwen2-vl",
+               _QWEN_REFUSALS, _GROUNDING_NATIVE),
+        Family("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", "visual", False,
+               "native resolution, 2 x 2 patches merged per token, 3-D rotary positions", "tiny-random-qwen2.5-vl",
+               _QWEN_REFUSALS, _GROUNDING_NATIVE),
+        Family("qwen3-vl", "Qwen3VLForConditionalGeneration", "visual", False,
+               "native resolution, 2 x 2 patches merged per token, 3-D rotary positions, DeepStack",
+               "tiny-random-qwen3-vl", _QWEN_REFUSALS, _GROUNDING_NATIVE),
+    )
+}
+MODEL_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+               "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+               "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+               "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+
+
+GROUND = "ground"  # the support matrix's row for VL-SAM grounding
+
+
+def refusal(family: Family, method: str) -> str | None:
+    """The one-line reason `method` (a registered method, or `GROUND`) cannot run on `family`, or None."""
+    reason = family.grounding_refused if method == GROUND else family.refuses.get(method)
+    return None if reason is None else f"{method} does not support {family.name} ({family.architecture}): {reason}"
+
+
+def check_grounding(family: Family) -> None:
+    """Raise the one-line reason VL-SAM grounding cannot run on `family` (before any model or SAM work)."""
+    from mmkit.errors import MmkitError
+
+    reason = refusal(family, GROUND)
+    if reason:
+        raise MmkitError(reason.replace(f"{GROUND} does", "VL-SAM grounding does", 1))
