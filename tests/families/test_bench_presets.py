@@ -40,8 +40,8 @@ def test_tiny_family_presets_run_prefill_and_generate_with_a_method(preset):
     assert all(r.ms > 0 for r in gen)
 
 
-def test_bench_cli_accepts_the_family_presets():
-    result = CliRunner().invoke(main, ["bench", "--preset", "tiny-qwen2.5-vl", "--device", "cpu", "--dtype",
+def test_speed_cli_accepts_the_family_presets():
+    result = CliRunner().invoke(main, ["speed", "--preset", "tiny-qwen2.5-vl", "--device", "cpu", "--dtype",
                                        "float32", "--batch", "2", "--reps", "1", "--cases", "prefill"])
     assert result.exit_code == 0, result.output
     assert "preset tiny-qwen2.5-vl" in result.output and "fastv:layer=2,keep=0.1" in result.output
