@@ -152,7 +152,7 @@ def write_report(args, done) -> None:
     lines += _summary(done, "main")
     visor = _summary(done, "visor")
     if visor:
-        lines += ["", "### VISOR (own block: baseline re-measured in the same run)", ""] + visor
+        lines += ["", "### VISOR, frozen-base approximation (own block: baseline re-measured in the same run)", ""] + visor
     for title, bench, split, runs in done:
         for r in runs:
             if r["methods"] == ["dyvte"]:

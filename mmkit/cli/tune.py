@@ -18,19 +18,27 @@ def tune():
 @click.option("--seed", type=int, default=0, show_default=True, help="Search seed (same seed, same result).")
 @click.option("--samples", type=int, default=16, show_default=True, help="Calibration samples.")
 @click.option("--trials", type=int, default=32, show_default=True, help="Configurations evaluated.")
+@click.option("--startup-trials", type=int, default=None,
+              help="Random configurations before TPE takes over [default: a third of --trials, at most 27].")
+@click.option("--paper-budget", is_flag=True,
+              help="The official search budget: 300 trials, 27 of them random (overrides --trials/--startup-trials).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @calibration_data_options
 @device_option
 @dtype_option
-def vflowopt(model, budget, out, seed, samples, trials, batch_size, data, images, coco, device, dtype):
-    """Tune VFlowOpt for a token budget by minimising the change of the last prompt token's final hidden state.
+def vflowopt(model, budget, out, seed, samples, trials, startup_trials, paper_budget, batch_size, data, images, coco,
+             device, dtype):
+    """Tune VFlowOpt for a token budget by minimising the change of the last prompt token's final hidden state
+    (optuna TPE search; needs the `tune` extra).
 
     Calibration samples come from the reference world unless --data or --coco is given."""
     import mmkit
     from mmkit.errors import MmkitError
     from mmkit.evals.calibration_data import describe_source, user_samples
-    from mmkit.pruning.vflowopt import save_config, tune_vflowopt
+    from mmkit.tuning.vflowopt import PAPER_STARTUP_TRIALS, PAPER_TRIALS, save_config, tune_vflowopt
 
+    if paper_budget:
+        trials, startup_trials = PAPER_TRIALS, PAPER_STARTUP_TRIALS
     items = user_samples(data, images, coco, n=samples, seed=seed)  # files are checked before the model loads
     calibration = None if items is None else ([it.image for it in items], [it.prompt for it in items])
     session = mmkit.load(model, device=device, dtype=dtype)
@@ -40,7 +48,8 @@ def vflowopt(model, budget, out, seed, samples, trials, batch_size, data, images
 
     try:
         config, record = tune_vflowopt(session, budget, samples=samples, trials=trials, seed=seed,
-                                       batch_size=batch_size, progress=progress, calibration=calibration)
+                                       batch_size=batch_size, startup_trials=startup_trials, progress=progress,
+                                       calibration=calibration)
     except ValueError as err:
         raise MmkitError(str(err)) from None
     record["calibration_data"] = describe_source(data, images, coco) or "reference world"

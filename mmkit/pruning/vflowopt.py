@@ -7,18 +7,20 @@ flow of visual information.
    Plus `entropy_weight` x softmax(patch entropy), the entropy of the patch's 256-bin grey-level histogram.
 2. Before the LLM: keep the highest-scoring `vision_keep` share of each image's tokens; the dropped tokens are
    recycled: per `merge_cell` x `merge_cell` cell of the patch grid, one importance-weighted mean placed at the
-   cell's most important dropped token. Kept tokens keep their original position ids.
+   cell's most important dropped token. The merge is taken over the projector's output (the LLM-space tokens),
+   as the official code does. The shortened sequence is numbered contiguously, as an image with fewer tokens
+   would be (the official code rebuilds the position ids of the shorter sequence); `positions=original` keeps
+   the original position ids instead.
 3. Inside the LLM, at `llm_layers`, drop the lowest-scoring image tokens again, keeping `llm_keep[i]` of the
-   survivors, ranked by the same ViT scores (no LLM attention needed; `TokenDropper`).
-4. `tune_vflowopt` searches (vision_keep, first-stage keep, threshold, merge_cell, entropy_weight) for a token
-   budget (mean visual-token share over decoder layers; the last stage's keep is solved to meet it), minimising
-   the cosine distance between the last prompt token's final hidden state with and without pruning over a
-   calibration set. Seeded, so a rerun gives the same configuration. `mmkit tune vflowopt` writes it as JSON and
-   `vflowopt:config=PATH` loads it.
+   survivors, ranked by the same ViT scores (no LLM attention needed; `TokenDropper`). These drops keep the
+   position ids the survivors had, as the official LLM-side stages do.
+4. `mmkit.tuning.vflowopt.tune_vflowopt` searches (vision_keep, first-stage keep, threshold, merge_cell,
+   entropy_weight) for a token budget with optuna's TPE sampler. `mmkit tune vflowopt` writes the result as
+   JSON (with the model it was tuned for) and `vflowopt:config=PATH` loads it; the reference model's are shipped.
 
-Differences from the official code (LLaVA-OneVision/SigLIP): CLIP has a CLS token, which is always a global token;
-patch entropy is computed from the pixels rescaled per image to 0..255 (the official code casts normalised values
-to uint8); the search is a seeded random search with local refinement instead of scikit-optimize.
+The defaults are the released LLaVA-OneVision-7B setting for a 25 % budget; `tuned_for` names the model a setting
+was tuned for, and applying one to another model logs a warning. Deviations from the official code
+(LLaVA-OneVision/SigLIP), with reasons, are listed in docs/vflowopt.md.
 """
 
 from __future__ import annotations
@@ -27,10 +29,9 @@ import dataclasses
 import json
 import logging
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 
@@ -52,6 +53,9 @@ logger = logging.getLogger(__name__)
 # Configurations tuned for the reference model (`mmkit tune vflowopt --samples 32 --trials 48 --seed 0`), by name.
 SHIPPED_TUNED = shipped_dir("vflowopt")
 
+# The model the default (paper) values were tuned for: the released 25 % setting of the official code.
+PAPER_TUNED_FOR = "llava-onevision-qwen2-7b-ov"
+
 # Fields a tuned configuration file sets.
 _TUNED_FIELDS = ("vision_keep", "threshold", "merge_cell", "entropy_weight", "llm_layers", "llm_keep")
 
@@ -60,7 +64,8 @@ _TUNED_FIELDS = ("vision_keep", "threshold", "merge_cell", "entropy_weight", "ll
 class VFlowOptConfig:
     """VFlowOpt: ViT-importance pruning with recycling before the LLM, then staged drops inside it.
 
-    Defaults: the released LLaVA-OneVision-7B setting for a 25% budget (merge cell 15.58 of 27 patches).
+    Defaults: the released LLaVA-OneVision-7B setting for a 25% budget (merge cell 15.58 of 27 patches), so
+    `tuned_for` defaults to that model; a file from `mmkit tune vflowopt` sets the model it was tuned on.
     """
 
     vision_keep: float = field(default=0.265, metadata={"help": "share of each image's tokens entering the LLM "
@@ -73,11 +78,14 @@ class VFlowOptConfig:
                                                                       "(empty: evenly spaced, 9 and 18 of 28)"})
     llm_keep: tuple[float, ...] = field(default=(0.983, 0.877), metadata={"help": "share of surviving image tokens "
                                                                                   "kept at each LLM stage"})
-    positions: Literal["original", "contiguous"] = field(default="original",
-                                                         metadata={"help": "position ids of the kept tokens"})
+    positions: Literal["contiguous", "original"] = field(
+        default="contiguous", metadata={"help": "position ids after the vision-side stage: renumber the shorter "
+                                                "sequence (official code) or keep the originals"})
     config: str = field(default="", metadata={"help": "JSON file written by `mmkit tune vflowopt` (sets the tuned "
                                                       "fields), or a shipped one by name: reference-0.5, "
                                                       "reference-0.25, reference-0.1"})
+    tuned_for: str = field(default=PAPER_TUNED_FOR, metadata={
+        "help": "model the tuned fields were tuned for (set from a tuned file); another model gets a warning"})
 
     def __post_init__(self):
         if self.config:
@@ -107,7 +115,9 @@ class VFlowOptConfig:
         if self.llm_layers and len(self.llm_layers) != len(self.llm_keep):
             raise ValueError(f"llm_layers {self.llm_layers} and llm_keep {self.llm_keep} must have the same length")
         if self.positions not in ("original", "contiguous"):
-            raise ValueError(f"positions must be original or contiguous, got {self.positions!r}")
+            raise ValueError(f"positions must be contiguous or original, got {self.positions!r}")
+        if not isinstance(self.tuned_for, str) or not self.tuned_for.strip():
+            raise ValueError(f"tuned_for must name a model, got {self.tuned_for!r}")
 
     def _load(self, path: str) -> None:
         file = Path(path)
@@ -136,6 +146,9 @@ class VFlowOptConfig:
             if mine != getattr(defaults, name) and mine != value:
                 raise ValueError(f"{name}={mine} conflicts with {value} from {path!r}; set one or the other")
             setattr(self, name, value)
+        tuned_for = data.get("model")
+        if isinstance(tuned_for, str) and tuned_for and self.tuned_for == PAPER_TUNED_FOR:
+            self.tuned_for = tuned_for
 
     def spec_baseline(self) -> "VFlowOptConfig":
         """What a spec string is written against: the values of the tuned file when one is named (with an empty
@@ -192,19 +205,41 @@ def importance_scores(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: f
     return torch.bmm(weights[:, None, :], attn)[:, 0]                         # (I, T)
 
 
-def vflowopt_plan(features: torch.Tensor, scores: torch.Tensor, grid: int, vision_keep: float, merge_cell: float,
-                  cls_in_features: bool) -> tuple[ReductionPlan, torch.Tensor]:
-    """Prune + recycle one batch of images. features (I, N, C); scores (I, N) per feature token.
+@dataclass
+class Recycling:
+    """Where the dropped tokens of each image go: cell c of image i is merged into token `place[i, c]` with
+    weights `weights[i, c]` over the image's N tokens (zero outside the cell's dropped tokens); `used[i, c]` is
+    False for cells with no dropped token."""
 
-    Returns the plan (kept tokens in image order, merged tokens written into their slots) and the score of each
-    plan slot (I, k) for the LLM-side stages.
+    place: torch.Tensor      # (I, cells) long
+    weights: torch.Tensor    # (I, cells, N) float32
+    used: torch.Tensor       # (I, cells) bool
+
+    def apply(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Write each cell's weighted mean of `tokens` (I, N, D) into its place (returns a new tensor)."""
+        merged = torch.bmm(self.weights.to(tokens.device), tokens.float())
+        merged = merged / self.weights.sum(-1, keepdim=True).to(tokens.device).clamp_min(1e-12)
+        out = tokens.clone()
+        rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(self.place)
+        used = self.used.to(tokens.device)
+        place = self.place.to(tokens.device)
+        out[rows[used], place[used]] = merged[used].to(out.dtype)
+        return out
+
+
+def vflowopt_plan(scores: torch.Tensor, grid: int, vision_keep: float, merge_cell: float, cls_in_features: bool
+                  ) -> tuple[ReductionPlan, Recycling | None, torch.Tensor]:
+    """Prune + recycle one batch of images, from each feature token's score, scores (I, N).
+
+    Returns the plan (kept tokens, merged ones included, in image order), the recycling to apply to the
+    projected tokens (None without merging), and the score of each plan slot (I, k) for the LLM-side stages.
     """
-    n_img, n_feat, _ = features.shape
-    device = features.device
+    n_img, n_feat = scores.shape
+    device = scores.device
     budget = min(n_feat, max(1, round(vision_keep * n_feat)))
     order_all = torch.arange(n_feat, device=device).expand(n_img, n_feat)
     if budget >= n_feat:
-        return ReductionPlan(order=order_all), scores
+        return ReductionPlan(order=order_all), None, scores
     offset = 1 if cls_in_features else 0
     cell = max(1, round(merge_cell * grid)) if merge_cell > 0 else 0
     per_side = math.ceil(grid / cell) if cell else 0
@@ -216,7 +251,7 @@ def vflowopt_plan(features: torch.Tensor, scores: torch.Tensor, grid: int, visio
         n_top = max(n_top, 1)
     keep = torch.zeros(n_img, n_feat, dtype=torch.bool, device=device)
     keep.scatter_(1, torch.topk(rank_scores, n_top, dim=1).indices, True)
-    edited = None
+    recycling = None
     if cell:
         dropped = ~keep
         if cls_in_features:
@@ -226,23 +261,21 @@ def vflowopt_plan(features: torch.Tensor, scores: torch.Tensor, grid: int, visio
         member = torch.zeros(n_cells, n_feat, dtype=torch.bool, device=device)
         member[cell_id, patch + offset] = True
         in_cell = member[None] & dropped[:, None, :]                             # (I, cells, N)
-        nonempty = in_cell.any(-1)
+        used = in_cell.any(-1)
         masked = torch.where(in_cell, scores[:, None, :].float(), torch.tensor(float("-inf"), device=device))
         place = masked.argmax(-1)                                                # most important dropped token
-        weight = torch.where(in_cell, scores[:, None, :].float().clamp_min(0) + 1e-6, torch.zeros((), device=device))
-        merged = torch.bmm(weight, features.float()) / weight.sum(-1, keepdim=True).clamp_min(1e-12)
-        edited = features.clone()
+        # Importance-weighted, as the official code; the small floor keeps a cell of zero-score tokens a mean.
+        weights = torch.where(in_cell, scores[:, None, :].float().clamp_min(0) + 1e-6, torch.zeros((), device=device))
         rows = torch.arange(n_img, device=device)[:, None].expand_as(place)
-        ok = nonempty
-        edited[rows[ok], place[ok]] = merged[ok].to(edited.dtype)
-        keep[rows[ok], place[ok]] = True
+        keep[rows[used], place[used]] = True
+        recycling = Recycling(place=place, weights=weights, used=used)
     counts = keep.sum(1)
     k_max = int(counts.max())
     order = torch.sort(torch.where(keep, order_all, order_all + n_feat), dim=1).values[:, :k_max]
     valid = torch.arange(k_max, device=device)[None] < counts[:, None]
     order = torch.where(valid, order, 0)
-    plan = ReductionPlan(order=order, valid=None if bool(valid.all()) else valid, features=edited)
-    return plan, scores.gather(1, order)
+    plan = ReductionPlan(order=order, valid=None if bool(valid.all()) else valid)
+    return plan, recycling, scores.gather(1, order)
 
 
 def visual_share(vision_keep: float, stage_layers: Sequence[int], llm_keep: Sequence[float], num_layers: int) -> float:
@@ -268,13 +301,24 @@ class VFlowOptHandle:
         self._cls_in_features = adapter.vision_feature_select_strategy != "default"
         self.stage_layers = config.stage_layers(adapter.num_layers)
         self._stage_keep = dict(zip(self.stage_layers, config.llm_keep))
+        if config.tuned_for != (session.source or ""):
+            logger.warning(
+                "vflowopt: this setting was tuned for %s, not %s; VFlowOpt's hyper-parameters are per model and "
+                "budget: tune them with `mmkit tune vflowopt --model %s --budget B --out FILE` and pass "
+                "vflowopt:config=FILE%s", config.tuned_for, session.source or "this model", session.source or "MODEL",
+                " (or config=reference-0.25 etc., tuned for this model)" if session.source == "reference" else "")
         self._slot_scores: torch.Tensor | None = None
         self._seq_scores: torch.Tensor | None = None
+        self._recycling: Recycling | None = None
         self._capture = VisionLayerCapture(adapter, feature_layer_index(adapter), pixels=config.entropy_weight != 0)
         self._dropper = None
         self._reducer = None
+        self._merge_hook = None
         try:
             self._reducer = PreLLMReducer(session, self._plan, positions=config.positions)
+            # Recycling merges projected tokens: a forward hook on the projector, after the reducer's pre-hook
+            # has planned this batch.
+            self._merge_hook = session.model.model.multi_modal_projector.register_forward_hook(self._merge)
             self._reducer.after_reduce.append(self._on_reduce)
             if self.stage_layers:
                 self._dropper = TokenDropper(session.context, adapter.decoder_layers,
@@ -300,9 +344,16 @@ class VFlowOptHandle:
         return scores
 
     def _plan(self, features: torch.Tensor) -> ReductionPlan:
-        plan, self._slot_scores = vflowopt_plan(features, self._scores(features), self.grid, self.config.vision_keep,
-                                                self.config.merge_cell, self._cls_in_features)
+        plan, self._recycling, self._slot_scores = vflowopt_plan(
+            self._scores(features), self.grid, self.config.vision_keep, self.config.merge_cell,
+            self._cls_in_features)
         return plan
+
+    def _merge(self, module, args, output):
+        recycling, self._recycling = self._recycling, None
+        if recycling is None:
+            return None
+        return recycling.apply(output)
 
     def _on_reduce(self, reducer: PreLLMReducer) -> None:
         self._seq_scores = reducer.gather_image_values(self._slot_scores)
@@ -323,6 +374,9 @@ class VFlowOptHandle:
         return dataclasses.replace(self.config, config="")
 
     def remove(self) -> None:
+        if self._merge_hook is not None:
+            self._merge_hook.remove()
+            self._merge_hook = None
         if self._dropper is not None:
             self._dropper.remove()
             self._dropper = None
@@ -345,142 +399,5 @@ register_method(
 )
 
 
-# -- tuning -----------------------------------------------------------------------------------------------------
-def calibration_set(samples: int, world_seed: int = 2) -> tuple[list, list[str]]:
-    """Images and prompts from the reference world (a seed neither trained on nor evaluated): half POPE
-    questions, half VQA questions, scene by scene."""
-    from mmkit.evals.benches import select_questions
-    from mmkit.world.scenes import generate_scene
-
-    half = (samples + 1) // 2
-    questions = select_questions("pope", "random", world_seed, half) + select_questions("vqa", "all", world_seed,
-                                                                                        samples - half)
-    scenes = {}
-    images = []
-    for q in questions:
-        if q.scene_index not in scenes:
-            scenes[q.scene_index] = generate_scene(world_seed, q.scene_index).image
-        images.append(scenes[q.scene_index])
-    return images, [q.prompt for q in questions]
-
-
-def _last_hidden(session, batches) -> torch.Tensor:
-    """Final hidden state of each row's last prompt token (the first answer step), float32."""
-    captured = []
-    lm = session.adapter.language_model
-
-    def hook(module, args, kwargs, output):
-        captured.append(output.last_hidden_state[:, -1].float())
-
-    handle = lm.register_forward_hook(hook, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            for inputs in batches:
-                session.model(**inputs, use_cache=False, logits_to_keep=1)
-    finally:
-        handle.remove()
-    return torch.cat(captured)
-
-
-def _search_space(budget: float) -> dict[str, tuple[float, float]]:
-    return {
-        "vision_keep": (budget, min(1.0, 1.5 * budget)),
-        "first_keep": (0.5, 1.0),
-        "threshold": (0.0, 50.0),
-        "merge_cell": (0.1, 1.0),
-        "entropy_weight": (-1.0, 1.0),
-    }
-
-
-def _to_config(point: dict[str, float], budget: float, stage_layers: tuple[int, ...], num_layers: int,
-               positions: str) -> VFlowOptConfig | None:
-    """The configuration for a search point, the last stage's keep solved to meet the budget (None: infeasible)."""
-    keeps = [point["first_keep"]] * (len(stage_layers) - 1)
-    base = visual_share(point["vision_keep"], stage_layers, keeps + [1.0], num_layers)
-    after = num_layers - stage_layers[-1]
-    share_before_last = point["vision_keep"] * math.prod(keeps)
-    last = 1.0 - (base - budget) * num_layers / (after * share_before_last)
-    if not 0.02 <= last <= 1.0:
-        return None
-    return VFlowOptConfig(vision_keep=point["vision_keep"], threshold=point["threshold"],
-                          merge_cell=point["merge_cell"], entropy_weight=point["entropy_weight"],
-                          llm_layers=stage_layers, llm_keep=tuple(keeps + [last]), positions=positions)
-
-
-def tune_vflowopt(session, budget: float, samples: int = 16, trials: int = 32, seed: int = 0, batch_size: int = 8,
-                  stages: int = 2, calibration: tuple[list, list[str]] | None = None, progress=None
-                  ) -> tuple[VFlowOptConfig, dict[str, Any]]:
-    """Search VFlowOpt's hyper-parameters for `budget` (mean visual-token share over decoder layers).
-
-    Objective: mean cosine distance between the last prompt token's final hidden state with and without
-    pruning, over the calibration set. A third of the trials sample the space uniformly; the rest perturb the
-    best point so far with a shrinking step. Deterministic for a seed. Returns the best configuration and a
-    record of the search.
-    """
-    if not 0.0 < budget <= 1.0:
-        raise ValueError(f"budget must be in (0, 1], got {budget}")
-    if samples < 1 or trials < 1 or batch_size < 1 or stages < 1:
-        raise ValueError("samples, trials, batch_size and stages must be >= 1")
-    if session.methods:
-        raise ValueError("tune on a session without methods applied")
-    num_layers = session.adapter.num_layers
-    stage_layers = VFlowOptConfig(llm_keep=(1.0,) * stages).stage_layers(num_layers)
-    images, prompts = calibration if calibration is not None else calibration_set(samples)
-    batches = [session.prepare(images[i:i + batch_size], prompts[i:i + batch_size])
-               for i in range(0, len(prompts), batch_size)]
-    reference = _last_hidden(session, batches)
-    space = _search_space(budget)
-    rng = random.Random(seed)
-    n_init = max(1, trials // 3)
-    history: list[dict[str, Any]] = []
-    best: tuple[float, dict[str, float], VFlowOptConfig] | None = None
-    for trial in range(trials):
-        config = None
-        for _ in range(200):  # rejection sampling of infeasible points
-            if best is None or trial < n_init:
-                point = {k: rng.uniform(lo, hi) for k, (lo, hi) in space.items()}
-            else:
-                step = 0.25 * (1.0 - (trial - n_init) / max(1, trials - n_init)) + 0.02
-                point = {k: min(hi, max(lo, best[1][k] + rng.gauss(0.0, step * (hi - lo))))
-                         for k, (lo, hi) in space.items()}
-            config = _to_config(point, budget, stage_layers, num_layers, "original")
-            if config is not None:
-                break
-        if config is None:
-            raise ValueError(f"no feasible vflowopt setting reaches budget {budget} on this model")
-        handle = session.apply(config)
-        try:
-            pruned = _last_hidden(session, batches)
-        finally:
-            handle.remove()
-        distance = float((1.0 - torch.nn.functional.cosine_similarity(pruned, reference, dim=-1)).mean())
-        history.append({"trial": trial, "distance": distance, **{k: round(v, 6) for k, v in point.items()},
-                        "llm_keep": list(config.llm_keep)})
-        if best is None or distance < best[0]:
-            best = (distance, point, config)
-        if progress is not None:
-            progress(trial, distance, best[0])
-    distance, _, config = best
-    record = {"budget": budget, "objective": "mean cosine distance of the last prompt token's final hidden state",
-              "distance": distance, "samples": len(prompts), "trials": trials, "seed": seed,
-              "achieved_share": visual_share(config.vision_keep, config.llm_layers, config.llm_keep, num_layers),
-              "history": history}
-    return config, record
-
-
-def config_document(config: VFlowOptConfig, record: dict[str, Any], model: str) -> dict[str, Any]:
-    """The JSON document `vflowopt:config=PATH` reads."""
-    values = {name: getattr(config, name) for name in _TUNED_FIELDS + ("positions",)}
-    values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-    return {"method": "vflowopt", "config": values, "model": model, "tuning": record}
-
-
-def save_config(path, config: VFlowOptConfig, record: dict[str, Any], model: str) -> None:
-    """Write the tuned configuration atomically (temporary file, then rename)."""
-    from mmkit.evals.io import atomic_write_json
-
-    atomic_write_json(path, config_document(config, record, model))
-
-
-__all__ = ["VFlowOptConfig", "apply_vflowopt", "tune_vflowopt", "save_config", "patch_entropy",
-           "importance_scores", "vflowopt_plan", "visual_share", "calibration_set"]
+__all__ = ["VFlowOptConfig", "VFlowOptHandle", "Recycling", "apply_vflowopt", "patch_entropy", "importance_scores",
+           "vflowopt_plan", "visual_share", "SHIPPED_TUNED", "PAPER_TUNED_FOR"]

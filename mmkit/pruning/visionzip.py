@@ -4,7 +4,8 @@ At the CLIP layer LLaVA takes its image features from (`vision_feature_layer`, t
 LLaVA-1.5):
 - dominant tokens: the CLS token plus the patches the CLS query attends to most (attention summed over heads);
 - contextual tokens: the remaining tokens' keys (averaged over heads, L2-normalised); every s-th remaining token
-  is a target, every other one joins its most cosine-similar target, and each group is replaced by its mean.
+  is a target, every other one joins its most cosine-similar target, and each target becomes
+  target + mean(the tokens that joined it) (the official code's merge).
 The LLM then sees [CLS, dominant patches in image order, contextual tokens] in place of the image, numbered
 contiguously as a shorter image would be. Text-agnostic, so multi-turn prompts reuse the same tokens.
 
@@ -121,7 +122,10 @@ def visionzip_plan(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, out
         feats = features.float()
         f_t = feats.gather(1, targets[..., None].expand(-1, -1, feats.shape[-1]))
         f_o = feats.gather(1, others[..., None].expand(-1, -1, feats.shape[-1]))
-        merged = (torch.bmm(one_hot.transpose(1, 2), f_o) + f_t) / (1 + one_hot.sum(1))[..., None]
+        # As the official code does: the target plus the mean of the tokens assigned to it (a target nobody
+        # joined stays as it is). Not the mean over the group with the target in it.
+        counts = one_hot.sum(1).clamp_min(1.0)[..., None]
+        merged = f_t + torch.bmm(one_hot.transpose(1, 2), f_o) / counts
         edited.scatter_(1, targets[..., None].expand_as(merged), merged.to(edited.dtype))
         order.append(targets)
         free = others

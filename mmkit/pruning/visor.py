@@ -1,11 +1,14 @@
-"""VISOR (VISion On Request, arXiv 2603.23495): visual tokens are kept whole but take part in only a few decoder
-layers; elsewhere the text reads them through small learned cross-attention blocks.
+"""A frozen-base approximation of VISOR (VISion On Request, arXiv 2603.23495): visual tokens are kept whole but take
+part in only the first k decoder layers; in every later layer the text reads them through a small learned
+cross-attention block. This is not the paper's design (a fine-tuned LLM with a few self-attention layers placed
+through the depth and selected per sample, and cross-attention on a small set of layers); see "Differences" below.
 
 Per sample, a budget k (1 <= k <= L, L decoder layers) sets how many decoder layers run self-attention over
 image + text and so update the visual states: layers 0 .. k-1. From layer k on the decoder sequence carries text
 tokens only, and before each of those layers every text token reads all visual states (as they left layer k-1)
 through that layer's cross-attention block: RMSNorm, own q/k/v/o projections, rotary positions of the original
-sequence, added to the residual stream through a tanh gate that starts at zero. No visual token is discarded; the
+sequence, added to the residual stream through a tanh gate that starts at zero. The read is causal: a text token
+reads only the visual tokens before it in the sequence, so the text before the image (system prompt) reads none. No visual token is discarded; the
 image is read by cross-attention instead of being carried through the layer. k = L is the unmodified model.
 
 The budget is either fixed (`budget=k`) or picked per sample by a light policy (`budget=policy`): a 2-layer MLP on
@@ -21,9 +24,10 @@ cross-attention blocks are forward pre-hooks that run after the dropper's. Each 
 per block at prefill and cached for decoding. Rows of a batch keep their own budgets (padded slots, as DyVTE), so a
 batched call equals single-sample calls.
 
-Differences from the paper: the base model stays frozen (the paper fine-tunes the LLM), so the self-attention
-layers are the first k rather than spread through the depth: with frozen weights a layer must receive visual
-states from the layer below it, as in the model's own training. The policy reads layer-1 text states (the paper's
+Differences from the paper (why this is an approximation): the base model stays frozen (the paper fine-tunes the
+LLM), so the self-attention layers are the first k rather than placed through the depth: with frozen weights a
+layer must receive visual states from the layer below it, as in the model's own training. Cross-attention runs on
+every layer after the budget, not on a small chosen set. The policy reads layer-1 text states (the paper's
 policy input is not specified in detail here) and is fit on self-made labels (smallest budget whose teacher-forced
 answer equals the full model's greedy answer).
 """
@@ -134,13 +138,24 @@ class CrossAttention(nn.Module):
 
     def forward(self, text: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 key_ok: torch.Tensor) -> torch.Tensor:
-        """Gated residual update (B, n, d) for text states (B, n, d); key_ok (B, V) marks real visual keys."""
+        """Gated residual update (B, n, d) for text states (B, n, d).
+
+        key_ok (B, n, V) says which visual keys each text token may read (causal order: only keys that precede it
+        in the sequence); a (B, V) mask applies to every token. A token that may read no key gets no update.
+        """
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+        if key_ok.dim() == 2:
+            key_ok = key_ok[:, None, :].expand(-1, text.shape[1], -1)
+        reads = key_ok.any(-1)                                              # (B, n)
+        # SDPA needs one allowed key per query; tokens that read nothing get key 0 and their output is zeroed.
+        mask = key_ok.clone()
+        mask[..., 0] |= ~reads
         q = self._heads(self.wq(self._norm(text, self.q_norm)))
         q, _ = apply_rotary_pos_emb(q, q, cos, sin)
-        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_ok[:, None, None, :])
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         out = out.transpose(1, 2).reshape(text.shape[0], text.shape[1], -1)
+        out = out * reads[..., None].to(out.dtype)
         return torch.tanh(self.gate).to(text.dtype) * self.wo(out)
 
 
@@ -334,6 +349,7 @@ class VISORHandle:
         self._positions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._key_ok: torch.Tensor | None = None        # (B, Vmax) real visual keys per row
+        self._key_pos: torch.Tensor | None = None       # (B, Vmax) original sequence index of each visual key
         self._n_visual: torch.Tensor | None = None      # (B,) visual tokens each row reads by cross-attention
 
     @property
@@ -394,6 +410,8 @@ class VISORHandle:
         v_max = max(max(counts), 1)
         if self._key_ok is None:
             self._key_ok = torch.zeros(batch, v_max, dtype=torch.bool, device=hidden.device)
+            self._key_pos = torch.full((batch, v_max), torch.iinfo(torch.long).max, dtype=torch.long,
+                                       device=hidden.device)
             self._n_visual = torch.zeros(batch, dtype=torch.long, device=hidden.device)
         cos_full, sin_full = self._positions[layer_idx]
         order = self.dropper.index
@@ -408,6 +426,7 @@ class VISORHandle:
             visual = hidden[b, cur][None]
             m = cur.numel()
             self._key_ok[b, :m] = True
+            self._key_pos[b, :m] = orig
             self._n_visual[b] = m
             for later in range(layer_idx, self.num_layers):
                 k, v = self.weights.blocks[str(later)].keys_values(visual, cos, sin)
@@ -427,9 +446,14 @@ class VISORHandle:
             active = (self._budget <= layer_idx) & (self._n_visual > 0)
             hidden = layer_hidden(args, kwargs)
             k, v = self._kv[layer_idx]
-            # Rows without visual keys get one (zero) key so attention never softmaxes over nothing.
-            key_ok = self._key_ok.clone()
-            key_ok[:, 0] |= ~key_ok.any(1)
+            key_ok = self._key_ok
+            if self._ctx.prefill:
+                # Causal order: a text token reads only the visual tokens before it in the original sequence
+                # (the system prompt before the image reads nothing). Decoded tokens come after every image.
+                n = hidden.shape[1]
+                index = self.dropper.index
+                query_pos = index if index is not None else torch.arange(n, device=hidden.device)[None]
+                key_ok = key_ok[:, None, :] & (self._key_pos[:, None, :] < query_pos.to(hidden.device)[:, :, None])
             cos, sin = kwargs["position_embeddings"]
             block = self.weights.blocks[str(layer_idx)]
             update = block(hidden, cos, sin, k.to(hidden.dtype), v.to(hidden.dtype), key_ok)
@@ -469,7 +493,8 @@ def apply_visor(session, config: VISORConfig) -> VISORHandle:
 
 register_method(
     "visor", VISORConfig, apply_visor, kind="pruning",
-    description="Text reads every visual token through learned cross-attention; only a per-sample budget of "
-                "layers updates them (VISOR).",
+    description="VISOR approximation on a frozen LLM: the first k layers (k per sample) self-attend over the image, "
+                "later layers read it through learned causal cross-attention (the paper places a few self-attention "
+                "layers through a fine-tuned LLM).",
     slots=("llm_token_drop",),
 )

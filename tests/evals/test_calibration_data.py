@@ -67,7 +67,7 @@ def test_paint_heads_on_coco_equal_a_direct_calibration(files, tmp_path, session
 
 
 def test_tune_vflowopt_on_files(files, tmp_path, session):
-    from mmkit.pruning.vflowopt import tune_vflowopt
+    from mmkit.tuning.vflowopt import tune_vflowopt
 
     coco, pope = files
     out = tmp_path / "vflowopt.json"

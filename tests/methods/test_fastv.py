@@ -118,3 +118,35 @@ def test_static_cache_generation_matches_dynamic(session, images, prompts, keep)
         static = session.model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=pad,
                                         cache_implementation="static")
     assert torch.equal(dynamic, static)
+
+
+@pytest.mark.parametrize("layer,keep", [(2, 0.25), (1, 0.5), (3, 0.1)])
+def test_kept_set_is_the_top_k_of_an_eager_attention_row(session, images, prompts, layer, keep):
+    """Independent reference: the unmodified model run with eager attention and `output_attentions`; FastV keeps,
+    per row, the ceil(keep x 64) image tokens with the most attention from the last position at layer K-1 (mean
+    over heads)."""
+    inputs = session.prepare(images, prompts)
+    lm = session.adapter.language_model
+    original = lm.config._attn_implementation
+    try:
+        lm.set_attn_implementation("eager")  # the reference only
+        with torch.inference_mode():
+            attentions = session.model(**inputs, output_attentions=True).attentions
+    finally:
+        lm.set_attn_implementation(original)
+    row = attentions[layer - 1][:, :, -1, :].float().mean(1)              # (B, n)
+    is_image = inputs["input_ids"] == session.adapter.image_token_id
+    k = math.ceil(64 * keep)
+    expected = []
+    for b in range(row.shape[0]):
+        positions = is_image[b].nonzero().flatten()
+        top = torch.topk(row[b, positions], k).indices
+        expected.append(sorted(positions[top].tolist()))
+
+    handle = session.apply(f"fastv:layer={layer},keep={keep}")
+    with torch.inference_mode():
+        session.model(**inputs)
+    index = handle.impl._dropper.index                                   # kept -> original positions
+    for b in range(row.shape[0]):
+        kept = [p for p in index[b].tolist() if bool(is_image[b, p])]
+        assert kept == expected[b]

@@ -12,11 +12,10 @@ from mmkit.pruning.vflowopt import (
     VFlowOptConfig,
     importance_scores,
     patch_entropy,
-    save_config,
-    tune_vflowopt,
     vflowopt_plan,
     visual_share,
 )
+from mmkit.tuning.vflowopt import save_config, tune_vflowopt
 
 N = 64
 
@@ -64,21 +63,85 @@ def test_batch_of_different_prompts_equals_single_runs(session, images, prompts)
 def test_prune_and_recycle_plan():
     torch.manual_seed(0)
     grid, n = 4, 16
-    features = torch.randn(1, n, 3)
+    tokens = torch.randn(1, n, 3)
     scores = torch.rand(1, n)
-    plan, slot_scores = vflowopt_plan(features, scores, grid, vision_keep=0.5, merge_cell=0.5, cls_in_features=False)
+    plan, recycling, slot_scores = vflowopt_plan(scores, grid, vision_keep=0.5, merge_cell=0.5,
+                                                 cls_in_features=False)
+    merged = recycling.apply(tokens)
     # Budget 8 = 4 top tokens + one merged token per 2 x 2 cell.
     top = set(torch.topk(scores[0], 4).indices.tolist())
     order = plan.order[0].tolist()
     assert order == sorted(order) and top <= set(order) and len(order) == 8
+    assert plan.features is None  # nothing is merged before the projector
     for cell in range(4):
         members = [j for j in range(n) if (j // grid // 2) * 2 + (j % grid) // 2 == cell and j not in top]
         place = max(members, key=lambda j: float(scores[0, j]))
         assert place in order
         w = scores[0, members] + 1e-6
-        expected = (w[:, None] * features[0, members]).sum(0) / w.sum()
-        assert torch.allclose(plan.features[0, place], expected, atol=1e-6)
+        expected = (w[:, None] * tokens[0, members]).sum(0) / w.sum()
+        assert torch.allclose(merged[0, place], expected, atol=1e-6)
+    untouched = [j for j in range(n) if j in top]
+    assert torch.equal(merged[0, untouched], tokens[0, untouched])
     assert torch.equal(slot_scores[0], scores[0, order])
+
+
+def test_recycling_merges_projected_tokens_and_renumbers_positions(session, images, prompts):
+    """End to end against a sequence built by hand: project every patch with the plain projector, merge the
+    projected tokens per the plan, feed [text, kept image tokens, text] numbered 0..m-1 and compare logits."""
+    inputs = session.prepare(images[:1], prompts[:1])
+    model = session.model
+    projector = model.model.multi_modal_projector
+    captured = {}
+    hook = projector.register_forward_pre_hook(lambda m, args: captured.setdefault("features", args[0]))
+    handle = session.apply("vflowopt:vision_keep=0.5,merge_cell=0.5,threshold=2,llm_keep=1.0/1.0")
+    impl = handle.impl
+    method_scores = impl._scores
+    impl._scores = lambda features: captured.setdefault("scores", method_scores(features))
+    try:
+        got = forward_logits(session, inputs)[0, -1]
+    finally:
+        handle.remove()
+        hook.remove()
+    plan, recycling, _ = vflowopt_plan(captured["scores"], impl.grid, 0.5, 0.5, cls_in_features=False)
+    assert recycling is not None and bool(recycling.used.any())
+    ids = inputs["input_ids"][0]
+    image_pos = (ids == session.adapter.image_token_id).nonzero().flatten()
+    start, end = int(image_pos[0]), int(image_pos[-1]) + 1
+    with torch.inference_mode():
+        projected = projector(captured["features"])
+        image_tokens = recycling.apply(projected)[0, plan.order[0]]
+        embeds = model.get_input_embeddings()(ids[None])[0]
+        seq = torch.cat([embeds[:start], image_tokens, embeds[end:]])[None]
+        ref = model(inputs_embeds=seq, position_ids=torch.arange(seq.shape[1])[None]).logits[0, -1]
+        # Merging before the projector (the earlier behaviour) gives a different answer on this model.
+        early = projector(recycling.apply(captured["features"]))[0, plan.order[0]]
+        seq_early = torch.cat([embeds[:start], early, embeds[end:]])[None]
+        ref_early = model(inputs_embeds=seq_early, position_ids=torch.arange(seq.shape[1])[None]).logits[0, -1]
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert not torch.allclose(got, ref_early, atol=1e-5)
+
+
+def test_original_positions_stay_available(session, images, prompts):
+    inputs = session.prepare(images[:1], prompts[:1])
+    spec = "vflowopt:vision_keep=0.5,merge_cell=0,threshold=2,llm_keep=1.0/1.0"
+    handle = session.apply(spec)
+    contiguous = forward_logits(session, inputs)[0, -1]
+    handle.remove()
+    handle = session.apply(spec + ",positions=original")
+    original = forward_logits(session, inputs)[0, -1]
+    handle.remove()
+    assert not torch.allclose(contiguous, original)
+
+
+def test_untuned_model_gets_a_warning(session, caplog, tmp_path):
+    with caplog.at_level("WARNING", logger="mmkit.pruning.vflowopt"):
+        session.apply("vflowopt").remove()
+    assert "tuned for llava-onevision-qwen2-7b-ov, not tiny-random" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmkit.pruning.vflowopt"):
+        session.apply("vflowopt:tuned_for=tiny-random").remove()
+        session.apply("vflowopt:config=reference-0.25,llm_layers=1/2").remove()
+    assert caplog.text.count("tuned for") == 1 and "tuned for reference, not tiny-random" in caplog.text
 
 
 def test_importance_matches_eager_attention(session, images, prompts):
@@ -167,18 +230,21 @@ def _last_prompt_hidden(session, images, prompts) -> torch.Tensor:
 
 def test_tuning_is_reproducible_meets_the_budget_and_round_trips(session, images, prompts, tmp_path):
     calibration = (images, prompts)
-    config, record = tune_vflowopt(session, 0.3, trials=4, seed=3, calibration=calibration)
-    again, _ = tune_vflowopt(session, 0.3, trials=4, seed=3, calibration=calibration)
+    config, record = tune_vflowopt(session, 0.3, trials=6, startup_trials=3, seed=3, calibration=calibration)
+    again, _ = tune_vflowopt(session, 0.3, trials=6, startup_trials=3, seed=3, calibration=calibration)
     assert config == again
+    assert config.tuned_for == "tiny-random"
     assert record["achieved_share"] == pytest.approx(0.3, abs=1e-6)
-    assert len(record["history"]) == 4 and record["distance"] == min(h["distance"] for h in record["history"])
+    assert record["sampler"].startswith("optuna") and record["startup_trials"] == 3
+    assert len(record["history"]) == 6 and record["distance"] == min(h["distance"] for h in record["history"])
     assert not session.methods
     path = tmp_path / "vflowopt.json"
     save_config(path, config, record, "tiny-random")
     reference = _last_prompt_hidden(session, images, prompts)
     handle = session.apply(f"vflowopt:config={path}")
     loaded = handle.config
-    for name in ("vision_keep", "threshold", "merge_cell", "entropy_weight", "llm_layers"):
+    for name in ("vision_keep", "threshold", "merge_cell", "entropy_weight", "llm_layers", "positions",
+                 "tuned_for"):
         assert getattr(loaded, name) == getattr(config, name)
     assert loaded.llm_keep == pytest.approx(config.llm_keep)
     # The tuned setting reaches the recorded distance again (the tuner's objective, recomputed here).
@@ -222,3 +288,11 @@ def test_spec_of_a_tuned_config_names_the_file():
     assert config_to_spec(config) == "vflowopt:config=reference-0.25"
     assert parse_spec(config_to_spec(config)) == config
     assert config_to_spec(parse_spec("vflowopt:vision_keep=0.5")) == "vflowopt:vision_keep=0.5"
+
+
+def test_tuning_without_optuna_says_how_to_install_it(session, images, prompts, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna -> ImportError
+    with pytest.raises(ValueError, match=r"needs optuna: pip install 'mmkit-vlm\[tune\]'"):
+        tune_vflowopt(session, 0.3, trials=1, calibration=(images, prompts))

@@ -51,26 +51,37 @@ def test_batch_of_different_prompts_equals_single_runs(session, images, prompts)
         assert torch.allclose(torch.tensor(single), torch.tensor(batch_scores[i]), atol=1e-4)
 
 
-def _reference_plan(hidden, attn, keys_mean, dominant, contextual):
-    """VisionZip written out per image from the vision tower's own outputs (eager attention weights)."""
+def _reference_plan(hidden, attn, keys, heads, dominant, contextual):
+    """VisionZip written out per image from the paper's algorithm and the official code's merge, on the vision
+    tower's own eager outputs: hidden (I, T, C) the feature layer's output, attn (I, H, T, T) its attention
+    weights, keys (I, T, C) its key projection. Loops and lists on purpose; nothing shared with mmkit's code.
+
+    Dominant: CLS plus the `dominant - 1` patches with the most CLS attention (summed over heads), image order.
+    Contextual: the other patches' keys averaged over heads and L2-normalised; every `step`-th of them (step =
+    remaining // contextual) is a target, each other patch joins its most cosine-similar target, and the
+    contextual token is target + mean(joined patches).
+    """
+    n_img, t, c = hidden.shape
     orders, feats = [], []
-    for i in range(hidden.shape[0]):
+    for i in range(n_img):
         feat = hidden[i, 1:].clone()                       # "default": features are the patches
-        cls_row = attn[i].sum(0)[0, 1:]                    # CLS -> patches, summed over heads
-        dom = sorted(torch.topk(cls_row, dominant - 1).indices.tolist())
+        cls_row = [float(sum(attn[i, h, 0, 1 + j] for h in range(heads))) for j in range(N)]
+        ranked = sorted(range(N), key=lambda j: -cls_row[j])
+        dom = sorted(ranked[:dominant - 1])
         rest = [j for j in range(N) if j not in dom]
         step = max(1, len(rest) // contextual)
-        tpos = list(range(0, len(rest), step))[:contextual]
-        targets = [rest[p] for p in tpos]
+        targets = [rest[p] for p in range(0, len(rest), step)][:contextual]
         others = [j for j in rest if j not in targets]
-        metric = keys_mean[i, 1:] / keys_mean[i, 1:].norm(dim=-1, keepdim=True)
-        groups = {t: [t] for t in targets}
+        key = keys[i, 1:].view(N, heads, c // heads).mean(1)
+        unit = [key[j] / key[j].norm() for j in range(N)]
+        joined = {tg: [] for tg in targets}
         for o in others:
-            sims = torch.stack([metric[o] @ metric[t] for t in targets])
-            groups[targets[int(sims.argmax())]].append(o)
+            sims = [float(unit[o] @ unit[tg]) for tg in targets]
+            joined[targets[sims.index(max(sims))]].append(o)
         new = feat.clone()
-        for t, members in groups.items():
-            new[t] = feat[members].mean(0)
+        for tg, members in joined.items():
+            if members:
+                new[tg] = feat[tg] + sum(feat[m] for m in members) / len(members)
         new[others[0]] = hidden[i, 0]                      # CLS enters in the first merged-away slot
         orders.append([others[0]] + dom + targets)
         feats.append(new)
@@ -78,7 +89,7 @@ def _reference_plan(hidden, attn, keys_mean, dominant, contextual):
 
 
 def test_selection_and_merge_match_a_direct_implementation(session, images, prompts):
-    from mmkit.patching.pre_llm import VisionLayerCapture, feature_layer_index
+    from mmkit.patching.pre_llm import VisionLayerCapture, feature_layer_index, vision_encoder_layers
 
     inputs = session.prepare(images, prompts)
     layer = feature_layer_index(session.adapter)
@@ -93,15 +104,21 @@ def test_selection_and_merge_match_a_direct_implementation(session, images, prom
     finally:
         tower.set_attn_implementation(original)
         capture.remove()
-    hidden = out.hidden_states[-2]
+    hidden = out.hidden_states[layer + 1]
     attn = out.attentions[layer]
+    encoder_layer = vision_encoder_layers(session.adapter)[layer]
+    with torch.inference_mode():  # the layer's keys, recomputed from its input rather than taken from the hooks
+        keys = encoder_layer.self_attn.k_proj(encoder_layer.layer_norm1(out.hidden_states[layer]))
     heads = capture.num_heads
-    keys_mean = k.view(3, N + 1, heads, -1).mean(2)
     plan = visionzip_plan(hidden[:, 1:], q, k, layer_out, heads, capture.scale, 12, 4,
                           cls_in_features=False, feed_cls=True)
-    ref_order, ref_feats = _reference_plan(hidden, attn, keys_mean, 12, 4)
+    ref_order, ref_feats = _reference_plan(hidden, attn, keys, heads, 12, 4)
     assert torch.equal(plan.order, ref_order)
     assert torch.allclose(plan.features, ref_feats, atol=1e-5)
+    # Targets were really merged into (not just kept): each contextual slot differs from its raw feature.
+    targets = ref_order[:, -4:]
+    assert not torch.allclose(plan.features.gather(1, targets[..., None].expand(-1, -1, hidden.shape[-1])),
+                              hidden[:, 1:].gather(1, targets[..., None].expand(-1, -1, hidden.shape[-1])))
 
 
 def test_config_validation(session):

@@ -110,6 +110,97 @@ def test_closed_gates_equal_dropping_the_image(session, images, prompts, tmp_pat
     assert torch.allclose(last_logits(session, inputs), expected, atol=1e-5)
 
 
+def _rms(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _rope(x, cos, sin):
+    """Rotate-half rotary embedding of x (H, n, hd) at angles cos/sin (n, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+def _reference_visor(session, weights, inputs, budget):
+    """VISOR at a fixed budget, written out for one unpadded prompt with plain tensor code: decoder layers
+    0..budget-1 on the whole sequence; then the text tokens only, each layer l preceded by its cross-attention
+    block, where the text token at original position p attends (softmax over keys, per head) to the visual states
+    that left layer budget-1 at original positions < p, with rotary angles of the original positions, and adds
+    tanh(gate) * W_o(attention) to its state. Returns the last position's logits."""
+    model, adapter = session.model, session.adapter
+    lm = adapter.language_model
+    captured = {}
+    def grab(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"]
+
+    hook = lm.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.inference_mode():
+        model(**inputs)
+    hook.remove()
+    h = captured["embeds"].float()
+    n = h.shape[1]
+    ids = inputs["input_ids"][0]
+    is_image = ids == adapter.image_token_id
+    text_pos = (~is_image).nonzero().flatten()
+    image_pos = is_image.nonzero().flatten()
+    layers = adapter.decoder_layers
+    with torch.inference_mode():
+        cos, sin = lm.rotary_emb(h, torch.arange(n)[None])
+        for l in range(budget):
+            h = layers[l](h, attention_mask=None, position_embeddings=(cos, sin),
+                          position_ids=torch.arange(n)[None])
+            h = h[0] if isinstance(h, tuple) else h
+        visual = h[0, image_pos]
+        t = h[:, text_pos]
+        cos_t, sin_t = cos[:, text_pos], sin[:, text_pos]
+        for l in range(budget, adapter.num_layers):
+            block = weights.blocks[str(l)]
+            heads, hd = block.num_heads, block.head_dim
+            q = (block.wq.weight @ _rms(t[0], block.q_norm, block.eps).T).T.view(-1, heads, hd).transpose(0, 1)
+            k = (block.wk.weight @ _rms(visual, block.k_norm, block.eps).T).T.view(-1, heads, hd).transpose(0, 1)
+            v = (block.wv.weight @ _rms(visual, block.k_norm, block.eps).T).T.view(-1, heads, hd).transpose(0, 1)
+            q = _rope(q, cos[0, text_pos], sin[0, text_pos])
+            k = _rope(k, cos[0, image_pos], sin[0, image_pos])
+            out = torch.zeros(len(text_pos), heads * hd)
+            for i, p in enumerate(text_pos.tolist()):
+                readable = image_pos < p
+                if not bool(readable.any()):
+                    continue  # a token before the image does not see it
+                for hh in range(heads):
+                    w = torch.softmax(k[hh, readable] @ q[hh, i] / hd ** 0.5, dim=0)
+                    out[i, hh * hd:(hh + 1) * hd] = w @ v[hh, readable]
+            t = t + torch.tanh(block.gate) * (block.wo.weight @ out.T).T[None]
+            t = layers[l](t, attention_mask=None, position_embeddings=(cos_t, sin_t), position_ids=text_pos[None])
+            t = t[0] if isinstance(t, tuple) else t
+        return model.lm_head(lm.norm(t))[0, -1]
+
+
+@pytest.mark.parametrize("budget", [1, 2])
+def test_cross_attention_with_open_gates_equals_a_plain_reference(session, images, prompts, tmp_path, budget):
+    weights = random_weights(session, seed=5, gate=1.5)
+    inputs = session.prepare(images[:1], prompts[:1])
+    ids = inputs["input_ids"][0]
+    first_image = int((ids == session.adapter.image_token_id).nonzero()[0])
+    assert first_image > 0  # text before the image: the causal rule is exercised
+    expected = _reference_visor(session, weights, inputs, budget)
+    session.apply(f"visor:weights={write(weights, tmp_path / 'w.safetensors')},budget={budget}")
+    got = last_logits(session, inputs)[0]
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+def test_tokens_before_the_image_are_not_updated_by_cross_attention(session, images, prompts, tmp_path):
+    """Causal order: changing the image must not change what a token before it computes."""
+    path = write(random_weights(session, gate=1.5), tmp_path / "w.safetensors")
+    session.apply(f"visor:weights={path},budget=1")
+    inputs = session.prepare(images[:1], prompts[:1])
+    first_image = int((inputs["input_ids"][0] == session.adapter.image_token_id).nonzero()[0])
+    other = dict(inputs, pixel_values=inputs["pixel_values"].flip(-1))
+    with torch.inference_mode():
+        a = session.model(**inputs, output_hidden_states=True).hidden_states[-1][0, :first_image]
+        b = session.model(**other, output_hidden_states=True).hidden_states[-1][0, :first_image]
+    assert torch.equal(a, b)
+
+
 def test_stats_report_self_and_cross_attended_visual_tokens(session, images, prompts, tmp_path):
     path = write(random_weights(session), tmp_path / "w.safetensors")
     session.apply(f"visor:weights={path},budget=2")
