@@ -17,7 +17,7 @@ import click
 @click.option("--dtype", default="bfloat16", show_default=True)
 @click.option("--reps", type=int, default=5, show_default=True)
 @click.option("--json-out", default=None, help="Also write the rows as JSON to this path.")
-def speed(preset, batch, methods, cases, device, dtype, reps, json_out):
+def bench(preset, batch, methods, cases, device, dtype, reps, json_out):
     """Time prefill / generation at real model sizes with random weights, methods against the baseline."""
     import torch
 

@@ -1,4 +1,4 @@
-"""`mmkit speed` presets of the new families: the 7B shapes build (on the meta device: no memory, no GPU), and the
+"""`mmkit bench` presets of the new families: the 7B shapes build (on the meta device: no memory, no GPU), and the
 benchmark code runs end to end on the tiny presets of the same families on CPU."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def test_tiny_family_presets_run_prefill_and_generate_with_a_method(preset):
 
 
 def test_speed_cli_accepts_the_family_presets():
-    result = CliRunner().invoke(main, ["speed", "--preset", "tiny-qwen2.5-vl", "--device", "cpu", "--dtype",
+    result = CliRunner().invoke(main, ["bench", "--preset", "tiny-qwen2.5-vl", "--device", "cpu", "--dtype",
                                        "float32", "--batch", "2", "--reps", "1", "--cases", "prefill"])
     assert result.exit_code == 0, result.output
     assert "preset tiny-qwen2.5-vl" in result.output and "fastv:layer=2,keep=0.1" in result.output
