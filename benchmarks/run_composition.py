@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import mmkit
-from mmkit.evals.io import atomic_write_text
+from mmkit.atomic import atomic_write_text
 from mmkit.evals.metrics import mean_std
 from mmkit.evals.report import report_table
 from mmkit.evals.runner import run_eval
