@@ -30,13 +30,9 @@ _GROUNDING_TILES = "its attention maps assume one square grid of patch tokens pe
 _GROUNDING_NATIVE = "its attention maps assume one square grid of patch tokens per image (the LLaVA-1.5 layout), " \
                     "and native-resolution grids of any aspect ratio are not yet mapped back to the image"
 
-_TILED_REDUCTION = ("vision-side reduction supports the LLaVA-1.5 layout (one tile per image) only: anyres tiles "
-                    "and row newlines are packed into the image tokens; not yet adapted")
 _PAINT = ("it reads per-patch vision-tower features of the LLaVA-1.5 layout (one image = one run of patch tokens); "
           "not yet adapted")
 _NEXT_REFUSALS = {
-    "visionzip": _TILED_REDUCTION,
-    "vflowopt": _TILED_REDUCTION,
     "paint": _PAINT,
     "agla": "its augmented view is built for LLaVA-1.5-layout models (one image tile per row); not yet adapted",
     **{name: _TILED_REDUCTION for name in ("divprune", "cdpruner", "random", "pooling")},
