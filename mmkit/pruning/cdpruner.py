@@ -58,7 +58,9 @@ class CDPrunerConfig:
                                                          "576, the README's setting)"})
     tokens: int = field(default=0, metadata={"help": "if > 0: visual tokens kept per image (overrides keep)"})
     clip: str = field(default="", metadata={"help": "local CLIP checkpoint directory for instruction relevance "
-                                                    "(the paper's); empty: the model's own embeddings"})
+                                                    "(the paper's); empty: the model's own embeddings",
+                                            # An export copies the checkpoint in, so it does not depend on this path.
+                                            "export": "copy"})
     invert: bool | None = field(default=None, metadata={"help": "negate the similarity before normalising; "
                                                                 "default: yes with CLIP (released code), no with "
                                                                 "the model's embeddings"})

@@ -5,6 +5,8 @@ hand."""
 import pytest
 import torch
 
+import mmkit
+
 from conftest import forward_logits
 from mmkit.errors import MmkitError
 from mmkit.pruning.cdpruner import CDPrunerConfig, dpp_kernel, greedy_dpp, instruction_texts, minmax
@@ -210,3 +212,25 @@ def test_clip_checks(session, tmp_path):
 
 def test_minmax_constant_row_is_uniform():
     assert torch.equal(minmax(torch.full((1, 4), 3.0)), torch.ones(1, 4))
+
+
+def test_clip_export_is_self_contained(session, images, prompts, tmp_path):
+    """The CLIP checkpoint travels with the export: it reloads to the same scores after the original is gone."""
+    import json
+    import shutil
+
+    clip = _tiny_clip(session, tmp_path / "clip")
+    spec = f"cdpruner:keep=0.25,clip={clip}"
+    with_clip = mmkit.load("tiny-random", methods=[spec])
+    scores = with_clip.answer_logprobs(images, prompts).logprobs
+    with_clip.save_pretrained(tmp_path / "export")
+    with_clip.close()
+    shutil.rmtree(clip)
+    assert str(clip) not in (tmp_path / "export" / "mmkit_config.json").read_text()
+    (tmp_path / "export").rename(tmp_path / "moved")
+    reloaded = mmkit.load(str(tmp_path / "moved"))
+    try:
+        assert reloaded.answer_logprobs(images, prompts).logprobs == scores
+        assert json.loads((tmp_path / "moved" / "mmkit_config.json").read_text())["methods"][0]["files"]
+    finally:
+        reloaded.close()
