@@ -2,6 +2,10 @@
 measured in the same run (same process, same machine, same questions).
 
     .venv/bin/python benchmarks/run_pruning.py [--limit 150] [--out runs/pruning]
+    .venv/bin/python benchmarks/run_pruning.py --budgets [--limit 60] [--out runs/pruning-budgets]
+
+`--budgets` runs every method at the literature's 192 / 128 / 64 retained tokens instead and rewrites only the
+"Token budgets" section (benchmarks/pruning_budgets.py: table with bootstrap intervals, kept-patch figure).
 
 POPE (three splits) and VQA at keep ratios of 50 / 25 / 10 %, DyVTE and VISOR at their own operating points.
 Resumable: finished runs are reused (each run directory is an `mmkit eval` output directory); the report is
@@ -63,10 +67,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", default="runs/pruning")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--budgets", action="store_true", help="the 192/128/64-token comparison only")
     args = parser.parse_args()
-    out = Path(args.out)
     session = mmkit.load("reference", device="cpu")
+    if args.budgets:
+        from pruning_budgets import write_budget_section
+
+        write_budget_section(session, args, Path(args.out or "runs/pruning-budgets"))
+        return
+    out = Path(args.out or "runs/pruning")
     specs = [s for group in method_grid().values() for s in group]
     # Blocks: (title, bench, split, specs, directory). Each block runs its own baseline first, so every ratio is
     # against a baseline measured in the same process, right before the method runs.
@@ -169,13 +179,23 @@ def write_report(args, done) -> None:
     plotted = [r for t, _, _, runs in done for r in runs if t == "main" or r["methods"]]
     plot_pareto(plotted, Path("benchmarks/img/pruning-pareto.png"))
     path = Path("benchmarks/pruning.md")
-    analysis = ""  # the hand-written reading of the numbers is kept across reruns
+    analysis = ""  # the hand-written reading of the numbers and the budget section are kept across reruns
     if path.exists() and ANALYSIS in path.read_text():
         analysis = "\n" + path.read_text()[path.read_text().index(ANALYSIS):]
-    atomic_write_text(path, "\n".join(lines) + "\n" + analysis)
+    atomic_write_text(path, "\n".join(lines) + "\n" + kept_section(path, BUDGETS_HEAD, ANALYSIS) + analysis)
 
 
 ANALYSIS = "## Reading the numbers"
+BUDGETS_HEAD = "## Token budgets"
+
+
+def kept_section(path: Path, head: str, end: str) -> str:
+    """The report's section from `head` up to `end` (or the end of the file), "" if it has none."""
+    text = path.read_text() if path.exists() else ""
+    if head not in text:
+        return ""
+    section = text[text.index(head):]
+    return "\n" + (section[:section.index(end)] if end in section else section).rstrip() + "\n"
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ that the README matches, so the table cannot drift from what `Session.apply` acc
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from mmkit.models.families import FAMILIES
@@ -62,10 +60,9 @@ def write_readme(path: Path = README) -> bool:
     new = readme_with_matrix(text)
     if new == text:
         return False
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".README.")
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.replace(tmp, path)
+    from mmkit.atomic import atomic_write_text
+
+    atomic_write_text(path, new)
     return True
 
 

@@ -7,6 +7,8 @@
 # The environment's dependencies are kept between runs (WHEEL_VENV, default .venv-wheel, rebuilt when the lock
 # files change); the mmkit wheel itself is rebuilt and reinstalled every run.
 set -euo pipefail
+# Engineers run the suite with the checkout on PYTHONPATH; it would shadow the installed wheel under test.
+unset PYTHONPATH
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BASE_PYTHON=${PYTHON:-python3}
 VENV=${WHEEL_VENV:-$ROOT/.venv-wheel}

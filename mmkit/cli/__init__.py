@@ -29,7 +29,7 @@ OPTIONAL_COMMANDS = {
     "train-visor": "mmkit.cli.train_visor:train_visor",
     "train-sam": "mmkit.cli.train_sam:train_sam",
     "ground": "mmkit.cli.ground:ground",
-    "bench": "mmkit.cli.bench:bench",
+    "bench": "mmkit.cli.speed:bench",
 }
 
 

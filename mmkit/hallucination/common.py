@@ -1,7 +1,7 @@
 """Shared pieces of the multi-branch decoding methods (VCD, AGLA, VHR).
 
 A branched method runs k versions of each prompt as one batch (branch-major: rows [j*B, (j+1)*B) are branch j,
-branch 0 the original input) and merges their next-token logits; see `Session._brancher` for the protocol.
+branch 0 the original input) and merges their next-token logits; see `mmkit.contract.Branching`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Per decoding step and per row, at every reinforced layer l:
 Layers are handled in order inside one forward pass, so layer l's VHD already reflects the boosts of layers < l
 ("layer by layer").
 
-The text-only branch is a second set of rows in the same batch (branch-major, see `Session._brancher`): the same
+The text-only branch is a second set of rows in the same batch (branch-major, see `mmkit.contract.Branching`): the same
 prompt with its image tokens removed, left padded to the same length so that both branches' last positions line
 up. Both branches receive every generated token. Head outputs are the input of `self_attn.o_proj`, (B, L, H*D)
 viewed as (B, L, H, D); a forward pre-hook there reads both branches and rescales branch 0's heads at the current

@@ -16,6 +16,10 @@ How it works on LLaVA (no copied forward, no module swaps):
    order inside that image's span. Rows that keep different numbers of tokens are left padded, so the reduced
    batch looks like an ordinary left-padded batch to the decoder.
 
+Anyres models (LLaVA-NeXT, LLaVA-OneVision): the projector sees every tile of every image, and an image's tokens
+are its tiles packed with unpadding and row newlines; a method plans per tile and says where each kept token goes
+in the packed image (`ReductionPlan.placement`, built with `mmkit.patching.anyres`).
+
 Positions: "contiguous" renumbers the reduced sequence 0..m-1 (what feeding a shorter image to the LLM does,
 VisionZip); "original" keeps each kept token's original position id (VFlowOpt).
 
@@ -51,20 +55,29 @@ class ReductionPlan:
     order: (I, k) long, indices into each image's N feature tokens, in the order they take in the sequence.
     valid: (I, k) bool or None; False marks unused slots of images that keep fewer than k tokens.
     features: (I, N, C) edited pre-projector features (merged tokens written into their slots) or None.
+    placement: for packed layouts (LLaVA-NeXT anyres: several tiles and row newlines per image), where the kept
+        tokens go, as flat per-image-token tensors in prompt order (key, within, image, rank): see
+        `sequence_selection_from_keys`. None: each image is one run of its N feature tokens in `order`.
     """
 
     order: torch.Tensor
     valid: torch.Tensor | None = None
     features: torch.Tensor | None = None
+    placement: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 # plan_fn(features (I, N, C) about to be projected) -> ReductionPlan
 PlanFn = Callable[[torch.Tensor], ReductionPlan]
 
 
-def check_supported(adapter) -> None:
-    """Raise a clear error for models whose image-token layout the pre-LLM reduction cannot map."""
-    if adapter.architecture != "LlavaForConditionalGeneration":
+ANYRES = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
+
+
+def check_supported(adapter, anyres: bool = False) -> None:
+    """Raise a clear error for models whose image-token layout the pre-LLM reduction cannot map. `anyres`: the
+    method places its tokens in LLaVA-NeXT's packed tiles itself (`ReductionPlan.placement`)."""
+    allowed = ("LlavaForConditionalGeneration", *ANYRES) if anyres else ("LlavaForConditionalGeneration",)
+    if adapter.architecture not in allowed:
         raise ValueError(
             f"vision-side token reduction supports LlavaForConditionalGeneration (LLaVA-1.5 layout) only; "
             f"{adapter.architecture} packs tiles and row newlines into its image tokens, use an LLM-side method "
@@ -98,10 +111,11 @@ def feature_layer_index(adapter) -> int:
 
 
 def visual_tokens_per_image(adapter) -> int:
-    """Image tokens one image contributes (patch grid, plus CLS for the "full" feature strategy)."""
+    """Image tokens one image (one tile, for anyres models) contributes: the patch grid, plus CLS for the "full"
+    feature strategy of a tower that has one."""
     vc = adapter.config.vision_config
     n = (int(vc.image_size) // int(vc.patch_size)) ** 2
-    return n if adapter.vision_feature_select_strategy == "default" else n + 1
+    return n if adapter.vision_feature_select_strategy == "default" or not adapter.has_cls_token else n + 1
 
 
 class VisionLayerCapture:
@@ -176,10 +190,10 @@ class PreLLMReducer:
     `after_reduce(reducer)` callbacks run once the reduced sequence is known (before the first decoder layer).
     """
 
-    def __init__(self, session, plan_fn: PlanFn, positions: Positions = "contiguous"):
+    def __init__(self, session, plan_fn: PlanFn, positions: Positions = "contiguous", anyres: bool = False):
         if positions not in ("contiguous", "original"):
             raise ValueError(f"positions must be 'contiguous' or 'original', got {positions!r}")
-        check_supported(session.adapter)
+        check_supported(session.adapter, anyres=anyres)
         self.ctx: ForwardContext = session.context
         self.plan_fn = plan_fn
         self.positions = positions
@@ -258,10 +272,13 @@ class PreLLMReducer:
         device = embeds.device
         batch, n, d = embeds.shape
         image_mask = image_mask.to(device)
-        keep, valid, slot_image, slot_rank = sequence_selection(
-            image_mask, plan.order.to(device), None if plan.valid is None else plan.valid.to(device),
-            self._tokens_per_image,
-        )
+        if plan.placement is not None:
+            keep, valid, slot_image, slot_rank = sequence_selection_from_keys(image_mask, *plan.placement)
+        else:
+            keep, valid, slot_image, slot_rank = sequence_selection(
+                image_mask, plan.order.to(device), None if plan.valid is None else plan.valid.to(device),
+                self._tokens_per_image,
+            )
         m = keep.shape[1]
         mask2d = kwargs.get("attention_mask")
         had_mask = mask2d is not None
@@ -347,7 +364,6 @@ def sequence_selection(image_mask: torch.Tensor, order: torch.Tensor, valid: tor
     row-major order). Returns keep (B, m) original positions (left padded: padded slots first), valid (B, m) or
     None, and per slot the image index and plan rank (-1 for non-image slots).
     """
-    batch, n = image_mask.shape
     device = image_mask.device
     n_images, k = order.shape
     total = int(image_mask.sum())
@@ -363,16 +379,42 @@ def sequence_selection(image_mask: torch.Tensor, order: torch.Tensor, valid: tor
     ranks = torch.arange(k, device=device).expand(n_images, k)
     rank_table.scatter_(1, torch.where(plan_ok, order, tokens_per_image), ranks)
     rank_table = rank_table[:, :tokens_per_image]
+    key = rank_table.reshape(-1)
+    span = torch.arange(n_images, device=device).repeat_interleave(tokens_per_image)
+    within = torch.arange(tokens_per_image, device=device).repeat(n_images)
+    return sequence_selection_from_keys(image_mask, key, within, span, key)
+
+
+def sequence_selection_from_keys(image_mask: torch.Tensor, key: torch.Tensor, within: torch.Tensor,
+                                 token_image: torch.Tensor, token_rank: torch.Tensor):
+    """Reduced-sequence layout from a key per image token.
+
+    The image tokens of the batch are taken in row-major order; for each: `key` its place among its image's kept
+    tokens (0, 1, ... distinct within an image; -1 = dropped), `within` its offset in its image's run of tokens,
+    and the image index / plan rank reported for its slot (-1 for none). Kept tokens stay inside their image's
+    span (text order and the image's place in the prompt are kept). Returns keep (B, m) original positions (left
+    padded: padded slots first), valid (B, m) or None, and per slot the image index and plan rank (-1 for
+    non-image slots).
+    """
+    batch, n = image_mask.shape
+    device = image_mask.device
     flat = image_mask.reshape(-1)
-    flat_rank = flat.long().cumsum(0) - 1
-    image_id = torch.where(flat, flat_rank // tokens_per_image, 0).view(batch, n)
-    within = torch.where(flat, flat_rank % tokens_per_image, 0).view(batch, n)
-    rank = torch.where(image_mask, rank_table[image_id, within], -1)
+    if int(flat.sum()) != key.numel():
+        raise RuntimeError(f"{int(flat.sum())} image tokens in the prompt but the plan places {key.numel()}")
+
+    def scatter(values: torch.Tensor, fill: int) -> torch.Tensor:
+        out = torch.full((batch * n,), fill, dtype=torch.long, device=device)
+        out[flat] = values.to(device)
+        return out.view(batch, n)
+
+    rank = scatter(key, -1)
+    within_pos = scatter(within, 0)
+    image_id = scatter(token_image, -1)
+    plan_rank = scatter(token_rank, -1)
     pos = torch.arange(n, device=device)[None].expand(batch, n)
     big = torch.iinfo(torch.long).max
-    # Kept image token: placed at its image's start + its plan rank (inside the image's span, so text order and
-    # the image's place in the prompt are kept).
-    sort_key = torch.where(image_mask, torch.where(rank >= 0, pos - within + rank, big), pos)
+    # Kept image token: placed at its image's start + its key.
+    sort_key = torch.where(image_mask, torch.where(rank >= 0, pos - within_pos + rank, big), pos)
     order_idx = torch.sort(sort_key, dim=1, stable=True).indices
     per_row = (sort_key != big).sum(1)
     m = int(per_row.max())  # one host read per prefill: the reduced length sets tensor shapes
@@ -385,5 +427,5 @@ def sequence_selection(image_mask: torch.Tensor, order: torch.Tensor, valid: tor
     slot_ok = slot_ok.gather(1, perm)
     is_image = image_mask.gather(1, keep) & slot_ok
     slot_image = torch.where(is_image, image_id.gather(1, keep), -1)
-    slot_rank = torch.where(is_image, rank.gather(1, keep), -1)
+    slot_rank = torch.where(is_image, plan_rank.gather(1, keep), -1)
     return keep, (None if bool(slot_ok.all()) else slot_ok), slot_image, slot_rank

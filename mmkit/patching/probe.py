@@ -181,11 +181,12 @@ class LayerView:
 
     # -- prompt coordinates ------------------------------------------------------------------------------------
     def to_prompt(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """Per-key values (B, ..., Lk) -> (B, ..., n) at the prompt positions of the prefill keys; prompt tokens
-        this layer does not hold get `fill`."""
+        """Per-key values (B, ..., K) of the first K keys (K <= Lk) -> (B, ..., n) at their prompt positions;
+        prompt tokens this layer does not hold get `fill`."""
         n = self.prompt_len
-        positions = self.key_positions
-        ok = self.real_keys & (positions < n)
+        width = values.shape[-1]  # the first `width` keys (e.g. only the prefill's)
+        positions = self.key_positions[:, :width]
+        ok = self.real_keys[:, :width] & (positions < n)
         index = torch.where(ok, positions, n)                                    # spare column n for the rest
         shape = (*values.shape[:-1], n + 1)
         out = values.new_full(shape, fill)

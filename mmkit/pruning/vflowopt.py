@@ -35,7 +35,9 @@ from typing import Literal, Sequence
 
 import torch
 
+from mmkit.patching.anyres import GRID, ImageSizeCapture, anyres_layout, anyres_placement, visible_patches
 from mmkit.patching.pre_llm import (
+    ANYRES,
     PreLLMReducer,
     ReductionPlan,
     VisionLayerCapture,
@@ -187,9 +189,11 @@ def patch_entropy(pixel_values: torch.Tensor, patch: int) -> torch.Tensor:
     return -(p * torch.log2(p.clamp_min(1e-12))).sum(-1)
 
 
-def importance_scores(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: float, threshold: float) -> torch.Tensor:
+def importance_scores(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: float, threshold: float,
+                      has_cls: bool = True) -> torch.Tensor:
     """Context relevance (I, T) of every token: mean attention it receives from the global tokens (CLS, token 0,
-    plus tokens whose received attention exceeds `threshold` x mean), attention averaged over heads."""
+    when the tower has one, plus tokens whose received attention exceeds `threshold` x mean), attention averaged
+    over heads."""
     n_img, t, c = q.shape
     d = c // num_heads
     qh = q.float().view(n_img, t, num_heads, d).transpose(1, 2)
@@ -200,7 +204,10 @@ def importance_scores(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: f
     attn /= num_heads
     received = attn.mean(1)                                                    # (I, T)
     is_global = received > threshold * received.mean(1, keepdim=True)
-    is_global[:, 0] = True
+    if has_cls:
+        is_global[:, 0] = True
+    else:  # without CLS, a tile whose attention has no sink-like token falls back to its most attended token
+        is_global.scatter_(1, received.argmax(1, keepdim=True), True)
     weights = is_global.float() / is_global.sum(1, keepdim=True)
     return torch.bmm(weights[:, None, :], attn)[:, 0]                         # (I, T)
 
@@ -227,13 +234,17 @@ class Recycling:
         return out
 
 
-def vflowopt_plan(scores: torch.Tensor, grid: int, vision_keep: float, merge_cell: float, cls_in_features: bool
-                  ) -> tuple[ReductionPlan, Recycling | None, torch.Tensor]:
+def vflowopt_plan(scores: torch.Tensor, grid: int, vision_keep: float, merge_cell: float, cls_in_features: bool,
+                  visible: torch.Tensor | None = None) -> tuple[ReductionPlan, Recycling | None, torch.Tensor]:
     """Prune + recycle one batch of images, from each feature token's score, scores (I, N).
 
     Returns the plan (kept tokens, merged ones included, in image order), the recycling to apply to the
     projected tokens (None without merging), and the score of each plan slot (I, k) for the LLM-side stages.
+    `visible` (I, N): for anyres tiles, the patches that reach the language model (unpadding crops the others);
+    the budget is a share of those, and only those are kept or recycled.
     """
+    if visible is not None:
+        return _visible_plan(scores, grid, vision_keep, merge_cell, visible)
     n_img, n_feat = scores.shape
     device = scores.device
     budget = min(n_feat, max(1, round(vision_keep * n_feat)))
@@ -278,6 +289,48 @@ def vflowopt_plan(scores: torch.Tensor, grid: int, vision_keep: float, merge_cel
     return plan, recycling, scores.gather(1, order)
 
 
+def _visible_plan(scores: torch.Tensor, grid: int, vision_keep: float, merge_cell: float, visible: torch.Tensor
+                  ) -> tuple[ReductionPlan, Recycling | None, torch.Tensor]:
+    """`vflowopt_plan` for tiles of which only the `visible` patches count (no CLS among the features)."""
+    n_img, n_feat = scores.shape
+    device = scores.device
+    n_visible = visible.sum(1)
+    budget = torch.clamp(torch.round(vision_keep * n_visible.float()).long(), min=1)
+    budget = torch.minimum(budget, n_visible)
+    order_all = torch.arange(n_feat, device=device).expand(n_img, n_feat)
+    cell = max(1, round(merge_cell * grid)) if merge_cell > 0 else 0
+    per_side = math.ceil(grid / cell) if cell else 0
+    n_cells = per_side * per_side
+    # Tiles keeping all their visible patches recycle nothing; the others keep their top (budget - cells).
+    full = budget >= n_visible
+    n_top = torch.where(full, n_visible, (budget - n_cells).clamp_min(0))
+    ranked = torch.where(visible, scores.float(), torch.tensor(float("-inf"), device=device))
+    position = torch.argsort(torch.argsort(ranked, dim=1, descending=True, stable=True), dim=1)
+    keep = (position < n_top[:, None]) & visible
+    recycling = None
+    if cell and not bool(full.all()):
+        dropped = ~keep & visible & ~full[:, None]
+        patch = torch.arange(n_feat, device=device)
+        cell_id = (patch // grid // cell) * per_side + (patch % grid) // cell
+        member = torch.zeros(n_cells, n_feat, dtype=torch.bool, device=device)
+        member[cell_id, patch] = True
+        in_cell = member[None] & dropped[:, None, :]
+        used = in_cell.any(-1)
+        masked = torch.where(in_cell, scores[:, None, :].float(), torch.tensor(float("-inf"), device=device))
+        place = masked.argmax(-1)
+        weights = torch.where(in_cell, scores[:, None, :].float().clamp_min(0) + 1e-6, torch.zeros((), device=device))
+        rows = torch.arange(n_img, device=device)[:, None].expand_as(place)
+        keep[rows[used], place[used]] = True
+        recycling = Recycling(place=place, weights=weights, used=used)
+    counts = keep.sum(1)
+    k_max = max(1, int(counts.max()))
+    order = torch.sort(torch.where(keep, order_all, order_all + n_feat), dim=1).values[:, :k_max]
+    valid = torch.arange(k_max, device=device)[None] < counts[:, None]
+    order = torch.where(valid, order, 0)
+    plan = ReductionPlan(order=order, valid=None if bool(valid.all()) else valid)
+    return plan, recycling, scores.gather(1, order)
+
+
 def visual_share(vision_keep: float, stage_layers: Sequence[int], llm_keep: Sequence[float], num_layers: int) -> float:
     """Mean share of the visual tokens each decoder layer processes (the token budget)."""
     share, total, last = vision_keep, 0.0, 0
@@ -292,13 +345,18 @@ def visual_share(vision_keep: float, stage_layers: Sequence[int], llm_keep: Sequ
 class VFlowOptHandle:
     def __init__(self, session, config: VFlowOptConfig):
         adapter = session.adapter
-        check_supported(adapter)
+        check_supported(adapter, anyres=True)
         self.config = config
+        self.anyres = adapter.architecture in ANYRES
+        self.has_cls = adapter.has_cls_token
+        if self.anyres and self.has_cls and adapter.vision_feature_select_strategy != "default":
+            raise ValueError("vflowopt on LLaVA-NeXT needs vision_feature_select_strategy='default' (patch features "
+                             "without CLS, as the released checkpoints use)")
         self.tokens_per_image = visual_tokens_per_image(adapter)
         vc = adapter.config.vision_config
         self.patch = int(vc.patch_size)
         self.grid = int(vc.image_size) // self.patch
-        self._cls_in_features = adapter.vision_feature_select_strategy != "default"
+        self._cls_in_features = self.has_cls and adapter.vision_feature_select_strategy != "default"
         self.stage_layers = config.stage_layers(adapter.num_layers)
         self._stage_keep = dict(zip(self.stage_layers, config.llm_keep))
         if config.tuned_for != (session.source or ""):
@@ -311,11 +369,13 @@ class VFlowOptHandle:
         self._seq_scores: torch.Tensor | None = None
         self._recycling: Recycling | None = None
         self._capture = VisionLayerCapture(adapter, feature_layer_index(adapter), pixels=config.entropy_weight != 0)
+        self._inner = session.model.model
+        self._sizes = ImageSizeCapture(self._inner) if self.anyres else None
         self._dropper = None
         self._reducer = None
         self._merge_hook = None
         try:
-            self._reducer = PreLLMReducer(session, self._plan, positions=config.positions)
+            self._reducer = PreLLMReducer(session, self._plan, positions=config.positions, anyres=self.anyres)
             # Recycling merges projected tokens: a forward hook on the projector, after the reducer's pre-hook
             # has planned this batch.
             self._merge_hook = session.model.model.multi_modal_projector.register_forward_hook(self._merge)
@@ -330,8 +390,9 @@ class VFlowOptHandle:
     def _scores(self, features: torch.Tensor) -> torch.Tensor:
         q, k, _ = self._capture.take()
         cfg = self.config
-        relevance = importance_scores(q, k, self._capture.num_heads, self._capture.scale, cfg.threshold)
-        offset = 0 if self._cls_in_features else 1
+        relevance = importance_scores(q, k, self._capture.num_heads, self._capture.scale, cfg.threshold,
+                                      has_cls=self.has_cls)
+        offset = 1 if self.has_cls and not self._cls_in_features else 0
         scores = relevance[:, offset:offset + features.shape[1]]
         if cfg.entropy_weight:
             pixels = self._capture.pixel_values
@@ -344,9 +405,24 @@ class VFlowOptHandle:
         return scores
 
     def _plan(self, features: torch.Tensor) -> ReductionPlan:
+        scores = self._scores(features)
+        if not self.anyres:
+            plan, self._recycling, self._slot_scores = vflowopt_plan(
+                scores, self.grid, self.config.vision_keep, self.config.merge_cell, self._cls_in_features)
+            return plan
+        # Anyres: every tile (base and high resolution) is pruned and recycled on its own, over the patches that
+        # reach the language model; kept tokens stay in image order (grid order for the high-resolution tiles).
+        n_tiles, n_feat = features.shape[:2]
+        layout = anyres_layout(self._inner, self._sizes, n_tiles, n_feat)
+        visible = visible_patches(layout, n_tiles, n_feat).to(scores.device)
         plan, self._recycling, self._slot_scores = vflowopt_plan(
-            self._scores(features), self.grid, self.config.vision_keep, self.config.merge_cell,
-            self._cls_in_features)
+            scores, self.grid, self.config.vision_keep, self.config.merge_cell, False, visible=visible)
+        valid = torch.ones_like(plan.order, dtype=torch.bool) if plan.valid is None else plan.valid
+        rank = torch.full((n_tiles, n_feat + 1), -1, dtype=torch.long, device=plan.order.device)
+        ranks = torch.arange(plan.order.shape[1], device=plan.order.device).expand_as(plan.order)
+        rank.scatter_(1, torch.where(valid, plan.order, n_feat), ranks)
+        rank = rank[:, :n_feat]
+        plan.placement = anyres_placement(layout, rank, torch.full_like(rank, GRID), n_feat, features.device)
         return plan
 
     def _merge(self, module, args, output):
@@ -384,6 +460,9 @@ class VFlowOptHandle:
             self._reducer.remove()
             self._reducer = None
         self._capture.remove()
+        if self._sizes is not None:
+            self._sizes.remove()
+            self._sizes = None
 
 
 def apply_vflowopt(session, config: VFlowOptConfig) -> VFlowOptHandle:

@@ -20,7 +20,9 @@ from typing import Literal
 
 import torch
 
+from mmkit.patching.anyres import ImageSizeCapture, anyres_layout, anyres_placement, visible_patches
 from mmkit.patching.pre_llm import (
+    ANYRES,
     PreLLMReducer,
     ReductionPlan,
     VisionLayerCapture,
@@ -89,15 +91,56 @@ def visionzip_plan(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, out
     if dominant + contextual >= n_feat:
         # Every token kept: the no-op setting.
         return ReductionPlan(order=torch.arange(n_feat, device=features.device).expand(n_img, n_feat))
+    scores, metric = cls_scores_and_metric(q, k, num_heads, scale, n_feat, cls_in_features)
+    if cls_in_features and feed_cls:
+        scores[:, 0] = float("inf")                                        # CLS is always dominant
+    extra_cls = feed_cls and not cls_in_features
+    order, edited, _ = select_and_merge(features, scores, metric, out[:, :1], dominant, contextual, extra_cls)
+    return ReductionPlan(order=order, features=edited)
+
+
+def cls_scores_and_metric(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: float, n_feat: int,
+                          cls_in_features: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per feature token: the CLS query's attention summed over heads (I, N), and the keys averaged over heads and
+    L2-normalised (I, N, D), the merge metric."""
+    n_img = q.shape[0]
     offset = 0 if cls_in_features else 1
     heads = q.shape[-1] // num_heads
     qh = q[:, :1].float().view(n_img, 1, num_heads, heads).transpose(1, 2)
     kh = k.float().view(n_img, -1, num_heads, heads).transpose(1, 2)
     cls_attn = query_attention(qh, kh, scale)[:, :, 0].sum(1)            # (I, T)
-    scores = cls_attn[:, offset:offset + n_feat].clone()                   # per feature token
-    extra_cls = feed_cls and not cls_in_features
-    if cls_in_features and feed_cls:
-        scores[:, 0] = float("inf")                                        # CLS is always dominant
+    metric = kh.mean(1)                                                   # (I, T, D): keys averaged over heads
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    return cls_attn[:, offset:offset + n_feat].clone(), metric[:, offset:offset + n_feat]
+
+
+def received_attention_scores(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: float
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For towers without a CLS token (SigLIP): each token's attention received, averaged over heads and queries
+    (I, N), the CLS-free replacement the VisionZip ports for SigLIP models rank by; and the merge metric as in
+    `cls_scores_and_metric`. Computed one image at a time to bound the (H, N, N) attention matrix."""
+    n_img = q.shape[0]
+    heads = q.shape[-1] // num_heads
+    scores = []
+    for i in range(n_img):
+        qh = q[i:i + 1].float().view(1, -1, num_heads, heads).transpose(1, 2)
+        kh = k[i:i + 1].float().view(1, -1, num_heads, heads).transpose(1, 2)
+        scores.append(query_attention(qh, kh, scale).mean(dim=(1, 2)))    # (1, N)
+    kh = k.float().view(n_img, -1, num_heads, heads).transpose(1, 2)
+    metric = kh.mean(1)
+    return torch.cat(scores), metric / metric.norm(dim=-1, keepdim=True)
+
+
+def select_and_merge(features: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor, cls_out: torch.Tensor,
+                     dominant: int, contextual: int, extra_cls: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Dominant selection and contextual merge over the I images' N feature tokens.
+
+    scores (I, N) dominant ranking, metric (I, N, D) normalised merge keys, cls_out (I, 1, C) the CLS output fed in
+    a freed slot when `extra_cls`. Returns (order (I, k): [CLS slot if fed, dominant in image order, contextual
+    targets], edited features, number of dominant patches).
+    """
+    n_img, n_feat, _ = features.shape
     n_dom = dominant - 1 if extra_cls else dominant
     device = features.device
     dom = torch.topk(scores, n_dom, dim=1).indices.sort(dim=1).values      # image order, as VisionZip keeps it
@@ -113,12 +156,10 @@ def visionzip_plan(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, out
         is_target = torch.zeros(n_rest, dtype=torch.bool, device=device)
         is_target[target_pos] = True
         targets, others = rest[:, is_target], rest[:, ~is_target]
-        metric = kh.mean(1)                                               # (I, T, D): keys averaged over heads
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        m_t = metric.gather(1, (targets + offset)[..., None].expand(-1, -1, metric.shape[-1]))
-        m_o = metric.gather(1, (others + offset)[..., None].expand(-1, -1, metric.shape[-1]))
+        m_t = metric.gather(1, targets[..., None].expand(-1, -1, metric.shape[-1]))
+        m_o = metric.gather(1, others[..., None].expand(-1, -1, metric.shape[-1]))
         assign = torch.bmm(m_o, m_t.transpose(1, 2)).argmax(-1)           # (I, others)
-        one_hot = torch.nn.functional.one_hot(assign, contextual).float()  # (I, others, targets)
+        one_hot = torch.nn.functional.one_hot(assign, targets.shape[1]).float()  # (I, others, targets)
         feats = features.float()
         f_t = feats.gather(1, targets[..., None].expand(-1, -1, feats.shape[-1]))
         f_o = feats.gather(1, others[..., None].expand(-1, -1, feats.shape[-1]))
@@ -134,34 +175,94 @@ def visionzip_plan(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, out
     if extra_cls:
         # LLaVA drops CLS from its features; give it the slot of a token that was merged away (or dropped).
         slot = free[:, :1]
-        edited.scatter_(1, slot[..., None].expand(-1, -1, edited.shape[-1]), out[:, :1].to(edited.dtype))
+        edited.scatter_(1, slot[..., None].expand(-1, -1, edited.shape[-1]), cls_out.to(edited.dtype))
         order.insert(0, slot)
-    return ReductionPlan(order=torch.cat(order, dim=1), features=edited)
+    return torch.cat(order, dim=1), edited, n_dom
+
+
+def anyres_visionzip_plan(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, out: torch.Tensor,
+                          layout: list[torch.Tensor], num_heads: int, scale: float, dominant: int, contextual: int,
+                          feed_cls: bool, has_cls: bool = True) -> ReductionPlan:
+    """VisionZip on LLaVA-NeXT's tiles: the selection and merge of `visionzip_plan` run on every tile (base and
+    high resolution) with that tile's own CLS attention, as VisionZip's LLaVA-NeXT code does, over the tile's
+    patches that reach the language model (unpadding crops the others).
+
+    features (tiles, N, C); q, k, out (tiles, N + 1, C) (N, C without CLS); layout: per image, `anyres_layout`.
+    The image's tokens in the LLM: the base tile as on LLaVA-1.5 ([CLS, dominant, contextual]); then the
+    high-resolution dominant patches in grid order with the newline of every row that keeps one; then each tile's
+    CLS; then each tile's contextual tokens (the official order). `has_cls=False` (SigLIP, OneVision): dominant
+    patches are ranked by the attention they receive (`received_attention_scores`) and no CLS is fed.
+    """
+    n_tiles, n_feat, _ = features.shape
+    device = features.device
+    visible = visible_patches(layout, n_tiles, n_feat).to(device)
+    if has_cls:
+        scores, metric = cls_scores_and_metric(q, k, num_heads, scale, n_feat, cls_in_features=False)
+    else:
+        scores, metric = received_attention_scores(q, k, num_heads, scale)
+        feed_cls = False
+    edited = features.clone()
+    changed = False
+    # Per tile: plan rank of each patch (-1 dropped) and its group (0 CLS slot, 1 dominant, 2 contextual).
+    rank = torch.full((n_tiles, n_feat), -1, dtype=torch.long)
+    group = torch.full((n_tiles, n_feat), -1, dtype=torch.long)
+    for t in range(n_tiles):
+        idx = visible[t].nonzero().flatten()
+        if dominant + contextual >= idx.numel():
+            order, groups = idx.cpu(), torch.ones(idx.numel(), dtype=torch.long)
+        else:
+            sub_order, sub_feats, n_dom = select_and_merge(
+                features[t:t + 1, idx], scores[t:t + 1, idx], metric[t:t + 1, idx], out[t:t + 1, :1], dominant,
+                contextual, extra_cls=feed_cls)
+            edited[t, idx] = sub_feats[0]
+            changed = True
+            order = idx[sub_order[0]].cpu()
+            groups = torch.tensor([0] * int(feed_cls) + [1] * n_dom + [2] * contextual, dtype=torch.long)
+        rank[t, order] = torch.arange(order.numel())
+        group[t, order] = groups
+    placement = anyres_placement(layout, rank, group, n_feat, device)
+    order = torch.zeros(n_tiles, 1, dtype=torch.long, device=device)  # unused: `placement` places the tokens
+    return ReductionPlan(order=order, features=edited if changed else None, placement=placement)
 
 
 class VisionZipHandle:
     def __init__(self, session, config: VisionZipConfig):
         adapter = session.adapter
-        check_supported(adapter)
+        check_supported(adapter, anyres=True)
         self.config = config
+        self.anyres = adapter.architecture in ANYRES
+        self.has_cls = adapter.has_cls_token
+        if self.anyres and self.has_cls and adapter.vision_feature_select_strategy != "default":
+            raise ValueError("visionzip on LLaVA-NeXT needs vision_feature_select_strategy='default' (patch "
+                             "features without CLS, as the released checkpoints use)")
         self.tokens_per_image = visual_tokens_per_image(adapter)
         self.dominant, self.contextual = config.counts(self.tokens_per_image)
         self._cls_in_features = adapter.vision_feature_select_strategy != "default"
+        self._inner = session.model.model
+        self._sizes = ImageSizeCapture(self._inner) if self.anyres else None
         self._capture = VisionLayerCapture(adapter, feature_layer_index(adapter))
         try:
-            self._reducer = PreLLMReducer(session, self._plan, positions=config.positions)
+            self._reducer = PreLLMReducer(session, self._plan, positions=config.positions, anyres=self.anyres)
         except Exception:
             self._capture.remove()
+            if self._sizes is not None:
+                self._sizes.remove()
             raise
 
     def _plan(self, features: torch.Tensor) -> ReductionPlan:
         q, k, out = self._capture.take()
+        if self.anyres:
+            layout = anyres_layout(self._inner, self._sizes, features.shape[0], features.shape[1])
+            return anyres_visionzip_plan(features, q, k, out, layout, self._capture.num_heads, self._capture.scale,
+                                         self.dominant, self.contextual, self.config.cls, self.has_cls)
         return visionzip_plan(features, q, k, out, self._capture.num_heads, self._capture.scale, self.dominant,
                               self.contextual, self._cls_in_features, self.config.cls)
 
     def remove(self) -> None:
         self._reducer.remove()
         self._capture.remove()
+        if self._sizes is not None:
+            self._sizes.remove()
 
 
 def apply_visionzip(session, config: VisionZipConfig) -> VisionZipHandle:

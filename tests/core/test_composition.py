@@ -2,8 +2,8 @@
 
 Each pair runs in one session with batch 2 and different prompts: greedy and sampled `generate`, and
 `answer_logprobs`; removing both restores the model bit-exactly. With a pruning setting that keeps every token the
-combination must equal the mitigation alone (the probe's position maps are then the identity). On LLaVA-NeXT every
-pair whose two methods each support it runs too; a smaller set runs on the reference model, with export, grounding
+combination must equal the mitigation alone (the probe's position maps are then the identity). On LLaVA-NeXT,
+LLaVA-OneVision and Qwen2-VL every pair whose two methods each support the family runs too; a smaller set runs on the reference model, with export, grounding
 and the command line.
 """
 
@@ -64,10 +64,15 @@ def pruning_specs(tiny_session, tmp_path_factory):
         "vflowopt": "vflowopt",
         "dyvte": f"dyvte:gates={tmp / 'gates.safetensors'}",
         "visor": f"visor:weights={tmp / 'visor.safetensors'},budget=1",
+        "divprune": "divprune:tokens=16",
+        "cdpruner": "cdpruner:tokens=16",
+        "random": "random:tokens=16",
+        "pooling": "pooling:tokens=16",
     }
 
 
-PRUNING_NAMES = ("fastv", "pyramiddrop", "sparsevlm", "visionzip", "vflowopt", "dyvte", "visor")
+PRUNING_NAMES = ("fastv", "pyramiddrop", "sparsevlm", "visionzip", "vflowopt", "dyvte", "visor", "divprune", "cdpruner",
+                 "random", "pooling")
 PAIRS = [(p, m, order) for p, m in itertools.product(PRUNING_NAMES, MITIGATION) for order in ("pm", "mp")]
 
 
@@ -140,11 +145,7 @@ def test_two_methods_of_one_kind_in_one_slot_are_refused_with_the_reason(session
         session.apply("agla")
 
 
-@pytest.fixture(scope="module")
-def next_session():
-    session = mmkit.load("tiny-random-next", device="cpu")
-    yield session
-    session.close()
+OTHER_FAMILIES = ("tiny-random-next", "tiny-random-onevision", "tiny-random-qwen2-vl")
 
 
 def _supports(session, spec) -> bool:
@@ -155,9 +156,18 @@ def _supports(session, spec) -> bool:
         return False
 
 
-def test_every_supported_pair_runs_on_llava_next(next_session, images, pruning_specs):
+@pytest.mark.parametrize("model", OTHER_FAMILIES)
+def test_every_supported_pair_runs_on_other_families(model, images, pruning_specs):
+    next_session = mmkit.load(model, device="cpu")
+    try:
+        _run_supported_pairs(next_session, images, pruning_specs)
+    finally:
+        next_session.close()
+
+
+def _run_supported_pairs(next_session, images, pruning_specs):
     specs = dict(pruning_specs)
-    # Learned weights of tiny-random do not fit the NeXT model; its support of each method is checked alone.
+    # Learned weights of tiny-random do not fit the other models; each method's support is checked alone.
     specs.pop("dyvte"), specs.pop("visor")
     supported_p = [p for p, s in specs.items() if _supports(next_session, s)]
     supported_m = [m for m, s in MITIGATION.items() if _supports(next_session, s)]
@@ -244,3 +254,13 @@ def test_command_line_answers_with_pruning_and_mitigation(tmp_path):
     record = json.loads(result.stdout)
     assert record["methods"] == ["fastv:keep=0.25", "agla"]
     assert record["visual_tokens_kept"] < record["visual_tokens"]
+
+
+@pytest.mark.parametrize("mitigation", ["vcd", "var", "vhr"])
+def test_visionzip_composes_on_llava_onevision(images, mitigation):
+    """The anyres pre-LLM reduction (SigLIP, no CLS) under a mitigation method, both orders, on OneVision."""
+    session = mmkit.load("tiny-random-onevision", device="cpu")
+    for order in (("visionzip:dominant=2,contextual=1", MITIGATION[mitigation]),
+                  (MITIGATION[mitigation], "visionzip:dominant=2,contextual=1")):
+        run_pair(session, images[:2], list(order))
+    session.close()

@@ -162,9 +162,10 @@ def test_remote_code_export_carries_learned_state(tmp_path, images, prompts):
     assert manifest["remote_code"] and manifest["methods"][0]["state"].endswith(".safetensors")
 
 
-def test_remote_code_export_of_llava_next(tmp_path, images, prompts):
-    _check_remote_code("tiny-random-next", "fastv:layer=2,keep=0.25", tmp_path, images, prompts,
-                       "MmkitLlavaNextForConditionalGeneration")
+@pytest.mark.parametrize("spec", ["fastv:layer=2,keep=0.25", "visionzip:dominant=2,contextual=1",
+                                  "vflowopt:vision_keep=0.5,merge_cell=1.0"])
+def test_remote_code_export_of_llava_next(tmp_path, images, prompts, spec):
+    _check_remote_code("tiny-random-next", spec, tmp_path, images, prompts, "MmkitLlavaNextForConditionalGeneration")
 
 
 @pytest.mark.parametrize("spec", ["vcd", "agla", "vhr"])

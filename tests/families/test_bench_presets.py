@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mmkit import bench
+from mmkit import speed
 from mmkit.cli import main
 
 
@@ -16,7 +16,7 @@ from mmkit.cli import main
     ("qwen2.5-vl-7b", "Qwen2_5_VLForConditionalGeneration", 8.3, 28, 3584),
 ])
 def test_7b_presets_build_the_published_shapes(preset, cls, billions, layers, hidden):
-    model = bench.build_random_model(preset, "meta")
+    model = speed.build_random_model(preset, "meta")
     assert type(model).__name__ == cls
     total = sum(p.numel() for p in model.parameters()) / 1e9
     assert total == pytest.approx(billions, abs=0.1)  # llava-onevision-qwen2-7b-ov: 8.0B; Qwen2.5-VL-7B: 8.3B
@@ -27,20 +27,20 @@ def test_7b_presets_build_the_published_shapes(preset, cls, billions, layers, hi
 @pytest.mark.parametrize("preset", ["tiny-onevision", "tiny-qwen2.5-vl"])
 def test_tiny_family_presets_run_prefill_and_generate_with_a_method(preset):
     torch.manual_seed(0)
-    model = bench.build_random_model(preset, "cpu", torch.float32)
-    inputs = bench.make_inputs(model, preset, 2)
+    model = speed.build_random_model(preset, "cpu", torch.float32)
+    inputs = speed.make_inputs(model, preset, 2)
     with torch.inference_mode():
         model(**inputs)  # image tokens in the prompt match the features the tower produces
-    rows = bench.prefill_case(model, preset, 2, ["fastv:layer=2,keep=0.25"], reps=1)
+    rows = speed.prefill_case(model, preset, 2, ["fastv:layer=2,keep=0.25"], reps=1)
     fastv = next(r for r in rows if r.note.startswith("fastv"))
     n_image = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     assert fastv.extra["visual_tokens_kept_last_layer"] == round(n_image * 0.25)
-    gen = bench.generate_case(model, preset, ["fastv:layer=2,keep=0.25"], new_tokens=2, reps=1)
+    gen = speed.generate_case(model, preset, ["fastv:layer=2,keep=0.25"], new_tokens=2, reps=1)
     assert {r.setting.split(", ")[1] for r in gen} == {"dynamic cache", "static cache"}
     assert all(r.ms > 0 for r in gen)
 
 
-def test_bench_cli_accepts_the_family_presets():
+def test_speed_cli_accepts_the_family_presets():
     result = CliRunner().invoke(main, ["bench", "--preset", "tiny-qwen2.5-vl", "--device", "cpu", "--dtype",
                                        "float32", "--batch", "2", "--reps", "1", "--cases", "prefill"])
     assert result.exit_code == 0, result.output

@@ -315,14 +315,15 @@ def test_vcd_noise_on_flattened_patches_is_per_pixel_and_batch_independent(name)
     assert patch_pixel_noise(mmkit.load("tiny-random", device="cpu").adapter, {}, seed=7) is None
 
 
-@pytest.mark.parametrize("name", FAMILY_BUILTINS)
-def test_remote_code_export_runs_with_plain_transformers(name, tmp_path):
+@pytest.mark.parametrize("name,spec", [*((name, "fastv:layer=2,keep=0.25") for name in FAMILY_BUILTINS),
+                                       ("tiny-random-onevision", "visionzip:dominant=2,contextual=1")])
+def test_remote_code_export_runs_with_plain_transformers(name, spec, tmp_path):
     """Both export kinds on the new families: `mmkit.load(DIR)` and plain transformers with trust_remote_code give
     the exporting session's logits and answers (the remote path builds the image-only processor here)."""
     from transformers import AutoModelForImageTextToText
 
-    spec = "fastv:layer=2,keep=0.25"
     session = mmkit.load(name, device="cpu", methods=[spec])
+    specs = [h.spec for h in session.methods]
     images = family_images()
     inputs = session.prepare(images, PROMPTS)
     with torch.inference_mode():
@@ -335,7 +336,7 @@ def test_remote_code_export_runs_with_plain_transformers(name, tmp_path):
     assert config["auto_map"] == {"AutoModelForImageTextToText": f"modeling_mmkit.Mmkit{arch}"}
 
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", trust_remote_code=True)
-    assert [h.spec for h in model.mmkit_session.methods] == ["fastv:keep=0.25"]
+    assert [h.spec for h in model.mmkit_session.methods] == specs
     tokenizer = model.mmkit_session.processor.tokenizer
     with torch.inference_mode():
         torch.testing.assert_close(model(**inputs).logits, expected)

@@ -296,3 +296,187 @@ def test_tuning_without_optuna_says_how_to_install_it(session, images, prompts, 
     monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna -> ImportError
     with pytest.raises(ValueError, match=r"needs optuna: pip install 'mmkit-vlm\[tune\]'"):
         tune_vflowopt(session, 0.3, trials=1, calibration=(images, prompts))
+
+
+# -- anyres tiles (tiny-random-next / -onevision: 28 px tiles of 2 x 2 patches, up to 2 x 2 high-resolution tiles) ----
+
+ANYRES_PROMPTS = ["What is in the image?", "Is there a red cube?", "Describe the scene in detail, please."]
+
+
+@pytest.fixture(scope="module", params=["tiny-random-next", "tiny-random-onevision"])
+def anyres_session(request):
+    """LLaVA-NeXT (CLIP tiles with CLS) and LLaVA-OneVision (SigLIP tiles without CLS)."""
+    import mmkit
+
+    session = mmkit.load(request.param, device="cpu")
+    yield session
+    session.close()
+
+
+@pytest.fixture(scope="module")
+def anyres_images():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    # Square, tall and small-wide: different tile grids and different unpadding per row.
+    return [(rng.random((h, w, 3)) * 255).astype("uint8") for h, w in ((336, 336), (504, 336), (120, 200))]
+
+
+def _last_logits(session, inputs):
+    with torch.inference_mode():
+        return session.model(**inputs, use_cache=False).logits[:, -1]
+
+
+def test_anyres_keep_all_is_identical_and_pruning_changes_and_remove_restores(anyres_session, anyres_images):
+    session = anyres_session
+    inputs = session.prepare(anyres_images, ANYRES_PROMPTS)
+    base = _last_logits(session, inputs)
+    handle = session.apply("vflowopt:vision_keep=1.0,llm_keep=1.0/1.0")
+    assert torch.equal(_last_logits(session, inputs), base)
+    handle.remove()
+    for spec in ("vflowopt:vision_keep=0.5,merge_cell=0,llm_keep=1.0/1.0",       # vision stage alone
+                 "vflowopt:vision_keep=0.5,merge_cell=1.0,llm_keep=0.7/0.6"):     # with recycling and LLM stages
+        handle = session.apply(spec)
+        results = session.generate(anyres_images, ANYRES_PROMPTS, max_new_tokens=2)
+        assert not torch.allclose(_last_logits(session, inputs), base), spec
+        handle.remove()
+        for r in results:
+            assert r.stats.visual_tokens_kept[0] < r.stats.visual_tokens, spec
+    assert torch.equal(_last_logits(session, inputs), base)
+    assert "get_image_features" not in session.model.model.__dict__
+    assert not session.adapter.language_model._forward_pre_hooks
+
+
+def _reference_vision_stage(session, inputs, vision_keep, threshold):
+    """The image tokens VFlowOpt's vision stage (no recycling, no entropy term) should give each image, written out
+    per tile with loops: attention recomputed from the feature layer's input with the eager formula, averaged over
+    heads; global tokens = CLS (when the tower has one) plus tokens receiving more than `threshold` x the mean
+    (without CLS and without such a token: the most attended one); a patch's score = mean attention the global
+    tokens give it. Each tile keeps its round(vision_keep x visible) best patches among those surviving
+    unpadding (transformers' `unpad_image` on a grid of patch coordinates); image order, newline after every
+    high-resolution row that keeps a patch."""
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+        image_size_to_num_patches,
+        unpad_image,
+    )
+
+    model = session.model
+    cfg = model.config
+    has_cls = session.adapter.has_cls_token
+    off = 1 if has_cls else 0
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    tower = model.model.vision_tower
+    sizes = inputs["image_sizes"]
+    counts = [image_size_to_num_patches(s.tolist(), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+              for s in sizes]
+    pixels = torch.cat([inputs["pixel_values"][i, :c] for i, c in enumerate(counts)])
+    with torch.inference_mode():
+        out = tower(pixels, output_hidden_states=True)
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        layer = layers[len(layers) + cfg.vision_feature_layer]
+        x = layer.layer_norm1(out.hidden_states[len(layers) + cfg.vision_feature_layer])
+        q, k = layer.self_attn.q_proj(x), layer.self_attn.k_proj(x)
+        hidden = out.hidden_states[cfg.vision_feature_layer]
+        heads, scale = layer.self_attn.num_heads, layer.self_attn.scale
+        d = q.shape[-1] // heads
+        n_tok = q.shape[1]
+
+        def scores_of(t):
+            attn = [[0.0] * n_tok for _ in range(n_tok)]
+            for h in range(heads):
+                for i in range(n_tok):
+                    row = torch.softmax(torch.stack([q[t, i, h * d:(h + 1) * d] @ k[t, j, h * d:(h + 1) * d]
+                                                     for j in range(n_tok)]) * scale, 0)
+                    for j in range(n_tok):
+                        attn[i][j] += float(row[j]) / heads
+            received = [sum(attn[i][j] for i in range(n_tok)) / n_tok for j in range(n_tok)]
+            mean = sum(received) / n_tok
+            glob = [j for j in range(n_tok) if received[j] > threshold * mean]
+            if has_cls and 0 not in glob:
+                glob = [0] + glob
+            if not glob:
+                glob = [max(range(n_tok), key=lambda j: received[j])]
+            return [sum(attn[g][off + j] for g in glob) / len(glob) for j in range(side * side)]
+
+        def project(v):
+            return model.model.multi_modal_projector(v[None, None])[0, 0]
+
+        def kept(t, visible):
+            budget = min(len(visible), max(1, round(vision_keep * len(visible))))
+            score = scores_of(t)
+            return set(sorted(visible, key=lambda j: -score[j])[:budget])
+
+        images, first = [], 0
+        for i, size in enumerate(sizes.tolist()):
+            rows_t, cols_t = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            grid = torch.stack(torch.meshgrid(torch.arange(rows_t * side), torch.arange(cols_t * side),
+                                              indexing="ij")).float()
+            grid = unpad_image(grid, size).long()
+            visible = {}
+            for r, c in zip(grid[0].flatten().tolist(), grid[1].flatten().tolist()):
+                visible.setdefault(first + 1 + (r // side) * cols_t + c // side, []).append((r % side) * side + c % side)
+            base = kept(first, list(range(side * side)))
+            seq = [project(hidden[first, off + j]) for j in sorted(base)]
+            keeps = {t: kept(t, v) for t, v in visible.items()}
+            for r in range(grid.shape[1]):
+                row = []
+                for c in range(grid.shape[2]):
+                    gr, gc = int(grid[0, r, c]), int(grid[1, r, c])
+                    tile = first + 1 + (gr // side) * cols_t + gc // side
+                    j = (gr % side) * side + gc % side
+                    if j in keeps[tile]:
+                        row.append(project(hidden[tile, off + j]))
+                seq += row + ([model.model.image_newline] if row else [])
+            images.append(torch.stack(seq))
+            first += counts[i]
+    return images
+
+
+def test_anyres_vision_stage_keeps_the_top_visible_patches_of_every_tile(anyres_session, anyres_images):
+    """Every embedding the language model receives equals a per-tile written-out vision stage, for three images
+    of different sizes in one left-padded batch."""
+    session = anyres_session
+    inputs = session.prepare(anyres_images, ANYRES_PROMPTS)
+    threshold = 1.5
+    expected = _reference_vision_stage(session, inputs, 0.5, threshold)
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.update(embeds=kwargs["inputs_embeds"], mask=kwargs["attention_mask"])
+
+    handle = session.apply(f"vflowopt:vision_keep=0.5,merge_cell=0,threshold={threshold},llm_keep=1.0/1.0,"
+                           "entropy_weight=0")
+    hook = session.adapter.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        _last_logits(session, inputs)
+    finally:
+        hook.remove()
+        handle.remove()
+    embed = session.model.get_input_embeddings()
+    image_id = session.adapter.image_token_id
+    with torch.inference_mode():
+        for row in range(3):
+            ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
+            is_image = (ids == image_id).nonzero().flatten()
+            start, end = int(is_image[0]), int(is_image[-1]) + 1
+            assert expected[row].shape[0] < end - start
+            want = torch.cat([embed(ids[:start]), expected[row], embed(ids[end:])])
+            got = seen["embeds"][row][seen["mask"][row].bool()]
+            assert got.shape == want.shape, row
+            assert torch.allclose(got, want, atol=1e-5), row
+
+
+def test_anyres_batch_of_different_images_equals_single_runs(anyres_session, anyres_images):
+    session = anyres_session
+    session.apply("vflowopt:vision_keep=0.5,merge_cell=1.0,threshold=1.5,llm_keep=0.7/0.6,entropy_weight=0.3")
+    try:
+        batch = session.generate(anyres_images, ANYRES_PROMPTS, max_new_tokens=4)
+        scores = session.answer_logprobs(anyres_images, ANYRES_PROMPTS).logprobs
+        for i in range(3):
+            single = session.generate([anyres_images[i]], [ANYRES_PROMPTS[i]], max_new_tokens=4)[0]
+            assert single.text == batch[i].text
+            one = session.answer_logprobs([anyres_images[i]], [ANYRES_PROMPTS[i]]).logprobs[0]
+            assert torch.allclose(torch.tensor(one), torch.tensor(scores[i]), atol=1e-4)
+    finally:
+        session.remove_all()

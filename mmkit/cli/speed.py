@@ -23,7 +23,7 @@ def bench(preset, batch, methods, cases, device, dtype, reps, json_out):
 
     import transformers
 
-    from mmkit import bench as b
+    from mmkit import speed as b
     from mmkit.registry import parse_spec
     from mmkit.models.loading import resolve_device, resolve_dtype
 
@@ -55,9 +55,9 @@ def bench(preset, batch, methods, cases, device, dtype, reps, json_out):
         if isinstance(cfg, FastVConfig):  # the token-FLOP bound is FastV's formula (one drop layer, one share)
             click.echo(f"token-FLOP bound for {spec}: {b.flop_bound(model, preset, cfg.layer, cfg.keep):.2f}x")
     if "kernels" in wanted:
-        from mmkit.kernels.bench import bench_kernels
+        from mmkit.kernels.speed import time_kernels
 
-        for row in bench_kernels(device=str(dev)):
+        for row in time_kernels(device=str(dev)):
             click.echo(json.dumps(row))
     if json_out:
         from mmkit.atomic import atomic_write_json

@@ -1,6 +1,6 @@
 """Why VAR leaves the reference model unchanged: its activation magnitudes and the sink tokens VAR finds.
 
-    .venv/bin/python benchmarks/check_var_sinks.py
+    .venv/bin/python benchmarks/run_var_sinks.py
 
 Prints, over the 32 POPE-adversarial prompts of the first 8 held-out scenes (world seed 1), the largest and the
 median |RMSNorm(h)| at the input of each decoder layer, and the sink tokens VAR detects at its edited layer for

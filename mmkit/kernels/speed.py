@@ -1,6 +1,6 @@
 """Timing of the kernels at LLaVA-1.5-7B attention sizes: Triton vs torch reference vs SDPA alone.
 
-`bench_kernels()` returns one dict per case. "triton_ms"/"torch_ms" time `subset_attention_mass` (R selected rows
+`time_kernels()` returns one dict per case. "triton_ms"/"torch_ms" time `subset_attention_mass` (R selected rows
 against all Lk keys); "sdpa_ms" times the layer's own full causal attention (Lk queries) that the scoring rides
 along with; "overhead_triton" = (sdpa + triton) / sdpa, the cost of scoring one layer relative to its attention.
 GPU timing uses CUDA events around a loop of calls (launch overhead included, as in real use), after warm-up,
@@ -81,7 +81,7 @@ def _rows_mask(batch: int, rows: int, n_keys: int, device: torch.device) -> torc
     return (torch.arange(n_keys, device=device)[None, :] <= pos[:, None]).expand(batch, rows, n_keys)
 
 
-def bench_kernels(device: str = "cuda", cases: list[tuple[int, int, int, int, int]] | None = None,
+def time_kernels(device: str = "cuda", cases: list[tuple[int, int, int, int, int]] | None = None,
                   dtype: torch.dtype = torch.bfloat16, reps: int = 30, inner: int = 10) -> list[dict]:
     """Time subset_attention_mass (Triton and torch) and SDPA at each (B, H, D, Lk, R) case.
 
@@ -142,14 +142,14 @@ def bench_kernels(device: str = "cuda", cases: list[tuple[int, int, int, int, in
                    overhead_triton=None if triton_ms is None else round((sdpa_ms + triton_ms) / sdpa_ms, 3),
                    max_abs_diff_vs_torch=None if diff is None else float(diff),
                    **{key: round(val, 4) for key, val in graph.items()})
-        logger.info("kernel bench %s", row)
+        logger.info("kernel timing %s", row)
         rows_out.append(row)
         del q, k, v
-    rows_out += _bench_compaction(dev, reps, inner)
+    rows_out += _time_compaction(dev, reps, inner)
     return rows_out
 
 
-def _bench_compaction(dev: torch.device, reps: int, inner: int) -> list[dict]:
+def _time_compaction(dev: torch.device, reps: int, inner: int) -> list[dict]:
     """topk_compact + gather of hidden states: FastV-style drop of 90 % of the image tokens."""
     from mmkit.kernels.compaction.ref import gather_tokens, kept_count, topk_compact
 
