@@ -29,6 +29,7 @@ PYTHON_BLOCKS = {
     ("docs/dyvte.md", "dyvte.last_exit_layers"): "run",
     ("docs/grounding.md", "results[0].stats"): "run",
     ("docs/grounding.md", "run_ground_bench(s, ground_questions(1, 50)"): "imports",  # the 50-scene grounding bench
+    ("docs/grounding.md", "run_ground_bench(s, ground_questions(1, 100)"): "imports",  # the 100-scene multi-scale run
     ("docs/reference-model.md", "conversation = "): "run",
     ("docs/reference-model.md", "detailed_share=share"): "run",        # caption statistics of the training stream
     ("docs/reference-model.md", "n_scenes=150, n_captions=150"): "imports",  # the 150-scene evaluation (4 minutes)
