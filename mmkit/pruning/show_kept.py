@@ -15,11 +15,12 @@ For multi-branch methods (VCD, AGLA) the original branch (row 0) is shown.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from mmkit.atomic import atomic_path
 
 DROPPED, KEPT, MERGED = 0, 1, 2
 
@@ -182,14 +183,8 @@ def save_panels(panels: list, path: str | os.PathLike, columns: int = 4) -> Path
     for i, panel in enumerate(panels):
         r, c = divmod(i, columns)
         sheet.paste(panel, (c * (w + 4), r * (h + 4)))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -26,6 +26,8 @@ DOC_FILES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "doc
 PYTHON_BLOCKS = {
     ("README.md", 'reference.save_pretrained("exported/")'): "run",
     ("README.md", 'methods=["visionzip:keep=0.25", "paint"]'): "run",   # composition: a fragment (mmkit imported)
+    ("docs/cdpruner.md", 'methods=["cdpruner:tokens=64"]'): "run",
+    ("docs/divprune.md", '"llava-hf/llava-1.5-7b-hf", methods=["divprune"]'): "imports",  # needs the 7B checkpoint
     ("docs/dyvte.md", "dyvte.last_exit_layers"): "run",
     ("docs/grounding.md", "results[0].stats"): "run",
     ("docs/grounding.md", "run_ground_bench(s, ground_questions(1, 50)"): "imports",  # the 50-scene grounding bench

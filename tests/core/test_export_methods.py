@@ -125,7 +125,8 @@ def _scores(session, images, prompts) -> torch.Tensor:
 
 
 # Methods without learned state: each exports and reloads to identical logits, greedy texts and branched scores.
-PLAIN_SPECS = ["pyramiddrop", "sparsevlm", "vcd", "agla", "vhr", "var:start_layer=1,tau=2", "paint:start_layer=1"]
+PLAIN_SPECS = ["pyramiddrop", "sparsevlm", "vcd", "agla", "vhr", "var:start_layer=1,tau=2", "paint:start_layer=1",
+               "divprune:keep=0.25", "cdpruner:keep=0.25", "random:keep=0.25", "pooling:keep=0.25"]
 
 
 @pytest.mark.parametrize("spec", PLAIN_SPECS)
