@@ -21,8 +21,7 @@ import torch
 import mmkit
 from mmkit.atomic import atomic_write_text
 from mmkit.evals.report import report_table
-from mmkit.evals.runner import run_eval
-from run_pruning import BENCHES, _summary, method_grid, run_name, visor_specs
+from run_pruning import BENCHES, _summary, method_grid, run_blocks, visor_specs
 
 REPORT = Path("benchmarks/pruning.md")
 NOTES = "<!-- notes: kept across reruns -->"
@@ -52,21 +51,7 @@ def main() -> None:
     session = mmkit.load("reference", device="cpu")
     blocks = [("main", b, s, specs, out / f"{b}-{s}") for b, s in benches if specs]
     blocks += [("visor", b, s, visor, out / f"visor-{b}-{s}") for b, s in benches if visor]
-    done = []
-    for title, bench, split, block_specs, directory in blocks:
-        results = []
-        for spec in [None] + block_specs:
-            session.remove_all()
-            if spec:
-                session.apply(spec)
-            result = run_eval(session=session, bench=bench, split=split, limit=args.limit,
-                              batch_size=args.batch_size, out=directory / run_name(spec), progress=False)
-            result["_dir"] = str(directory / run_name(spec))
-            results.append(result)
-            value = result["metrics"].get("f1", result["metrics"].get("accuracy"))
-            print(f"{title} {bench}/{split} {spec or 'baseline'}: {value:.3f}", flush=True)
-        done.append((title, bench, split, results))
-        write_section(args, groups, done)
+    run_blocks(session, blocks, args, lambda done: write_section(args, groups, done))
 
 
 def write_section(args, groups: list[str], done) -> None:

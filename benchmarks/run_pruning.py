@@ -83,21 +83,7 @@ def main() -> None:
     blocks = [("main", bench, split, specs, out / f"{bench}-{split}") for bench, split in BENCHES]
     visor = visor_specs()
     blocks += [("visor", bench, split, visor, out / f"visor-{bench}-{split}") for bench, split in BENCHES if visor]
-    done: list[tuple[str, str, str, list]] = []
-    for title, bench, split, block_specs, directory in blocks:
-        results = []
-        for spec in [None] + block_specs:
-            session.remove_all()
-            if spec:
-                session.apply(spec)
-            result = run_eval(session=session, bench=bench, split=split, limit=args.limit,
-                              batch_size=args.batch_size, out=directory / run_name(spec), progress=False)
-            result["_dir"] = str(directory / run_name(spec))
-            results.append(result)
-            value = result["metrics"].get("f1", result["metrics"].get("accuracy"))
-            print(f"{title} {bench}/{split} {spec or 'baseline'}: {value:.3f}", flush=True)
-        done.append((title, bench, split, results))
-        write_report(args, done)
+    run_blocks(session, blocks, args, lambda done: write_report(args, done))
 
 
 def _exit_layers(run_dir: str) -> Counter:
@@ -196,6 +182,26 @@ def kept_section(path: Path, head: str, end: str) -> str:
         return ""
     section = text[text.index(head):]
     return "\n" + (section[:section.index(end)] if end in section else section).rstrip() + "\n"
+
+
+def run_blocks(session, blocks, args, on_block) -> None:
+    """Run each block (title, bench, split, specs, directory): its baseline first, then every spec, in one process
+    (so every ratio is against a baseline measured right before the method); `on_block(done)` after each block."""
+    done: list[tuple[str, str, str, list]] = []
+    for title, bench, split, block_specs, directory in blocks:
+        results = []
+        for spec in [None] + block_specs:
+            session.remove_all()
+            if spec:
+                session.apply(spec)
+            result = run_eval(session=session, bench=bench, split=split, limit=args.limit,
+                              batch_size=args.batch_size, out=directory / run_name(spec), progress=False)
+            result["_dir"] = str(directory / run_name(spec))
+            results.append(result)
+            value = result["metrics"].get("f1", result["metrics"].get("accuracy"))
+            print(f"{title} {bench}/{split} {spec or 'baseline'}: {value:.3f}", flush=True)
+        done.append((title, bench, split, results))
+        on_block(done)
 
 
 if __name__ == "__main__":
