@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from mmkit.errors import MmkitError
+# The COCO RLE codec the grounding outputs already write; one implementation for both.
+from mmkit.grounding.outputs import rle_decode, rle_encode  # noqa: F401 - rle_decode re-exported for readers
 
 SPLIT = "val"
 POPE_FILE = "world_pope_{split}.json"
@@ -30,29 +32,6 @@ POPE_FILE = "world_pope_{split}.json"
 
 def image_name(world_seed: int, index: int) -> str:
     return f"world{world_seed}_{index:06d}.png"
-
-
-def rle_encode(mask: np.ndarray) -> dict:
-    """COCO's uncompressed RLE of a boolean mask: run lengths over the column-major pixels, starting with 0s."""
-    flat = np.asarray(mask, dtype=bool).flatten(order="F")
-    change = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        counts = [0] + counts
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(c) for c in counts]}
-
-
-def rle_decode(rle: dict) -> np.ndarray:
-    """The boolean mask of an uncompressed RLE (inverse of `rle_encode`)."""
-    h, w = rle["size"]
-    flat = np.zeros(h * w, dtype=bool)
-    pos, value = 0, False
-    for count in rle["counts"]:
-        flat[pos:pos + count] = value
-        pos += count
-        value = not value
-    return flat.reshape((w, h)).T
 
 
 def _jsonl(rows: list[dict]) -> str:
