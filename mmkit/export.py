@@ -135,9 +135,24 @@ def save_session(session, out_dir: str | os.PathLike, overwrite: bool = False, r
     return out
 
 
+def _local_source(value: str) -> Path | None:
+    """The local file or directory behind a config value: the path itself, or for a hub id the snapshot that
+    from_pretrained loaded it from (the local Hugging Face cache); None if neither exists."""
+    source = Path(value).expanduser()
+    if source.exists():
+        return source
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(value, local_files_only=True))
+    except Exception:  # not a valid repo id, or not cached: the caller says what to fix
+        return None
+
+
 def _carry_files(handle, entry: dict[str, Any], tmp: Path, prefix: str) -> dict[str, str]:
-    """Copy the local files or directories a method's config points at (fields marked `"export": "copy"`) into the
-    export, so that it does not depend on paths outside it. Returns {field: name inside the export}."""
+    """Copy the local files or directories a method's config points at (fields marked `"export": "copy"`; a hub id
+    is copied from its cached snapshot) into the export, so that it does not depend on paths outside it. Returns
+    {field: name inside the export}."""
     import dataclasses
 
     files = {}
@@ -145,10 +160,11 @@ def _carry_files(handle, entry: dict[str, Any], tmp: Path, prefix: str) -> dict[
         value = entry["config"].get(f.name)
         if f.metadata.get("export") != "copy" or not value:
             continue
-        source = Path(value).expanduser()
-        if not source.exists():
-            raise MmkitError(f"{handle.info.name}: {f.name}={value} no longer exists, so the export cannot carry it; "
-                             "point it at the files again or export without this method")
+        source = _local_source(value)
+        if source is None:
+            raise MmkitError(f"{handle.info.name}: {f.name}={value} no longer exists as a local path and is not a "
+                             "checkpoint in the local Hugging Face cache, so the export cannot carry it; point it at "
+                             "the files again or export without this method")
         name = f"{prefix}_{f.name}"
         if source.is_dir():
             shutil.copytree(source, tmp / name)

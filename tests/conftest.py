@@ -70,3 +70,36 @@ def tiny_clip(path):
     CLIPModel(config).save_pretrained(path)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+
+
+BLIP_WORDS = ["what", "is", "in", "the", "image", "describe", "detail", "please", "count", "objects", "a", "there",
+              "dog", "cat", "red", "blue", "picture", "of"]
+
+
+def tiny_blip(path):
+    """Save a small random BLIP image-text matching checkpoint (BlipForImageTextRetrieval + BlipProcessor with a
+    word-level BertTokenizer and the PIL image processor) at `path`."""
+    import os
+
+    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    os.makedirs(path, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]", "?", ",", "."]
+    words += [chr(code) for code in range(ord("a"), ord("z") + 1)] + BLIP_WORDS
+    vocab = os.path.join(path, "vocab.txt")
+    with open(vocab, "w") as handle:
+        handle.write("\n".join(words) + "\n")
+    tokenizer = BertTokenizer(vocab, bos_token="[DEC]", additional_special_tokens=["[ENC]"])
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, encoder_hidden_size=32, max_position_embeddings=64,
+                         pad_token_id=0, bos_token_id=5, sep_token_id=3, initializer_range=0.3),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=64, patch_size=16, initializer_range=0.3),
+        projection_dim=16, image_text_hidden_size=16,
+    )
+    torch.manual_seed(0)
+    BlipForImageTextRetrieval(config).save_pretrained(path)
+    image_processor = BlipImageProcessorPil(size={"height": 64, "width": 64})
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)

@@ -10,16 +10,21 @@ as in the official `eval/sample.py` (an ensemble: AGLA adds the local view, wher
 Building the local view (official `eval/augmentation.py`): a prompt-relevance map over the image is upsampled to
 pixels, Gaussian-blurred (sigma = 0.02 x side) and min-max normalised; the top `keep` fraction of pixels stays and
 the rest is blacked out. The official keep fraction is 1 - ITC/2 (ITC = image-text cosine of the matcher), so a
-better-matching prompt masks more. Two matchers:
+better-matching prompt masks more. Matchers (docs/agla.md says when to use which):
 
-* ``attention`` (default, no extra model): the LVLM's own text-to-image attention. A scoring pass runs the model on
+* ``blip`` (the paper's): Grad-CAM of BLIP's image-text matching head at its text encoder's block-6
+  cross-attention, for the user prompt; ITC = BLIP's image-text cosine. Needs a BLIP ITM checkpoint
+  (`blip=DIR` or hub id, loaded with transformers' `BlipForImageTextRetrieval`); see `agla_blip.py`.
+* ``attention`` (no extra model): the LVLM's own text-to-image attention. A scoring pass runs the model on
   the original inputs up to the last scoring layer (then stops); at each scoring layer the attention mass from the
   prompt's text tokens after the image to each image token is taken (exact softmax, `subset_attention_mass`),
   averaged over heads, text tokens and layers. This matcher has no ITC score, so `keep` defaults to 0.8 (the
   paper's typical masked share is 15-25 %).
 * ``clip``: a local CLIP checkpoint (`clip_model=PATH`, loaded with transformers' `CLIPModel`/`CLIPProcessor`).
   The map is Grad-CAM of the image-text cosine w.r.t. the input of CLIP's last vision layer (channel weights =
-  patch-averaged gradients), the stand-in for the official BLIP-ITM Grad-CAM; ITC = that cosine.
+  patch-averaged gradients); ITC = that cosine.
+* ``auto`` (default): ``blip`` when `blip=` is given, otherwise ``attention`` with a logged warning that the
+  paper's matcher is not in use.
 
 Difference from the official code: the mask is applied to the processed pixel tensor (the crop the vision tower
 sees, after resize and normalisation) instead of a 384 px copy that is then re-processed; masked pixels get the
@@ -40,6 +45,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from mmkit.hallucination.agla_blip import BlipMatcher, answer_header, images_from_pixels, user_prompts
 from mmkit.hallucination.common import (
     check_float,
     image_normalisation,
@@ -64,9 +70,17 @@ class AGLAConfig:
         default=0.5,
         metadata={"help": "plausibility cutoff on the global view: keep tokens with p >= beta * max p; 0 = keep all"},
     )
-    matcher: Literal["attention", "clip"] = field(
-        default="attention",
-        metadata={"help": "prompt-image matcher: the LVLM's text-to-image attention, or a local CLIP (clip_model)"},
+    matcher: Literal["auto", "blip", "attention", "clip"] = field(
+        default="auto",
+        metadata={"help": "prompt-image matcher: blip (the paper's BLIP-ITM Grad-CAM), attention (the LVLM's own), "
+                          "clip (a CLIP Grad-CAM), or auto = blip if blip is given, else attention"},
+    )
+    blip: str | None = field(
+        default=None, metadata={"help": "BLIP image-text matching checkpoint (directory or hub id) for matcher=blip, "
+                                        "e.g. a local copy of Salesforce/blip-itm-large-coco", "export": "copy"}
+    )
+    blip_layer: int = field(
+        default=6, metadata={"help": "BLIP text-encoder block whose cross-attention the Grad-CAM reads (blip matcher)"}
     )
     clip_model: str | None = field(
         default=None, metadata={"help": "directory of a CLIP checkpoint (CLIPModel + CLIPProcessor) for matcher=clip",
@@ -74,7 +88,8 @@ class AGLAConfig:
     )
     keep: float | None = field(
         default=None,
-        metadata={"help": "fraction of pixels kept in the local view; None = 1 - ITC/2 with clip, 0.8 with attention"},
+        metadata={"help": "fraction of pixels kept in the local view; None = 1 - ITC/2 with blip or clip, 0.8 with "
+                          "attention"},
     )
     layers: tuple[int, ...] | None = field(
         default=None,
@@ -91,13 +106,24 @@ class AGLAConfig:
         self.alpha = check_float("alpha", self.alpha, low=0.0)
         self.beta = check_float("beta", self.beta, low=0.0, high=1.0)
         self.blur = check_float("blur", self.blur, low=0.0, high=1.0)
-        if self.matcher not in ("attention", "clip"):
-            raise ValueError(f"matcher must be 'attention' or 'clip', got {self.matcher!r}")
+        if self.matcher not in ("auto", "blip", "attention", "clip"):
+            raise ValueError(f"matcher must be 'auto', 'blip', 'attention' or 'clip', got {self.matcher!r}")
         if self.fill not in ("black", "mean"):
             raise ValueError(f"fill must be 'black' or 'mean', got {self.fill!r}")
+        for name in ("blip", "clip_model"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name} must be a checkpoint directory or hub id, got {value!r}")
+        if isinstance(self.blip_layer, bool) or not isinstance(self.blip_layer, int) or self.blip_layer < 0:
+            raise ValueError(f"blip_layer must be an integer >= 0, got {self.blip_layer!r}")
+        if self.matcher == "blip" and not self.blip:
+            raise ValueError("matcher=blip needs blip=PATH (a BLIP image-text matching checkpoint, e.g. a local copy "
+                             "of Salesforce/blip-itm-large-coco)")
+        if self.blip and self.matcher not in ("auto", "blip"):
+            raise ValueError(f"blip is only used with matcher=blip (or auto); drop blip or matcher={self.matcher}")
         if self.matcher == "clip" and not self.clip_model:
             raise ValueError("matcher=clip needs clip_model=PATH (a local CLIPModel/CLIPProcessor directory)")
-        if self.matcher == "attention" and self.clip_model:
+        if self.matcher != "clip" and self.clip_model:
             raise ValueError("clip_model is only used with matcher=clip; add matcher=clip or drop clip_model")
         if self.keep is not None:
             self.keep = check_float("keep", self.keep, low=0.0, high=1.0, low_open=True)
@@ -110,6 +136,15 @@ class AGLAConfig:
             if len(set(layers)) != len(layers):
                 raise ValueError(f"layers must not repeat, got {self.layers!r}")
             self.layers = tuple(sorted(layers))
+            if self.resolved_matcher != "attention":
+                raise ValueError(f"layers are only used with the attention matcher, not {self.resolved_matcher}")
+
+    @property
+    def resolved_matcher(self) -> str:
+        """The matcher in use: `auto` resolved to blip (a BLIP checkpoint is given) or attention."""
+        if self.matcher == "auto":
+            return "blip" if self.blip else "attention"
+        return self.matcher
 
 
 # -- relevance map -> masked image -------------------------------------------------------------------------------
@@ -260,26 +295,14 @@ class ClipMatcher:
             raise ValueError(f"agla: could not load a CLIP model and processor from clip_model={path!r}: {reason}") from None
         self.session = session
         self.model.requires_grad_(False)
-        template = session.chat_prompt("\x00")
-        self._suffix = template.split("\x00", 1)[1].strip()
+        self._suffix = answer_header(session)
 
     def prompts(self, input_ids: torch.Tensor) -> list[str]:
         """The user prompt of each row: the text after the image, without the chat template's answer header."""
-        tokenizer = self.session.processor.tokenizer
-        image = input_ids == self.session.adapter.image_token_id
-        texts = []
-        for row, mask in zip(input_ids, image):
-            start = int(mask.nonzero().max()) + 1 if bool(mask.any()) else 0
-            text = tokenizer.decode(row[start:].tolist(), skip_special_tokens=True).strip()
-            if self._suffix and text.endswith(self._suffix):
-                text = text[: -len(self._suffix)].strip()
-            texts.append(text)
-        return texts
+        return user_prompts(self.session, input_ids, self._suffix)
 
     def relevance(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, std = image_normalisation(self.session)
-        pixels = inputs["pixel_values"].float().cpu() * std + mean
-        images = [(img.clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy() for img in pixels]
+        images = images_from_pixels(self.session, inputs["pixel_values"])
         texts = self.prompts(inputs["input_ids"])
         device = self.session.device
         with torch.inference_mode(False), torch.enable_grad():
@@ -322,13 +345,20 @@ class AGLAHandle:
         self.last_mask: torch.Tensor | None = None
         self.last_keep: torch.Tensor | None = None
         num_layers = session.adapter.num_layers
-        if config.matcher == "clip":
+        matcher = config.resolved_matcher
+        if matcher == "blip":
+            self.matcher = BlipMatcher(session, config.blip, config.blip_layer)
+        elif matcher == "clip":
             self.matcher = ClipMatcher(session, config.clip_model)
         else:
             layers = config.layers or tuple(range(num_layers // 4, num_layers // 2 + 1))
             if layers[-1] >= num_layers:
                 raise ValueError(f"agla layers={layers} go past the last decoder layer; this model has {num_layers}")
             self.matcher = AttentionMatcher(session, layers)
+            if config.matcher == "auto":
+                logger.warning("agla: no BLIP checkpoint given (blip=...), so the local view is masked by the LVLM's "
+                               "own text-to-image attention with keep=%s instead of the paper's BLIP-ITM Grad-CAM; "
+                               "see docs/agla.md", config.keep if config.keep is not None else DEFAULT_ATTENTION_KEEP)
 
     def local_view(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """pixel_values of the masked (local) view of each row's image."""

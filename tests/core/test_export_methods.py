@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mmkit
-from conftest import forward_logits, tiny_clip
+from conftest import forward_logits, tiny_blip, tiny_clip
 from mmkit.errors import MmkitError
 from mmkit.hallucination import head_sensitivity
 from mmkit.pruning.dyvte import ExitGates
@@ -181,6 +181,71 @@ def test_agla_clip_export_refuses_a_vanished_checkpoint(tmp_path):
     with pytest.raises(MmkitError, match="no longer exists"):
         session.save_pretrained(tmp_path / "export")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    session.close()
+
+
+def test_agla_blip_export_is_self_contained(images, prompts, tmp_path):
+    """The paper's BLIP matcher checkpoint travels with the export like CLIP's."""
+    import shutil
+
+    blip = tmp_path / "blip"
+    tiny_blip(blip)
+    spec = f"agla:blip={blip},blip_layer=1"
+    session = mmkit.load("tiny-random", methods=[spec])
+    assert type(session.methods[0].impl.matcher).__name__ == "BlipMatcher"
+    scores = _scores(session, images, prompts)
+    session.close()
+    reloaded, _, _ = _round_trip(spec, images, prompts, tmp_path, lambda: shutil.rmtree(blip))
+    try:
+        assert type(reloaded.methods[0].impl.matcher).__name__ == "BlipMatcher"
+        assert torch.equal(_scores(reloaded, images, prompts), scores)
+        manifest = json.loads((tmp_path / "export" / "mmkit_config.json").read_text())
+        assert str(blip) not in json.dumps(manifest)
+        assert manifest["methods"][0]["files"] == {"blip": "method_0_agla_blip"}
+    finally:
+        reloaded.close()
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline Hugging Face cache holding a tiny BLIP as the hub repo `mmkit-test/tiny-blip`."""
+    import huggingface_hub.constants
+
+    root = tmp_path / "hub"
+    repo = root / "models--mmkit-test--tiny-blip"
+    revision = "0" * 40
+    tiny_blip(repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return repo
+
+
+def test_agla_blip_hub_id_loads_through_from_pretrained_and_exports_its_snapshot(images, prompts, tmp_path,
+                                                                                  hub_cache):
+    import shutil
+
+    spec = "agla:blip=mmkit-test/tiny-blip,blip_layer=1"
+    session = mmkit.load("tiny-random", methods=[spec])
+    scores = _scores(session, images, prompts)
+    session.close()
+    reloaded, _, _ = _round_trip(spec, images, prompts, tmp_path, lambda: shutil.rmtree(hub_cache))
+    try:
+        assert torch.equal(_scores(reloaded, images, prompts), scores)
+    finally:
+        reloaded.close()
+
+
+def test_agla_blip_export_refuses_a_hub_id_no_longer_cached(tmp_path, hub_cache):
+    import shutil
+
+    session = mmkit.load("tiny-random", methods=["agla:blip=mmkit-test/tiny-blip,blip_layer=1"])
+    shutil.rmtree(hub_cache)
+    with pytest.raises(MmkitError, match="not a checkpoint in the local Hugging Face cache"):
+        session.save_pretrained(tmp_path / "export")
+    assert not (tmp_path / "export").exists()
     session.close()
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import forward_logits, tiny_clip
+from conftest import forward_logits, tiny_blip, tiny_clip
 from mmkit.errors import MmkitError
 from mmkit.hallucination.agla import AGLAConfig, keep_mask, mask_pixels, pixel_saliency
 
@@ -167,7 +167,12 @@ def test_clip_matcher_reports_a_path_that_does_not_load(session, tmp_path):
     ("agla:keep=0", "keep"),
     ("agla:matcher=clip", "clip_model"),
     ("agla:clip_model=/x", "matcher=clip"),
-    ("agla:matcher=blip", "matcher"),
+    ("agla:matcher=sam", "matcher"),
+    ("agla:matcher=blip", "blip=PATH"),
+    ("agla:matcher=attention,blip=/x", "only used with matcher=blip"),
+    ("agla:matcher=clip,clip_model=/x,blip=/y", "only used with matcher=blip"),
+    ("agla:blip=/x,layers=1", "layers are only used with the attention matcher"),
+    ("agla:blip_layer=-1", "blip_layer"),
     ("agla:fill=white", "fill"),
     ("agla:layers=9", "past the last decoder layer"),
 ])
@@ -185,3 +190,173 @@ def test_llava_next_is_refused():
             next_session.apply("agla")
     finally:
         next_session.close()
+
+
+# -- the paper's matcher: Grad-CAM of BLIP's image-text matching head --------------------------------------------
+@pytest.fixture(scope="module")
+def blip_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("blip")
+    tiny_blip(path)
+    return path
+
+
+BLIP_BLOCK = 1  # the tiny BLIP has 3 text blocks; the paper's block 6 exists only in BLIP's 12-block text encoder
+
+
+def _reference_gradcam(path, block, image, text):
+    """Grad-CAM and ITC of one (image, text) pair recomputed from scratch: eager BLIP forward with transformers'
+    own cross-attention outputs, autograd of the ITM match logit, and LAVIS's formula written out token by token."""
+    from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+    model = BlipForImageTextRetrieval.from_pretrained(path).eval()
+    processor = BlipProcessor.from_pretrained(path)
+    enc = processor(images=[image], text=[text], return_tensors="pt")
+    itm_ids = enc["input_ids"].clone()
+    itm_ids[0, 0] = processor.tokenizer.convert_tokens_to_ids("[ENC]")  # official BLIP: [ENC] opens the ITM text
+    image_embeds = model.vision_model(pixel_values=enc["pixel_values"]).last_hidden_state
+    out = model.text_encoder(input_ids=itm_ids, attention_mask=enc["attention_mask"],
+                             encoder_hidden_states=image_embeds, output_attentions=True)
+    match = model.itm_head(out.last_hidden_state[:, 0])[0, 1]
+    (grad,) = torch.autograd.grad(match, out.cross_attentions[block])
+    attention, grad = out.cross_attentions[block][0], grad[0]  # (heads, T, 1 + P)
+    length = itm_ids.shape[1] - 2  # without the first token and [SEP]
+    cam = torch.zeros(attention.shape[-1] - 1)
+    for t in range(1, length + 1):
+        cam += (attention[:, t, 1:] * grad[:, t, 1:].clamp(min=0)).mean(0)
+    cam = cam / length
+    text_cls = model.text_encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    itc = torch.cosine_similarity(model.vision_proj(image_embeds[0, 0]), model.text_proj(text_cls[0, 0]), dim=0)
+    side = int(math.isqrt(cam.numel()))
+    return cam.view(side, side).detach(), itc.detach()
+
+
+def test_blip_gradcam_matches_an_independent_recomputation(session, images, blip_dir):
+    handle = session.apply(f"agla:blip={blip_dir},blip_layer={BLIP_BLOCK}")
+    texts = ["what is in the image?", "describe the image in detail, please", "count the objects"]
+    with torch.inference_mode():  # generation runs under inference mode: the matcher must still get gradients
+        grid, itc = handle.impl.matcher.scores(images, texts)
+    assert grid.shape == (3, 4, 4)  # BLIP's patch grid: 64 px / 16 px patches
+    for i, (image, text) in enumerate(zip(images, texts)):  # single rows: also checks the padded batch
+        expected_cam, expected_itc = _reference_gradcam(blip_dir, BLIP_BLOCK, image, text)
+        assert bool((expected_cam > 0).any())
+        assert torch.allclose(grid[i], expected_cam, rtol=1e-4, atol=1e-9)
+        assert torch.allclose(itc[i], expected_itc, atol=1e-6)
+
+
+def test_blip_map_follows_the_text(session, images, blip_dir):
+    handle = session.apply(f"agla:blip={blip_dir},blip_layer={BLIP_BLOCK}")
+    with torch.inference_mode():
+        grid, itc = handle.impl.matcher.scores([images[0]] * 2, ["a red dog", "count the blue objects"])
+    assert not torch.allclose(grid[0], grid[1], rtol=1e-3, atol=0)
+    assert not torch.allclose(itc[0], itc[1])
+
+
+def test_blip_matcher_builds_the_paper_local_view(session, images, prompts, blip_dir):
+    inputs = session.prepare(images, prompts)
+    base_logits = forward_logits(session, inputs)
+    base_scores = _scores(session, images, prompts)
+    handle = session.apply(f"agla:blip={blip_dir},blip_layer={BLIP_BLOCK}")  # auto -> blip
+    matcher = handle.impl.matcher
+    assert type(matcher).__name__ == "BlipMatcher" and matcher.block == BLIP_BLOCK
+    # BLIP reads the user prompt, cleaned as LAVIS's caption processor does, not the chat template.
+    assert matcher.prompts(inputs["input_ids"]) == ["what is in the image?", "describe the image in detail, please",
+                                                    "count the objects"]
+    scores = _scores(session, images, prompts)
+    assert not torch.allclose(scores, base_scores, atol=1e-3)
+    # Keep fraction: the official 1 - ITC/2, and the mask keeps that share of the LVLM's pixels.
+    with torch.inference_mode():
+        _, itc = matcher.relevance(inputs)
+    assert torch.allclose(handle.impl.last_keep, (1 - itc / 2).clamp(max=1 - 1e-5))
+    kept = handle.impl.last_mask.float().mean((1, 2))
+    pixels = inputs["pixel_values"][0, 0].numel()
+    assert torch.allclose(kept, handle.impl.last_keep, atol=1.0 / pixels)  # int(keep * pixels) are kept
+    assert bool((kept < 1).all())
+    handle.remove()
+    assert torch.equal(forward_logits(session, inputs), base_logits)
+    assert torch.equal(_scores(session, images, prompts), base_scores)
+
+
+def test_blip_local_view_differs_from_the_attention_one(session, images, prompts, blip_dir):
+    inputs = session.prepare(images, prompts)
+    masks = {}
+    for spec in (f"agla:blip={blip_dir},blip_layer={BLIP_BLOCK},keep=0.6", "agla:matcher=attention,keep=0.6"):
+        handle = session.apply(spec)
+        with torch.inference_mode():
+            handle.impl.local_view(inputs)
+        masks[spec] = handle.impl.last_mask
+        handle.remove()
+    first, second = masks.values()
+    assert not torch.equal(first, second)
+
+
+def test_blip_batch_of_different_prompts_equals_single_runs(session, images, prompts, blip_dir):
+    session.apply(f"agla:blip={blip_dir},blip_layer={BLIP_BLOCK}")
+    batched = [r.text for r in session.generate(images, prompts, max_new_tokens=6)]
+    batch_scores = _scores(session, images, prompts)
+    for i in range(3):
+        assert session.generate([images[i]], [prompts[i]], max_new_tokens=6)[0].text == batched[i]
+        single = _scores(session, [images[i]], [prompts[i]])[0]
+        finite = torch.isfinite(single)
+        assert torch.equal(finite, torch.isfinite(batch_scores[i]))
+        assert torch.allclose(single[finite], batch_scores[i][finite], atol=1e-4)
+
+
+def test_blip_matcher_reports_a_checkpoint_that_does_not_load(session, tmp_path):
+    for spec in (f"agla:blip={tmp_path / 'missing'}", f"agla:matcher=blip,blip={tmp_path}"):
+        with pytest.raises(MmkitError, match="could not load a BLIP image-text matching model") as err:
+            session.apply(spec)
+        assert "\n" not in str(err.value)
+    assert session.methods == []
+
+
+def test_blip_layer_must_be_a_cross_attention_block(session, blip_dir):
+    with pytest.raises(MmkitError, match="blip_layer=3 is not a cross-attention block"):
+        session.apply(f"agla:blip={blip_dir},blip_layer=3")
+    assert session.methods == []
+
+
+def test_default_matcher_without_blip_is_the_lvlm_attention_with_a_warning(session, caplog):
+    with caplog.at_level("WARNING", logger="mmkit.hallucination.agla"):
+        handle = session.apply("agla")
+    assert type(handle.impl.matcher).__name__ == "AttentionMatcher"
+    assert any("instead of the paper's BLIP-ITM Grad-CAM" in r.getMessage() for r in caplog.records)
+    handle.remove()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmkit.hallucination.agla"):
+        session.apply("agla:matcher=attention")  # asked for: no warning
+    assert not caplog.records
+
+
+def test_itm_first_token_follows_the_checkpoint(blip_dir):
+    from transformers import BertTokenizer
+
+    from mmkit.hallucination.agla_blip import itm_first_token
+
+    with_enc = BertTokenizer(str(blip_dir / "vocab.txt"))
+    assert itm_first_token(with_enc, len(with_enc)) == with_enc.convert_tokens_to_ids("[ENC]")
+    words = [w for w in (blip_dir / "vocab.txt").read_text().split("\n") if w and w != "[ENC]"]
+    plain = blip_dir.parent / "vocab_without_enc.txt"
+    plain.write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizer(str(plain))
+    # LAVIS's layout: [ENC] was the last row added to the text embedding, after [DEC].
+    assert itm_first_token(tokenizer, len(tokenizer) + 1) == len(tokenizer)
+    assert itm_first_token(tokenizer, len(tokenizer)) is None
+
+
+def test_blip_reads_the_bare_question(session, images, blip_dir):
+    """The official code adds its answer-format suffix to LLaVA's prompt only; BLIP gets the question."""
+    handle = session.apply(f"agla:blip={blip_dir},blip_layer={BLIP_BLOCK}")
+    prompts = ["Is there a dog in the image? Answer yes or no.",
+               "Is there a cat? Please answer this question with one word.",
+               "What is red?\nAnswer the question using a single word or phrase."]
+    inputs = session.prepare(images, prompts)
+    assert handle.impl.matcher.prompts(inputs["input_ids"]) == ["is there a dog in the image?", "is there a cat?",
+                                                                "what is red?"]
+
+
+def test_blip_caption_cleans_like_lavis():
+    from mmkit.hallucination.agla_blip import blip_caption
+
+    assert blip_caption('Is there a "dog" (or cat) in the image?  Answer: yes.') == \
+        "is there a dog or cat in the image? answer yes"
+    assert len(blip_caption(" ".join(["word"] * 80)).split(" ")) == 50

@@ -8,7 +8,8 @@ import mmkit
 
 # Every registered method, set up for the reference model (its shipped gates, weights and tuned configuration).
 SPECS = ["fastv", "pyramiddrop", "sparsevlm", "visionzip", "vflowopt:config=reference-0.25", "dyvte", "visor",
-         "divprune", "cdpruner", "random", "pooling", "agla", "paint", "vcd", "var:tau=2", "vhr"]
+         "divprune", "cdpruner", "random", "pooling", "agla", "agla:blip={blip},blip_layer=1", "paint", "vcd",
+         "var:tau=2", "vhr"]
 HALF = ["bfloat16", "float16"]
 # A yes/no decision counts when float32 prefers one answer by this much log-probability (bf16 keeps 8 bits of
 # mantissa: its logits move by up to about 0.4 here).
@@ -41,6 +42,15 @@ def sessions():
 
 
 @pytest.fixture(scope="module")
+def blip_dir(tmp_path_factory):
+    from conftest import tiny_blip
+
+    path = tmp_path_factory.mktemp("blip")
+    tiny_blip(path)  # AGLA's BLIP matcher: an auxiliary model that stays float32 beside a half-precision LVLM
+    return path
+
+
+@pytest.fixture(scope="module")
 def float32_scores(sessions, pope):
     cache = {}
 
@@ -59,12 +69,15 @@ def float32_scores(sessions, pope):
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("spec", SPECS)
-def test_method_in_half_precision_answers_as_in_float32(sessions, float32_scores, pope, spec, dtype):
+def test_method_in_half_precision_answers_as_in_float32(sessions, float32_scores, pope, spec, dtype, blip_dir):
     images, prompts = pope
+    spec = spec.format(blip=blip_dir)
     reference = float32_scores(spec)
     session = sessions[dtype]
     assert session.dtype == getattr(torch, dtype) and session.model.dtype == getattr(torch, dtype)
     handle = session.apply(spec)
+    if "blip=" in spec:
+        assert handle.impl.matcher.model.dtype == torch.float32
     try:
         scores = torch.tensor(session.answer_logprobs(images, prompts).logprobs)
         results = session.generate(images[:2], prompts[:2], max_new_tokens=3)
