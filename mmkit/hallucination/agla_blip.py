@@ -148,7 +148,8 @@ class BlipMatcher:
     def prompts(self, input_ids: torch.Tensor) -> list[str]:
         """The text given to BLIP for each row: the user's question without answer-format instructions, cleaned
         as LAVIS's caption processor does."""
-        return [blip_caption(strip_answer_format(text)) for text in user_prompts(self.session, input_ids, self._suffix)]
+        texts = user_prompts(self.session, input_ids, self._suffix)
+        return [blip_caption(strip_answer_format(text)) for text in texts]
 
     def scores(self, images: list, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, g, g) Grad-CAM maps and (B,) ITC cosines of `images` (uint8 HWC arrays) against `texts`."""
@@ -183,7 +184,8 @@ class BlipMatcher:
             cam = gradcam_map(captured[0].detach().float(), grads.float(), attention_mask)
             with torch.no_grad():
                 # ITC: BLIP's unimodal text encoder on the plain ([CLS]-first) text.
-                text_hidden = self.model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                text_only = self.model.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
+                text_hidden = text_only.last_hidden_state
                 image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0]), dim=-1)
                 text_feat = F.normalize(self.model.text_proj(text_hidden[:, 0]), dim=-1)
                 itc = (image_feat * text_feat).sum(-1)
