@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 import mmkit
-from conftest import forward_logits
+from conftest import forward_logits, tiny_blip
 from mmkit.errors import MmkitError
 
 MITIGATION = {
@@ -106,6 +106,23 @@ def test_every_pair_runs_on_tiny_random(session, images, pruning_specs, pruning,
     for handle in reversed(handles):
         handle.remove()
     assert min(result.stats.visual_tokens_kept) < result.stats.visual_tokens
+
+
+@pytest.fixture(scope="module")
+def agla_blip_spec(tmp_path_factory):
+    """AGLA with the paper's matcher: a tiny random BLIP image-text matching checkpoint."""
+    path = tmp_path_factory.mktemp("blip")
+    tiny_blip(path)
+    return f"agla:blip={path},blip_layer=1"
+
+
+@pytest.mark.parametrize("order", ("pm", "mp"))
+@pytest.mark.parametrize("pruning", PRUNING_NAMES)
+def test_every_pruning_method_runs_with_agla_blip_matcher(session, images, pruning_specs, agla_blip_spec, pruning,
+                                                          order):
+    """BLIP reads the image and the prompt from the inputs, whatever a token dropper does inside the model."""
+    specs = [pruning_specs[pruning], agla_blip_spec]
+    run_pair(session, images[:2], specs if order == "pm" else specs[::-1])
 
 
 @pytest.mark.parametrize("mitigation", ["agla", "paint", "var"])

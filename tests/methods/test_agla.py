@@ -1,3 +1,4 @@
+import importlib.util
 import math
 
 import numpy as np
@@ -258,6 +259,8 @@ def test_blip_matcher_builds_the_paper_local_view(session, images, prompts, blip
     handle = session.apply(f"agla:blip={blip_dir},blip_layer={BLIP_BLOCK}")  # auto -> blip
     matcher = handle.impl.matcher
     assert type(matcher).__name__ == "BlipMatcher" and matcher.block == BLIP_BLOCK
+    if importlib.util.find_spec("torchvision") is None:  # BLIP's image processor needs no torchvision
+        assert type(matcher.processor.image_processor).__name__ == "BlipImageProcessorPil"
     # BLIP reads the user prompt, cleaned as LAVIS's caption processor does, not the chat template.
     assert matcher.prompts(inputs["input_ids"]) == ["what is in the image?", "describe the image in detail, please",
                                                     "count the objects"]
