@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +119,11 @@ class BlipMatcher:
     image-text cosine."""
 
     def __init__(self, session, path: str, block: int):
+        local = Path(path).expanduser()
+        if (local.is_absolute() or path.startswith((".", "~"))) and not local.exists():
+            # Clearly a filesystem path: transformers would report it as a malformed hub id.
+            raise ValueError(f"agla: blip={path!r} does not exist; give a BLIP image-text matching checkpoint "
+                             "directory or a hub id")
         try:
             from transformers import BlipForImageTextRetrieval, BlipProcessor
 

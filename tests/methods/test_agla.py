@@ -304,9 +304,18 @@ def test_blip_batch_of_different_prompts_equals_single_runs(session, images, pro
         assert torch.allclose(single[finite], batch_scores[i][finite], atol=1e-4)
 
 
-def test_blip_matcher_reports_a_checkpoint_that_does_not_load(session, tmp_path):
-    for spec in (f"agla:blip={tmp_path / 'missing'}", f"agla:matcher=blip,blip={tmp_path}"):
-        with pytest.raises(MmkitError, match="could not load a BLIP image-text matching model") as err:
+def test_blip_matcher_reports_a_checkpoint_that_does_not_load(session, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # A hub id goes to from_pretrained; offline (and with an empty cache) it cannot resolve, without network waits.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cases = [(f"agla:blip={tmp_path / 'missing'}", "does not exist; give a BLIP image-text matching checkpoint"),
+             (f"agla:matcher=blip,blip={tmp_path}", "could not load a BLIP image-text matching model"),
+             ("agla:blip=nobody/no-such-blip", "could not load a BLIP image-text matching model")]
+    for spec, message in cases:
+        with pytest.raises(MmkitError, match=message) as err:
             session.apply(spec)
         assert "\n" not in str(err.value)
     assert session.methods == []
