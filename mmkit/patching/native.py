@@ -26,8 +26,9 @@ import torch
 
 NATIVE = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
 
-# Query rows per block when recomputing a segment's attention (bounds memory at rows x N per head).
-_QUERY_BLOCK = 1024
+# Attention probabilities held at once when recomputing a segment's attention (heads x query rows x keys): 2^26
+# float32 values, 256 MiB.
+_BLOCK_VALUES = 1 << 26
 
 
 def is_native(adapter) -> bool:
@@ -52,8 +53,9 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, rows: tor
     if rows is not None:
         q = q[:, rows]
     total = torch.zeros(n, dtype=torch.float32, device=q.device)
-    for start in range(0, q.shape[1], _QUERY_BLOCK):
-        block = torch.softmax(torch.matmul(q[:, start:start + _QUERY_BLOCK], k.transpose(-1, -2)) * scale, dim=-1)
+    rows_per_block = max(1, _BLOCK_VALUES // (heads * n))
+    for start in range(0, q.shape[1], rows_per_block):
+        block = torch.softmax(torch.matmul(q[:, start:start + rows_per_block], k.transpose(-1, -2)) * scale, dim=-1)
         total += block.sum(dim=(0, 1))
     return total / (heads * q.shape[1])
 

@@ -338,3 +338,29 @@ def test_qwen_visionzip_vflowopt_drop_equals_eager_key_masking(spec):
             plain = model(**inputs).logits[:, -1]
         assert (plain - ref_last).abs().max() > 1e-3, name   # the oracle is not vacuous
         session.close()
+
+
+@pytest.mark.parametrize("pair", [("visionzip:keep=0.4", "vcd"), ("var:start_layer=1,tau=1.0", "vflowopt"),
+                                  ("vflowopt:vision_keep=0.5,merge_cell=0.5,llm_keep=0.7", "vhr")])
+def test_qwen_visionzip_vflowopt_compose_with_mitigation(qwen, pair):
+    """With a mitigation method in the same session (either order): batched rows equal single rows, and removing
+    both restores the model exactly (the composition suite runs every pair on Qwen2-VL; this covers the windowed
+    Qwen2.5-VL tower and Qwen3-VL's DeepStack too)."""
+    name, session = qwen
+    images = family_images()
+    inputs = session.prepare(images, PROMPTS)
+    base = _logits(session, inputs)
+    handles = [session.apply(spec) for spec in pair]
+    try:
+        batch = [r.text for r in session.generate(images, PROMPTS, max_new_tokens=3)]
+        single = [session.generate([im], [p], max_new_tokens=3)[0].text for im, p in zip(images, PROMPTS)]
+        assert batch == single
+        scores = session.answer_logprobs(images, PROMPTS).logprobs
+        for i, (im, p) in enumerate(zip(images, PROMPTS)):
+            assert session.answer_logprobs([im], [p]).logprobs[0] == pytest.approx(scores[i], abs=1e-4)
+        assert min(session.context.visual_per_layer[-1].tolist()) < min(
+            (inputs["input_ids"] == session.adapter.image_token_id).sum(1).tolist())
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
+    assert torch.equal(_logits(session, inputs), base)
