@@ -18,6 +18,10 @@ flow of visual information.
    entropy_weight) for a token budget with optuna's TPE sampler. `mmkit tune vflowopt` writes the result as
    JSON (with the model it was tuned for) and `vflowopt:config=PATH` loads it; the reference model's are shipped.
 
+On Qwen-VL (`mmkit.patching.native`) the importance is computed in the tower's last full-attention block and
+averaged over each visual token's 2 x 2 patches, pruning and recycling act per image on its grid of merged tokens
+after the merger (`native_prune_recycle`), and kept tokens keep their 3-D rotary positions.
+
 The defaults are the released LLaVA-OneVision-7B setting for a 25 % budget; `tuned_for` names the model a setting
 was tuned for, and applying one to another model logs a warning. Deviations from the official code
 (LLaVA-OneVision/SigLIP), with reasons, are listed in docs/vflowopt.md.

@@ -11,6 +11,11 @@ contiguously as a shorter image would be. Text-agnostic, so multi-turn prompts r
 
 The CLS row and the keys are read from that layer's q/k projections (one row of attention, no
 `output_attentions`); merging is done on the features before the projector, as in the paper.
+
+Qwen-VL (no CLS, 2 x 2 patches merged per visual token, 3-D rotary positions): a visual token is ranked by the
+attention its patches receive in the tower's last full-attention block (`mmkit.patching.native`), merging uses that
+block's pre-rotary keys, and selection and merging act on the merger's output tokens; kept tokens stay in image
+order at their own 3-D positions (`native_visionzip_plan`).
 """
 
 from __future__ import annotations
