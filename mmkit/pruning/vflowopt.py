@@ -364,7 +364,8 @@ def native_prune_recycle(tokens: torch.Tensor, scores: torch.Tensor, rows: int, 
     ranked = torch.where(in_cell, scores[None].float(), torch.tensor(float("-inf"), device=scores.device))
     place = ranked.argmax(-1)[used]
     # Importance-weighted, as the official code; the small floor keeps a cell of zero-score tokens a mean.
-    weights = torch.where(in_cell, scores[None].float().clamp_min(0) + 1e-6, torch.zeros((), device=scores.device))[used]
+    weights = torch.where(in_cell, scores[None].float().clamp_min(0) + 1e-6,
+                          torch.zeros((), device=scores.device))[used]
     merged = weights.to(tokens.device) @ tokens.float() / weights.sum(-1, keepdim=True).to(tokens.device)
     edited = tokens.clone()
     edited[place.to(tokens.device)] = merged.to(tokens.dtype)

@@ -118,9 +118,8 @@ def test_qwen_visionzip_vflowopt_keeping_everything_is_the_baseline(qwen, spec):
 # -- independent references ----------------------------------------------------------------------------------------
 def _tower_attention(session, inputs):
     """Eager recompute of the scoring block's attention with transformers' own rotary: per image (H, N, N) in the
-    block's patch order, the block's pre-rotary keys (L, H, D), and the map from block groups to image order."""
-    from transformers.vision_utils import get_vision_window_index
-
+    block's patch order, the block's pre-rotary keys (L, H, D), and the map from block groups to image order, read
+    off the tower itself (which merged row of the last block's output becomes which visual token)."""
     module = __import__(type(session.model).__module__, fromlist=["apply_rotary_pos_emb_vision"])
     tower = session.adapter.vision_tower
     full = getattr(tower, "fullatt_block_indexes", None)
@@ -131,11 +130,20 @@ def _tower_attention(session, inputs):
         seen.update(hidden=args[0] if args else kwargs["hidden_states"], cu=kwargs["cu_seqlens"],
                     rope=kwargs["position_embeddings"])
 
-    hook = block.attn.register_forward_pre_hook(grab, with_kwargs=True)
+    def grab_last(mod, args, output):
+        seen["last"] = output
+
+    def grab_tokens(mod, args, kwargs, output):
+        seen["tokens"] = output.pooler_output
+
+    hooks = [block.attn.register_forward_pre_hook(grab, with_kwargs=True),
+             tower.blocks[-1].register_forward_hook(grab_last),
+             tower.register_forward_hook(grab_tokens, with_kwargs=True)]
     try:
         _logits(session, inputs)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     attn = block.attn
     with torch.inference_mode():
         n = seen["hidden"].shape[0]
@@ -147,12 +155,15 @@ def _tower_attention(session, inputs):
     for start, end in zip(cu[:-1], cu[1:]):
         qh, kh = q_rot[start:end].transpose(0, 1).float(), k_rot[start:end].transpose(0, 1).float()
         maps.append(torch.softmax(qh @ kh.transpose(-1, -2) * attn.scaling, dim=-1))
-    grid = inputs["image_grid_thw"]
-    group_to_image = torch.arange(n // 4)
+    with torch.inference_mode():
+        merged = tower.merger(seen["last"])                 # block order
+    tokens = seen["tokens"]                                 # the order the language model sees
+    distance = torch.cdist(merged.float(), tokens.float())
+    group_to_image = distance.argmin(1)
+    assert torch.equal(group_to_image.sort().values, torch.arange(n // 4))   # a permutation, matched exactly
+    assert float(distance.min(1).values.max()) < 1e-3   # the same rows (up to the merger run in another batch)
     if full:
-        window_index, _ = get_vision_window_index(grid, spatial_merge_size=2, window_size=tower.window_size,
-                                                  patch_size=tower.patch_size)
-        group_to_image = window_index
+        assert not torch.equal(group_to_image, torch.arange(n // 4))        # the windows really reorder groups
     return maps, k.float(), group_to_image
 
 
