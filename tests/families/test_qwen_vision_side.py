@@ -375,3 +375,38 @@ def test_qwen_visionzip_vflowopt_compose_with_mitigation(qwen, pair):
         for handle in reversed(handles):
             handle.remove()
     assert torch.equal(_logits(session, inputs), base)
+
+
+def test_qwen_visionzip_two_images_in_one_row_equal_eager_key_masking(qwen):
+    """A row with two images of different sizes next to a row with one: each image keeps its own `dominant`
+    tokens at their own 3-D positions (checked against eager key masking, as above)."""
+    from PIL import Image
+
+    name, session = qwen
+    images = [Image.fromarray(x) for x in family_images()]
+    one = session.chat_prompt("Compare them.")
+    placeholder = next(t for t in ("<image>", "<|image_pad|>") if t in one)
+    start = one.index(placeholder)
+    span = one[one.rindex("<", 0, start):one.index(">", start + len(placeholder)) + 1]   # start + pad + end
+    two = one.replace(span, span + span, 1)
+    session.processor.tokenizer.padding_side = "left"
+    inputs = dict(session.processor(images=images, text=[two, one], padding=True, return_tensors="pt"))
+    image = inputs["input_ids"] == session.adapter.image_token_id
+    assert image.sum(1).tolist() == [28, 15]
+    handle = session.apply("visionzip:dominant=4,contextual=0")
+    try:
+        with torch.inference_mode():
+            logits = session.model(**inputs).logits[:, -1]
+        ctx = session.context
+        kept = torch.zeros_like(image)
+        for row in range(image.shape[0]):
+            kept[row, ctx.llm_positions[row][ctx.llm_image_mask[row]]] = True
+    finally:
+        handle.remove()
+    assert kept.sum(1).tolist() == [8, 4]
+    reference = copy.deepcopy(session.model)
+    reference.set_attn_implementation("eager")
+    for layer in reference.model.language_model.layers:
+        layer.register_forward_pre_hook(_mask_keys_hook(image & ~kept), with_kwargs=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(logits, reference(**inputs).logits[:, -1], atol=2e-4, rtol=1e-4)
