@@ -42,10 +42,6 @@ _NEXT_REFUSALS = {
 }
 _ONEVISION_REFUSALS = dict(_NEXT_REFUSALS)
 _QWEN_REFUSALS = {
-    "visionzip": "its dominant tokens are ranked by attention inside the vision tower before the LLM (the LLaVA-1.5 "
-                 "layout), and the Qwen-VL patch merger packs 2 x 2 patches per visual token; not yet adapted",
-    "vflowopt": "it reduces tokens inside the vision tower (the LLaVA-1.5 layout), and the Qwen-VL patch merger packs "
-                "2 x 2 patches per visual token; not yet adapted",
     "paint": _PAINT,
     "agla": "its augmented view is built for LLaVA-1.5-layout models (one fixed-size tile per image); not yet adapted",
     **{name: "it reduces the projected tokens of the LLaVA-1.5 layout before the LLM (one fixed grid per image, "

@@ -20,6 +20,12 @@ Anyres models (LLaVA-NeXT, LLaVA-OneVision): the projector sees every tile of ev
 are its tiles packed with unpadding and row newlines; a method plans per tile and says where each kept token goes
 in the packed image (`ReductionPlan.placement`, built with `mmkit.patching.anyres`).
 
+Qwen-VL (native resolution, `mmkit.patching.native`): there is no projector call per image grid to plan at, so
+the plan is made in the language model's pre-hook, from the visual tokens already scattered into `inputs_embeds`
+(the merger's output, images in prompt order; Qwen3-VL's DeepStack features ride along as extra channels so a
+merge treats them like the tokens). Kept tokens keep their 3-D rotary positions from the prompt's rope index
+(positions "original" only), and Qwen3-VL's `visual_pos_masks` / DeepStack rows follow the kept tokens.
+
 Positions: "contiguous" renumbers the reduced sequence 0..m-1 (what feeding a shorter image to the LLM does,
 VisionZip); "original" keeps each kept token's original position id (VFlowOpt).
 
@@ -44,6 +50,7 @@ from typing import Callable, Literal
 import torch
 
 from mmkit.patching.context import ForwardContext
+from mmkit.patching.native import is_native
 
 Positions = Literal["contiguous", "original"]
 
@@ -193,7 +200,14 @@ class PreLLMReducer:
     def __init__(self, session, plan_fn: PlanFn, positions: Positions = "contiguous", anyres: bool = False):
         if positions not in ("contiguous", "original"):
             raise ValueError(f"positions must be 'contiguous' or 'original', got {positions!r}")
-        check_supported(session.adapter, anyres=anyres)
+        # Qwen-VL (native resolution): the plan is made in the language model's pre-hook from the visual tokens
+        # already in `inputs_embeds` (see the module docstring); positions are the 3-D rotary ones of the prompt.
+        self.native = is_native(session.adapter)
+        if self.native and positions != "original":
+            raise ValueError("on Qwen-VL models kept visual tokens keep their 3-D rotary positions (positions="
+                             "'original')")
+        if not self.native:
+            check_supported(session.adapter, anyres=anyres)
         self.ctx: ForwardContext = session.context
         self.plan_fn = plan_fn
         self.positions = positions
@@ -209,10 +223,11 @@ class PreLLMReducer:
         model = session.model.model
         lm = session.adapter.language_model
         self._handles = [
-            model.multi_modal_projector.register_forward_pre_hook(self._projector_hook),
             lm.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True),
             lm.register_forward_hook(self._lm_post_hook, with_kwargs=True),
         ]
+        if not self.native:
+            self._handles.append(model.multi_modal_projector.register_forward_pre_hook(self._projector_hook))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -250,6 +265,8 @@ class PreLLMReducer:
             image_mask = self.ctx.image_mask
             if image_mask is None or not bool(image_mask.any()):
                 return None
+            if self.native:
+                plan, kwargs = self._native_plan(kwargs, image_mask)
             if plan is None:
                 raise RuntimeError("image tokens reached the language model without a reduction plan "
                                    "(their features were not computed by this model's projector)")
@@ -257,6 +274,30 @@ class PreLLMReducer:
         if self._decode is not None:
             return args, self._decode_kwargs(kwargs)
         return None
+
+    def _native_plan(self, kwargs: dict, image_mask: torch.Tensor) -> tuple[ReductionPlan, dict]:
+        """Qwen-VL: plan from the batch's visual tokens (T, C) in prompt order, with Qwen3-VL's DeepStack features
+        of the same tokens appended along the channels (a merge mixes them exactly as it mixes the tokens)."""
+        embeds = kwargs["inputs_embeds"]
+        mask = image_mask.to(embeds.device)
+        deep = kwargs.get("deepstack_visual_embeds")
+        visual = kwargs.get("visual_pos_masks")
+        if visual is not None and not torch.equal(visual.to(mask.device), mask):
+            raise RuntimeError("vision-side token reduction on Qwen-VL supports image inputs only, not videos")
+        parts = [embeds[mask]] + [d.to(embeds.device) for d in (deep or [])]
+        joined = torch.cat([p.to(embeds.dtype) for p in parts], dim=-1)
+        plan = self.plan_fn(joined)
+        if plan.placement is None:
+            raise RuntimeError("a Qwen-VL reduction plan must place its tokens (ReductionPlan.placement)")
+        if plan.features is not None:
+            edited = torch.split(plan.features.to(embeds.dtype), [p.shape[-1] for p in parts], dim=-1)
+            kwargs = dict(kwargs)
+            embeds = embeds.clone()
+            embeds[mask] = edited[0]
+            kwargs["inputs_embeds"] = embeds
+            if deep is not None:
+                kwargs["deepstack_visual_embeds"] = [e.to(d.dtype) for e, d in zip(edited[1:], deep)]
+        return plan, kwargs
 
     def _lm_post_hook(self, module, args, kwargs, output):
         self._restore_context()
@@ -287,6 +328,13 @@ class PreLLMReducer:
         if valid is not None:
             new_mask = new_mask & valid
         pos = kwargs.get("position_ids")
+        pos_3d = None
+        if pos is not None and pos.dim() == 3:
+            # Qwen-VL's (3 or 4, B, n) rotary positions (4: text positions first, as `generate` passes them): every
+            # kept token keeps its position on every axis ("original" is enforced for these models).
+            pos = pos.to(device)
+            pos_3d = pos.gather(2, keep[None].expand(pos.shape[0], batch, m))
+            pos = pos[-1]
         pos = torch.arange(n, device=device)[None].expand(batch, n) if pos is None else pos.to(device).expand(batch, n)
         kept_pos = pos.gather(1, keep)
         if self.positions == "original":
@@ -301,7 +349,15 @@ class PreLLMReducer:
         # Always pass a 2-D mask: with gaps in the position ids and no mask, transformers would take the rows for
         # packed sequences. An all-ones mask is turned into SDPA's is_causal path exactly like no mask.
         kwargs["attention_mask"] = new_mask.to(mask2d.dtype) if had_mask else new_mask.long()
-        kwargs["position_ids"] = new_pos
+        kwargs["position_ids"] = new_pos if pos_3d is None else pos_3d
+        if self.native and kwargs.get("deepstack_visual_embeds") is not None:
+            # Qwen3-VL adds each visual token's DeepStack features at its position after the first decoder layers:
+            # keep the kept tokens' rows, in the reduced sequence's order.
+            flat_index = (image_mask.reshape(-1).long().cumsum(0) - 1).view(batch, n)
+            visual_slots = image_mask.gather(1, keep) & new_mask
+            rows = flat_index.gather(1, keep)[visual_slots]
+            kwargs["deepstack_visual_embeds"] = [d[rows.to(d.device)] for d in kwargs["deepstack_visual_embeds"]]
+            kwargs["visual_pos_masks"] = visual_slots
         self._decode = _DecodeState(keep=keep, mask=kwargs["attention_mask"], prompt_len=n,
                                     shift=pos[:, -1] - new_pos[:, -1])
         self.slot_image, self.slot_rank = slot_image, slot_rank

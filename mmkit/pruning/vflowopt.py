@@ -18,6 +18,10 @@ flow of visual information.
    entropy_weight) for a token budget with optuna's TPE sampler. `mmkit tune vflowopt` writes the result as
    JSON (with the model it was tuned for) and `vflowopt:config=PATH` loads it; the reference model's are shipped.
 
+On Qwen-VL (`mmkit.patching.native`) the importance is computed in the tower's last full-attention block and
+averaged over each visual token's 2 x 2 patches, pruning and recycling act per image on its grid of merged tokens
+after the merger (`native_prune_recycle`), and kept tokens keep their 3-D rotary positions.
+
 The defaults are the released LLaVA-OneVision-7B setting for a 25 % budget; `tuned_for` names the model a setting
 was tuned for, and applying one to another model logs a warning. Deviations from the official code
 (LLaVA-OneVision/SigLIP), with reasons, are listed in docs/vflowopt.md.
@@ -47,6 +51,7 @@ from mmkit.patching.pre_llm import (
     visual_tokens_per_image,
 )
 from mmkit.models.shipped import shipped_dir
+from mmkit.patching.native import NativeVisionCapture, is_native, native_placement, native_scores
 from mmkit.patching.token_drop import TokenDropper, keep_top_visual
 from mmkit.registry import register_method
 
@@ -331,6 +336,43 @@ def _visible_plan(scores: torch.Tensor, grid: int, vision_keep: float, merge_cel
     return plan, recycling, scores.gather(1, order)
 
 
+def native_prune_recycle(tokens: torch.Tensor, scores: torch.Tensor, rows: int, cols: int, vision_keep: float,
+                         merge_cell: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """VFlowOpt's prune + recycle for one Qwen-VL image on its grid of rows x cols visual tokens (merged 2 x 2
+    patches): keep the top (budget - cells) tokens by score; each cell of `merge_cell` x the grid's height by
+    `merge_cell` x its width merges its dropped tokens into one score-weighted mean placed at its highest-scoring
+    dropped token. tokens (n, C). Returns the kept indices (image order) and the edited tokens (None if
+    unchanged)."""
+    n = scores.numel()
+    budget = min(n, max(1, round(vision_keep * n)))
+    if budget >= n:
+        return torch.arange(n, device=scores.device), None
+    cell_h = max(1, round(merge_cell * rows)) if merge_cell > 0 else 0
+    cell_w = max(1, round(merge_cell * cols)) if merge_cell > 0 else 0
+    per_w = math.ceil(cols / cell_w) if cell_w else 0
+    n_cells = math.ceil(rows / cell_h) * per_w if cell_h else 0
+    keep = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    keep[torch.topk(scores, max(0, budget - n_cells)).indices] = True
+    if not n_cells:
+        return keep.nonzero().flatten(), None
+    index = torch.arange(n, device=scores.device)
+    cell_id = (index // cols // cell_h) * per_w + (index % cols) // cell_w
+    member = torch.zeros(n_cells, n, dtype=torch.bool, device=scores.device)
+    member[cell_id, index] = True
+    in_cell = member & ~keep[None]
+    used = in_cell.any(-1)
+    ranked = torch.where(in_cell, scores[None].float(), torch.tensor(float("-inf"), device=scores.device))
+    place = ranked.argmax(-1)[used]
+    # Importance-weighted, as the official code; the small floor keeps a cell of zero-score tokens a mean.
+    weights = torch.where(in_cell, scores[None].float().clamp_min(0) + 1e-6,
+                          torch.zeros((), device=scores.device))[used]
+    merged = weights.to(tokens.device) @ tokens.float() / weights.sum(-1, keepdim=True).to(tokens.device)
+    edited = tokens.clone()
+    edited[place.to(tokens.device)] = merged.to(tokens.dtype)
+    keep[place] = True
+    return keep.nonzero().flatten(), edited
+
+
 def visual_share(vision_keep: float, stage_layers: Sequence[int], llm_keep: Sequence[float], num_layers: int) -> float:
     """Mean share of the visual tokens each decoder layer processes (the token budget)."""
     share, total, last = vision_keep, 0.0, 0
@@ -345,17 +387,20 @@ def visual_share(vision_keep: float, stage_layers: Sequence[int], llm_keep: Sequ
 class VFlowOptHandle:
     def __init__(self, session, config: VFlowOptConfig):
         adapter = session.adapter
-        check_supported(adapter, anyres=True)
+        self.native = is_native(adapter)
+        if not self.native:
+            check_supported(adapter, anyres=True)
         self.config = config
         self.anyres = adapter.architecture in ANYRES
         self.has_cls = adapter.has_cls_token
         if self.anyres and self.has_cls and adapter.vision_feature_select_strategy != "default":
             raise ValueError("vflowopt on LLaVA-NeXT needs vision_feature_select_strategy='default' (patch features "
                              "without CLS, as the released checkpoints use)")
-        self.tokens_per_image = visual_tokens_per_image(adapter)
         vc = adapter.config.vision_config
         self.patch = int(vc.patch_size)
-        self.grid = int(vc.image_size) // self.patch
+        if not self.native:
+            self.tokens_per_image = visual_tokens_per_image(adapter)
+            self.grid = int(vc.image_size) // self.patch
         self._cls_in_features = self.has_cls and adapter.vision_feature_select_strategy != "default"
         self.stage_layers = config.stage_layers(adapter.num_layers)
         self._stage_keep = dict(zip(self.stage_layers, config.llm_keep))
@@ -368,17 +413,24 @@ class VFlowOptHandle:
         self._slot_scores: torch.Tensor | None = None
         self._seq_scores: torch.Tensor | None = None
         self._recycling: Recycling | None = None
-        self._capture = VisionLayerCapture(adapter, feature_layer_index(adapter), pixels=config.entropy_weight != 0)
+        pixels = config.entropy_weight != 0
+        self._capture = (NativeVisionCapture(adapter, pixels=pixels) if self.native
+                         else VisionLayerCapture(adapter, feature_layer_index(adapter), pixels=pixels))
         self._inner = session.model.model
         self._sizes = ImageSizeCapture(self._inner) if self.anyres else None
         self._dropper = None
         self._reducer = None
         self._merge_hook = None
         try:
-            self._reducer = PreLLMReducer(session, self._plan, positions=config.positions, anyres=self.anyres)
-            # Recycling merges projected tokens: a forward hook on the projector, after the reducer's pre-hook
-            # has planned this batch.
-            self._merge_hook = session.model.model.multi_modal_projector.register_forward_hook(self._merge)
+            if self.native:
+                # Qwen-VL: the plan prunes and recycles the merger's output tokens itself; kept tokens keep their
+                # 3-D rotary positions.
+                self._reducer = PreLLMReducer(session, self._native_plan, positions="original")
+            else:
+                self._reducer = PreLLMReducer(session, self._plan, positions=config.positions, anyres=self.anyres)
+                # Recycling merges projected tokens: a forward hook on the projector, after the reducer's pre-hook
+                # has planned this batch.
+                self._merge_hook = session.model.model.multi_modal_projector.register_forward_hook(self._merge)
             self._reducer.after_reduce.append(self._on_reduce)
             if self.stage_layers:
                 self._dropper = TokenDropper(session.context, adapter.decoder_layers,
@@ -424,6 +476,37 @@ class VFlowOptHandle:
         rank = rank[:, :n_feat]
         plan.placement = anyres_placement(layout, rank, torch.full_like(rank, GRID), n_feat, features.device)
         return plan
+
+    def _native_plan(self, tokens: torch.Tensor) -> ReductionPlan:
+        """Qwen-VL: importance per visual token (`NativeScores.global_relevance`, plus the entropy term of its
+        2 x 2 patches), then prune + recycle per image on its grid of visual tokens; tokens (T, C) in prompt
+        order."""
+        cfg = self.config
+        scores = native_scores(self._capture)
+        relevance = scores.global_relevance(cfg.threshold)
+        if sum(scores.counts) != tokens.shape[0]:
+            raise RuntimeError(f"{tokens.shape[0]} visual tokens reached the language model but the vision tower "
+                               f"encoded {sum(scores.counts)}")
+        if cfg.entropy_weight:
+            vc = self._capture.tower.config
+            entropy = scores.entropy(self.patch, int(vc.in_channels), int(vc.temporal_patch_size))
+            relevance = [r + cfg.entropy_weight * torch.softmax(e.to(r.device), dim=-1)
+                         for r, e in zip(relevance, entropy)]
+        edited, changed, kept, offset = tokens.clone(), False, [], 0
+        for (t, h, w), rel, n in zip(scores.grids, relevance, scores.counts):
+            idx, merged = native_prune_recycle(tokens[offset:offset + n], rel.to(tokens.device), t * h, w,
+                                               cfg.vision_keep, cfg.merge_cell)
+            if merged is not None:
+                edited[offset:offset + n] = merged
+                changed = True
+            kept.append(idx)
+            offset += n
+        order, placement, valid = native_placement(kept, scores.counts, tokens.device)
+        slot = torch.zeros(order.shape, dtype=torch.float32, device=tokens.device)
+        for i, (idx, rel) in enumerate(zip(kept, relevance)):
+            slot[i, :idx.numel()] = rel.to(tokens.device)[idx.to(tokens.device)]
+        self._slot_scores = slot
+        return ReductionPlan(order=order, valid=valid, features=edited if changed else None, placement=placement)
 
     def _merge(self, module, args, output):
         recycling, self._recycling = self._recycling, None

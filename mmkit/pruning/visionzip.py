@@ -11,6 +11,11 @@ contiguously as a shorter image would be. Text-agnostic, so multi-turn prompts r
 
 The CLS row and the keys are read from that layer's q/k projections (one row of attention, no
 `output_attentions`); merging is done on the features before the projector, as in the paper.
+
+Qwen-VL (no CLS, 2 x 2 patches merged per visual token, 3-D rotary positions): a visual token is ranked by the
+attention its patches receive in the tower's last full-attention block (`mmkit.patching.native`), merging uses that
+block's pre-rotary keys, and selection and merging act on the merger's output tokens; kept tokens stay in image
+order at their own 3-D positions (`native_visionzip_plan`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Literal
 import torch
 
 from mmkit.patching.anyres import ImageSizeCapture, anyres_layout, anyres_placement, visible_patches
+from mmkit.patching.native import NativeScores, NativeVisionCapture, is_native, native_placement, native_scores
 from mmkit.patching.pre_llm import (
     ANYRES,
     PreLLMReducer,
@@ -76,6 +82,16 @@ class VisionZipConfig:
                 f"use smaller counts or keep=<fraction>"
             )
         return dominant, contextual
+
+    def image_counts(self, tokens: int) -> tuple[int, int]:
+        """(dominant, contextual) for one Qwen-VL image of `tokens` visual tokens (token counts vary per image); an
+        image with no more tokens than that keeps them all."""
+        if self.keep <= 0.0:
+            return self.dominant, self.contextual
+        total = max(1, round(self.keep * tokens))
+        contextual = round(total * self.contextual / (self.dominant + self.contextual))
+        dominant = max(1, total - contextual)
+        return dominant, total - dominant
 
 
 def visionzip_plan(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, num_heads: int,
@@ -225,11 +241,48 @@ def anyres_visionzip_plan(features: torch.Tensor, q: torch.Tensor, k: torch.Tens
     return ReductionPlan(order=order, features=edited if changed else None, placement=placement)
 
 
+def native_visionzip_plan(tokens: torch.Tensor, scores: NativeScores, dominant_contextual) -> ReductionPlan:
+    """VisionZip on a Qwen-VL batch: tokens (T, C) are the batch's visual tokens in prompt order (merger output,
+    plus any channels to merge alongside). Per image: dominant tokens ranked by the attention their patches receive
+    (`NativeScores.received`), contextual tokens merged with `select_and_merge` on the keys of `merge_metric`. The
+    kept tokens stay in image order (each keeps its own 3-D position; a contextual token sits at its target's).
+    `dominant_contextual(n)` gives an image of n tokens its (dominant, contextual) counts."""
+    ranks, metric = scores.received(), scores.merge_metric()
+    if sum(scores.counts) != tokens.shape[0]:
+        raise RuntimeError(f"{tokens.shape[0]} visual tokens reached the language model but the vision tower encoded "
+                           f"{sum(scores.counts)}")
+    edited, changed, kept, offset = tokens.clone(), False, [], 0
+    for i, n in enumerate(scores.counts):
+        dominant, contextual = dominant_contextual(n)
+        if dominant + contextual >= n:
+            kept.append(torch.arange(n))
+        else:
+            order, merged, _ = select_and_merge(tokens[None, offset:offset + n], ranks[i][None].to(tokens.device),
+                                                metric[i][None].to(tokens.device), None, dominant, contextual,
+                                                extra_cls=False)
+            edited[offset:offset + n] = merged[0]
+            changed = True
+            kept.append(order[0].sort().values)
+        offset += n
+    order, placement, valid = native_placement(kept, scores.counts, tokens.device)
+    return ReductionPlan(order=order, valid=valid, features=edited if changed else None, placement=placement)
+
+
 class VisionZipHandle:
     def __init__(self, session, config: VisionZipConfig):
         adapter = session.adapter
-        check_supported(adapter, anyres=True)
         self.config = config
+        self.native = is_native(adapter)
+        if self.native:
+            self._sizes = None
+            self._capture = NativeVisionCapture(adapter)
+            try:
+                self._reducer = PreLLMReducer(session, self._native_plan, positions="original")
+            except Exception:
+                self._capture.remove()
+                raise
+            return
+        check_supported(adapter, anyres=True)
         self.anyres = adapter.architecture in ANYRES
         self.has_cls = adapter.has_cls_token
         if self.anyres and self.has_cls and adapter.vision_feature_select_strategy != "default":
@@ -248,6 +301,9 @@ class VisionZipHandle:
             if self._sizes is not None:
                 self._sizes.remove()
             raise
+
+    def _native_plan(self, tokens: torch.Tensor) -> ReductionPlan:
+        return native_visionzip_plan(tokens, native_scores(self._capture), self.config.image_counts)
 
     def _plan(self, features: torch.Tensor) -> ReductionPlan:
         q, k, out = self._capture.take()

@@ -316,7 +316,10 @@ def test_vcd_noise_on_flattened_patches_is_per_pixel_and_batch_independent(name)
 
 
 @pytest.mark.parametrize("name,spec", [*((name, "fastv:layer=2,keep=0.25") for name in FAMILY_BUILTINS),
-                                       ("tiny-random-onevision", "visionzip:dominant=2,contextual=1")])
+                                       ("tiny-random-onevision", "visionzip:dominant=2,contextual=1"),
+                                       ("tiny-random-qwen2.5-vl", "visionzip:dominant=2,contextual=1"),
+                                       ("tiny-random-qwen3-vl",
+                                        "vflowopt:vision_keep=0.5,merge_cell=0.5,llm_keep=0.7")])
 def test_remote_code_export_runs_with_plain_transformers(name, spec, tmp_path):
     """Both export kinds on the new families: `mmkit.load(DIR)` and plain transformers with trust_remote_code give
     the exporting session's logits and answers (the remote path builds the image-only processor here)."""

@@ -27,7 +27,7 @@ SPECS = {
     "fastv": "fastv:layer=2,keep=0.25", "pyramiddrop": "pyramiddrop", "sparsevlm": "sparsevlm",
     "var": "var:start_layer=1,tau=1.5,p=0.2,min_visual=0.01,rho=0.99", "vcd": "vcd", "vhr": "vhr",
     "dyvte": "dyvte:gates={gates}", "visor": "visor:weights={visor},budget=1",
-    "visionzip": "visionzip:dominant=2,contextual=1",  # per 4-patch tile of the tiny anyres models
+    "visionzip": "visionzip:dominant=2,contextual=1",  # per 4-patch tile (anyres), per image (Qwen-VL)
     "vflowopt": "vflowopt:vision_keep=0.5,merge_cell=1.0,llm_keep=0.7/0.6",
     "divprune": "divprune:tokens=16", "cdpruner": "cdpruner:tokens=16", "random": "random:tokens=16",
     "pooling": "pooling:tokens=16",
