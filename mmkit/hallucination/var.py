@@ -2,12 +2,16 @@
 Models", ICLR 2025).
 
 Some tokens soak up attention without carrying much information ("sinks"). They are recognised by massive
-activations: token t is a sink at layer l when |RMSNorm_l(h_t)| exceeds tau on one of the model's
-massive-activation dimensions (the input of layer l's attention, i.e. the output of its `input_layernorm`). VAR
-takes the attention such heads waste on sinks and gives it back to the image:
+activations: token t is a sink at layer l when |RMSNorm(h_t)| exceeds tau on one of the model's massive-activation
+dimensions, h_t being layer l's input (the residual stream) and RMSNorm the plain normalisation h / rms(h) without
+the layer's learned weight, as the official `DimProspector` computes it (eps 1e-6, float32). Sinks are found on the
+prompt; generated tokens are never sinks (the official code runs the detection in the prefill only). VAR takes the
+attention such heads waste on sinks and gives it back to the image:
 
 1. Image-centric heads, per layer l in [start_layer, end_layer) and per query row: the row's attention to image
-   tokens is >= `min_visual`, and the share of it that goes to visual sink tokens is <= `rho`.
+   tokens is >= `min_visual`, and the share of it that goes to visual sink tokens is <= `rho`. A sample with no
+   visual sink token at layer l has no image-centric head there (the official `HeadFork` forks none), so its text
+   sinks keep their attention too.
 2. In those heads and rows, the probability of every sink key (visual and text) is multiplied by `p`; the freed
    (1 - p) mass is added to the non-sink image tokens in proportion to their attention. Rows keep summing to 1.
 
@@ -96,6 +100,15 @@ def detect_massive_dims(normed: torch.Tensor, valid: torch.Tensor | None, k: int
     return torch.topk(mag.amax(dim=1), min(k, mag.shape[-1]), dim=-1).indices
 
 
+SINK_NORM_EPS = 1e-6  # the official DimProspector's epsilon
+
+
+def sink_norm(hidden: torch.Tensor) -> torch.Tensor:
+    """h / sqrt(mean(h^2) + eps) in float32: RMSNorm without a learned weight, the scale sinks are judged on."""
+    hidden = hidden.float()
+    return hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + SINK_NORM_EPS)
+
+
 def sink_flags(normed: torch.Tensor, dims: torch.Tensor, tau: float) -> torch.Tensor:
     """Bool (B, q): tokens whose |normed| exceeds tau on any of their row's dims (B, k)."""
     picked = normed.abs().float().gather(2, dims[:, None, :].expand(-1, normed.shape[1], -1))
@@ -135,7 +148,7 @@ class VARHandle:
         try:
             for layer in self.layers:
                 block = adapter.decoder_layers[layer]
-                self._handles.append(block.input_layernorm.register_forward_hook(self._norm_hook(layer)))
+                self._handles.append(block.input_layernorm.register_forward_pre_hook(self._norm_hook(layer)))
             self._handles.append(session.probe.override(self.layers, self._attend))
         except Exception:
             self.remove()
@@ -148,26 +161,29 @@ class VARHandle:
         self.sink_tokens = {}
 
     def _norm_hook(self, layer: int):
-        def hook(module, args, output):
+        # A pre-hook on the layer's input_layernorm: its input is the layer's input h (the residual stream).
+        def hook(module, args):
             ctx = self._ctx
+            hidden = args[0]
             if ctx.prefill:
+                normed = sink_norm(hidden)
                 # The real tokens of the sequence this layer sees (after any reduction or drop).
-                valid = prefill_slots(ctx, layer, output.device)[1]
-                valid = valid if valid.shape == output.shape[:2] else None
+                valid = prefill_slots(ctx, layer, hidden.device)[1]
+                valid = valid if valid.shape == hidden.shape[:2] else None
                 if self.config.dims:
-                    dims = torch.tensor(self.config.dims, device=output.device).expand(output.shape[0], -1)
+                    dims = torch.tensor(self.config.dims, device=hidden.device).expand(hidden.shape[0], -1)
                 else:
-                    dims = detect_massive_dims(output, valid, self.config.num_dims)
-                flags = sink_flags(output, dims, self.config.tau)
+                    dims = detect_massive_dims(normed, valid, self.config.num_dims)
+                flags = sink_flags(normed, dims, self.config.tau)
                 if valid is not None and valid.shape == flags.shape:
                     flags &= valid
                 self._sinks[layer] = _LayerSinks(dims, [flags])
                 self.sink_tokens[layer] = int(flags.sum())  # one host read per edited layer and prefill
                 if layer == self.layers[-1]:
-                    self._check_sinks(output.shape[-1])
+                    self._check_sinks(hidden.shape[-1])
             elif layer in self._sinks:
-                state = self._sinks[layer]
-                state.flags.append(sink_flags(output, state.dims, self.config.tau))
+                # Generated tokens are keys of later steps but never sinks (detection is prefill-only).
+                self._sinks[layer].flags.append(torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device))
             return None
 
         return hook
@@ -202,10 +218,13 @@ class VARHandle:
                 rows = torch.zeros_like(view.text_rows)
                 rows[:, -1] = True
         else:
-            rows = None  # every generated token is a text row after the image
+            rows = torch.ones(view.batch, query.shape[2], dtype=torch.bool, device=query.device)  # generated tokens
+        # No visual sink in a sample: the official HeadFork selects no head there, text sinks included.
+        sink_keys = sink_keys & view.real_keys
+        rows = rows & (sink_keys & view.image_keys).any(1, keepdim=True)
         out, edited = redistributed_attention(query, key, value, scaling=view.scaling,
                                               attn_mask=view.attention_mask, image_keys=view.image_keys,
-                                              sink_keys=sink_keys & view.real_keys, row_mask=rows,
+                                              sink_keys=sink_keys, row_mask=rows,
                                               p=self.config.p, rho=self.config.rho,
                                               min_visual=self.config.min_visual)
         self.edited[layer] = self.edited.get(layer, 0) + edited

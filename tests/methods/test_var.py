@@ -191,12 +191,13 @@ def _rotate(x, cos, sin):
 
 
 def _var_reference_logits(session, image, prompt, *, p, tau, rho, min_visual, layers, num_dims):
-    """Eager forward of the tiny LLaMA decoder written out here, with VAR's edit per the paper in `layers`:
-    sinks are tokens whose |RMSNorm(h)| (the layer's attention input) exceeds tau on one of the row's massive
-    dims (the num_dims dims with the largest |RMSNorm(h)| over the prompt); a text query row after the image is
-    image-centric in a head when its image attention is >= min_visual and at most rho of that goes to visual
-    sinks; there every sink's probability is multiplied by p and the freed (1 - p) mass goes to the non-sink
-    image tokens in proportion to their attention. Returns the logits (n, vocab) of every position."""
+    """Eager forward of the tiny LLaMA decoder written out here, with VAR's edit per the paper and its official
+    code in `layers`: sinks are tokens whose |h / rms(h)| (h the layer's input, no learned weight) exceeds tau on
+    one of the row's massive dims (the num_dims dims with the largest such value over the prompt); if any image
+    token is a sink, a text query row after the image is image-centric in a head when its image attention is
+    >= min_visual and at most rho of that goes to visual sinks; there every sink's probability is multiplied by p
+    and the freed (1 - p) mass goes to the non-sink image tokens in proportion to their attention. Returns the
+    logits (n, vocab) of every position."""
     adapter = session.adapter
     cfg = adapter.text_config
     heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, adapter.head_dim
@@ -239,9 +240,10 @@ def _var_reference_logits(session, image, prompt, *, p, tau, rho, min_visual, la
             scores = (q @ k.transpose(-1, -2)) * dim ** -0.5
             probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)          # (H, n, n)
             if index in layers:
-                dims = x.abs().amax(0).topk(num_dims).indices
-                sink = (x.abs()[:, dims] > tau).any(-1)                             # (n,)
-                for hd in range(heads):
+                plain = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)     # RMSNorm without its weight
+                dims = plain.abs().amax(0).topk(num_dims).indices
+                sink = (plain.abs()[:, dims] > tau).any(-1)                         # (n,)
+                for hd in range(heads if bool((sink & image_tok).any()) else 0):
                     for row in text_rows.nonzero().squeeze(1).tolist():
                         a = probs[hd, row]
                         visual = float(a[image_tok].sum())
@@ -281,3 +283,41 @@ def test_whole_forward_equals_a_hand_written_eager_reference(session, images, pr
         assert torch.allclose(got, ref, atol=1e-4), float((got - ref).abs().max())
         # ... and the edit matters at this tolerance.
         assert (base[i][real[i]] - ref).abs().max() > 1e-2
+
+
+def test_text_sinks_alone_move_nothing_and_generated_tokens_are_never_sinks(session, images, prompts):
+    """As the official HeadFork: a layer whose sample has no visual sink has no image-centric head, so attention to
+    text sinks stays where it is. A massive dim on which some text token, but no image token, passes tau is found
+    here from the layers' inputs; VAR on that dim alone then leaves the logits as they were."""
+    inputs = session.prepare(images, prompts)
+    layers = session.adapter.decoder_layers
+    captured = {}
+    hooks = [layers[l].register_forward_pre_hook(
+        lambda m, a, k, l=l: captured.__setitem__(l, (a[0] if a else k["hidden_states"]).float()), with_kwargs=True)
+        for l in (1, 2)]
+    try:
+        base = forward_logits(session, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    real = inputs["attention_mask"].bool()
+    image = (inputs["input_ids"] == session.adapter.image_token_id)
+    best = None
+    for dim in range(session.adapter.hidden_size):
+        image_max = text_max = 0.0
+        for l in (1, 2):
+            plain = captured[l] / torch.sqrt(captured[l].pow(2).mean(-1, keepdim=True) + 1e-6)
+            value = plain[..., dim].abs()
+            image_max = max(image_max, float(value[image].max()))
+            text_max = max(text_max, float(value[real & ~image].max()))
+        if text_max - image_max > 0.1 and (best is None or text_max - image_max > best[1]):
+            best = (dim, text_max - image_max, image_max)
+    assert best is not None, "no hidden dim separates text from image tokens on the tiny model"
+    dim, _, image_max = best
+    handle = session.apply(f"var:start_layer=1,dims={dim},tau={image_max + 0.05}")
+    out = forward_logits(session, inputs)
+    assert sum(handle.impl.sink_tokens.values()) > 0                      # text sinks were found ...
+    assert torch.allclose(out, base, atol=1e-5)                           # ... and nothing moved
+    session.generate(images, prompts, max_new_tokens=3)
+    flags = torch.cat(handle.impl._sinks[1].flags, 1)
+    assert not flags[:, inputs["input_ids"].shape[1]:].any()
