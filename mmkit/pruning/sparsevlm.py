@@ -24,7 +24,7 @@ At each scoring layer the raters' head-mean attention over the row's current vis
 L_v); its rank measures how many independent directions the text asks of the image. A row keeps
 min(int(rank_scale * rank(P) + rank_bias), L_v - 1) visual tokens, or all of them (no drop, no recycling) when P has
 full column rank (rank = L_v). The official scripts use scale/bias 13.5/0 ("192" tokens, MME), 9/6 ("128", POPE) and
-0.8/0 ("64", TextVQA); 13.5/0 is the default here. The rank is torch.linalg.matrix_rank of P in float32 with its
+0.8/0 ("64", TextVQA); 13.5/0 are the defaults. The rank is torch.linalg.matrix_rank of P in float32 with its
 default tolerance, as the official code calls it.
 
 Differences from the official code: kept tokens keep their original positions (the official code renumbers them
