@@ -119,6 +119,10 @@ def sink_flags(normed: torch.Tensor, dims: torch.Tensor, tau: float) -> torch.Te
 class _LayerSinks:
     dims: torch.Tensor           # (B, k) massive dims of each row
     flags: list                  # bool (B, q) chunks, in cache order
+    # Rows with a visual sink (B,), and whether that is every row: set at the prefill, fixed while decoding
+    # (generated tokens are never sinks), so decoding steps need no host read to know it.
+    visual_rows: torch.Tensor | None = None
+    every_row_visual: bool = False
 
 
 class VARHandle:
@@ -211,17 +215,22 @@ class VARHandle:
             raise RuntimeError(f"var: layer {layer} sees {k_len} keys but tracked {sink.shape[1]} tokens")
         sink_keys = torch.zeros_like(view.image_keys)
         sink_keys[:, : sink.shape[1]] = sink.to(sink_keys.device)
+        sink_keys = sink_keys & view.real_keys
         if view.prefill:
             if self.config.rows == "text":
                 rows = view.text_rows
             else:
                 rows = torch.zeros_like(view.text_rows)
                 rows[:, -1] = True
+            # No visual sink in a sample: the official HeadFork selects no head there, text sinks included.
+            state.visual_rows = (sink_keys & view.image_keys).any(1)
+            state.every_row_visual = bool(state.visual_rows.all())
+            rows = rows & state.visual_rows[:, None]
+        elif state.every_row_visual:
+            rows = None  # every generated token is a text row after the image
         else:
-            rows = torch.ones(view.batch, query.shape[2], dtype=torch.bool, device=query.device)  # generated tokens
-        # No visual sink in a sample: the official HeadFork selects no head there, text sinks included.
-        sink_keys = sink_keys & view.real_keys
-        rows = rows & (sink_keys & view.image_keys).any(1, keepdim=True)
+            visual = state.visual_rows if state.visual_rows is not None else (sink_keys & view.image_keys).any(1)
+            rows = visual.to(query.device)[:, None].expand(view.batch, query.shape[2])
         out, edited = redistributed_attention(query, key, value, scaling=view.scaling,
                                               attn_mask=view.attention_mask, image_keys=view.image_keys,
                                               sink_keys=sink_keys, row_mask=rows,
