@@ -15,22 +15,24 @@ attention such heads waste on sinks and gives it back to the image:
 2. In those heads and rows, the probability of every sink key (visual and text) is multiplied by `p`; the freed
    (1 - p) mass is added to the non-sink image tokens in proportion to their attention. Rows keep summing to 1.
 
-Massive-activation dimensions: LLaMA-2-7B has fixed ones ({1415, 2533}); give them with `dims=1415/2533`. With
-`dims` empty they are found per call, per sample and per layer: the `num_dims` hidden dimensions with the largest
-|RMSNorm(h)| over the prompt's tokens (a massive activation dominates its dimension, so these are the outlier
-dimensions when the model has them; when it has none, tau decides that no token is a sink and VAR leaves that
-row alone). Decoded tokens are tested on the dimensions found for their prompt.
+Massive-activation dimensions: LLaMA-2-7B has fixed ones ({1415, 2533}), LLaMA-2-13B {2100, 4743}. With `dims`
+empty, a checkpoint the official code lists (LLaVA-1.5-7B / 13B, LLaVA-1.6-Vicuna-13B, recognised by its id or path
+and hidden size) gets the official dims; any other model has them found per call, per sample and per layer: the
+`num_dims` hidden dimensions with the largest |RMSNorm(h)| over the prompt's tokens (a massive activation dominates
+its dimension, so these are the outlier dimensions when the model has them; when it has none, tau decides that no
+token is a sink and VAR leaves that row alone).
 
 Rows edited: `rows="text"` every text row after the image (prompt and generated tokens), `rows="last"` only the
-current token. The edit is post-softmax, so the edited layers' attention is replaced through the attention probe by the kernel
-op `mmkit.kernels.redistributed_attention` (exact float32 probabilities, chunks of query rows, one chunk's
-probabilities in memory at a time; rows before the first edited one run plain SDPA). Image tokens, sinks and
-rows are those of the sequence each layer sees, so VAR composes with token pruning before or inside the LLM. p = 1 is a no-op: nothing is installed and
-the logits are bit-identical to the baseline.
+current token. The edit is post-softmax, so the edited layers' attention is replaced through the attention probe by
+the kernel op `mmkit.kernels.redistributed_attention` (exact float32 probabilities, chunks of query rows, one
+chunk's probabilities in memory at a time; rows before the first edited one run plain SDPA). Image tokens, sinks and
+rows are those of the sequence each layer sees, so VAR composes with token pruning before or inside the LLM. p = 1
+is a no-op: nothing is installed and the logits are bit-identical to the baseline.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Literal
@@ -60,7 +62,8 @@ class VARConfig:
     end_layer: int | None = field(default=None, metadata={"help": "decoder layer to stop before; None = all but "
                                                                   "the last layer"})
     dims: tuple[int, ...] = field(default=(), metadata={"help": "massive-activation hidden dims (e.g. 1415/2533 for "
-                                                                "LLaMA-2-7B); empty = detect per call"})
+                                                                "LLaMA-2-7B); empty = the official dims for the "
+                                                                "LLaVA checkpoints it lists, else detected per call"})
     num_dims: int = field(default=2, metadata={"help": "dims detected per call when dims is empty"})
     rows: Literal["text", "last"] = field(
         default="text", metadata={"help": "query rows edited: every text/generated row after the image, or only "
@@ -102,6 +105,22 @@ def detect_massive_dims(normed: torch.Tensor, valid: torch.Tensor | None, k: int
 
 SINK_NORM_EPS = 1e-6  # the official DimProspector's epsilon
 
+# The official massive-activation dims per language model (`DIM_SINK`), with the checkpoints it maps to them
+# (`MODEL_LLM`) and the hidden size that identifies the backbone.
+OFFICIAL_SINK_DIMS = (
+    (("llava-v1.5-7b", "llava-1.5-7b"), 4096, (2533, 1415)),                             # LLaMA-2-7B
+    (("llava-v1.5-13b", "llava-1.5-13b", "llava-v1.6-vicuna-13b"), 5120, (2100, 4743)),  # LLaMA-2-13B
+)
+
+
+def official_sink_dims(source: str, hidden_size: int) -> tuple[int, ...]:
+    """The official code's massive dims for a checkpoint it names (by its id or path), or () when it names none."""
+    name = (source or "").lower()
+    for names, hidden, dims in OFFICIAL_SINK_DIMS:
+        if hidden == hidden_size and any(n in name for n in names):
+            return dims
+    return ()
+
 
 def sink_norm(hidden: torch.Tensor) -> torch.Tensor:
     """h / sqrt(mean(h^2) + eps) in float32: RMSNorm without a learned weight, the scale sinks are judged on."""
@@ -136,6 +155,10 @@ class VARHandle:
                              f"decoder layers")
         if config.dims and max(config.dims) >= adapter.hidden_size:
             raise ValueError(f"var dims {config.dims} exceed this model's hidden size {adapter.hidden_size}")
+        # Fixed massive dims: the configured ones, else the official ones for the checkpoints it lists; with neither,
+        # they are detected per call.
+        source = getattr(session, "source", "") or getattr(session.model.config, "_name_or_path", "")
+        self.dims = config.dims or official_sink_dims(str(source), adapter.hidden_size)
         self.layers = list(range(config.start_layer, end))
         self._session = session
         self._ctx = session.context
@@ -174,8 +197,8 @@ class VARHandle:
                 # The real tokens of the sequence this layer sees (after any reduction or drop).
                 valid = prefill_slots(ctx, layer, hidden.device)[1]
                 valid = valid if valid.shape == hidden.shape[:2] else None
-                if self.config.dims:
-                    dims = torch.tensor(self.config.dims, device=hidden.device).expand(hidden.shape[0], -1)
+                if self.dims:
+                    dims = torch.tensor(self.dims, device=hidden.device).expand(hidden.shape[0], -1)
                 else:
                     dims = detect_massive_dims(normed, valid, self.config.num_dims)
                 flags = sink_flags(normed, dims, self.config.tau)
@@ -197,7 +220,7 @@ class VARHandle:
         if any(self.sink_tokens.values()) or self._warned_no_sinks:
             return
         self._warned_no_sinks = True
-        dims = "/".join(map(str, self.config.dims)) or f"the {self.config.num_dims} largest of {hidden}"
+        dims = "/".join(map(str, self.dims)) or f"the {self.config.num_dims} largest of {hidden}"
         logger.warning("var: no sink tokens (|RMSNorm(h)| > tau=%g on dims %s) in layers %s of this prompt, so the "
                        "attention is left unchanged; this model may have no massive activations (set tau below "
                        "its outlier magnitude, or pass its massive dims with dims=...)", self.config.tau, dims,
@@ -238,6 +261,10 @@ class VARHandle:
                                               min_visual=self.config.min_visual)
         self.edited[layer] = self.edited.get(layer, 0) + edited
         return out.transpose(1, 2).contiguous(), None
+
+    def export_config(self) -> VARConfig:
+        # An export is loaded from a directory whose name need not identify the checkpoint: save the dims in use.
+        return dataclasses.replace(self.config, dims=tuple(self.dims))
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -321,3 +321,19 @@ def test_text_sinks_alone_move_nothing_and_generated_tokens_are_never_sinks(sess
     session.generate(images, prompts, max_new_tokens=3)
     flags = torch.cat(handle.impl._sinks[1].flags, 1)
     assert not flags[:, inputs["input_ids"].shape[1]:].any()
+
+
+def test_official_dims_for_the_checkpoints_the_official_code_lists(session):
+    from mmkit.hallucination.var import official_sink_dims
+
+    assert official_sink_dims("llava-hf/llava-1.5-7b-hf", 4096) == (2533, 1415)
+    assert official_sink_dims("/models/LLaVA-V1.5-13B", 5120) == (2100, 4743)
+    assert official_sink_dims("llava-hf/llava-v1.6-vicuna-13b-hf", 5120) == (2100, 4743)
+    assert official_sink_dims("llava-hf/llava-v1.6-mistral-7b-hf", 4096) == ()   # not in the official table
+    assert official_sink_dims("my-llava-1.5-7b-distilled", 2048) == ()            # another backbone under the name
+    # A model the table does not know detects its dims per call; an export saves the dims in use.
+    handle = session.apply(ON)
+    assert handle.impl.dims == () and handle.impl.export_config().dims == ()
+    handle.remove()
+    handle = session.apply(ON + ",dims=3/17")
+    assert handle.impl.export_config().dims == (3, 17)
