@@ -3,13 +3,15 @@
     .venv/bin/python benchmarks/run_var_sinks.py
 
 Prints, over the 32 POPE-adversarial prompts of the first 8 held-out scenes (world seed 1), the largest and the
-median |RMSNorm(h)| at the input of each decoder layer, and the sink tokens VAR detects at its edited layer for
+median |RMSNorm(h)| (h / rms(h) of each decoder layer's input, without the learned weight, the measure VAR's sink
+test uses), and the sink tokens VAR detects at its edited layer for
 tau = 20 (the LLaMA-2-7B setting, VAR's default) and tau = 7.
 """
 
 from __future__ import annotations
 
 import mmkit
+from mmkit.hallucination.var import sink_norm
 from mmkit.world.questions import pope_questions
 from mmkit.world.scenes import generate_scene
 
@@ -22,11 +24,12 @@ def main() -> None:
     peaks: dict[int, tuple[float, float]] = {}
 
     def record(i):
-        def hook(module, args, out):
-            peaks[i] = (float(out.abs().max()), float(out.abs().median()))
+        def hook(module, args):
+            normed = sink_norm(args[0]).abs()
+            peaks[i] = (float(normed.max()), float(normed.median()))
         return hook
 
-    hooks = [layer.input_layernorm.register_forward_hook(record(i))
+    hooks = [layer.input_layernorm.register_forward_pre_hook(record(i))
              for i, layer in enumerate(session.adapter.decoder_layers)]
     session.generate(images, prompts, max_new_tokens=1)
     for h in hooks:

@@ -19,6 +19,14 @@ Merged tokens count as visual tokens, so a row carries top-k plus the number of 
 stages may drop or re-merge them. Clustering breaks ties by position instead of the official random noise, so
 results are deterministic.
 
+Rank-adaptive budget (`budget="rank"`, the paper's sparsification-level adaptation as the released v1 code runs it).
+At each scoring layer the raters' head-mean attention over the row's current visual tokens is a matrix P (raters x
+L_v); its rank measures how many independent directions the text asks of the image. A row keeps
+min(int(rank_scale * rank(P) + rank_bias), L_v - 1) visual tokens, or all of them (no drop, no recycling) when P has
+full column rank (rank = L_v). The official scripts use scale/bias 13.5/0 ("192" tokens, MME), 9/6 ("128", POPE) and
+0.8/0 ("64", TextVQA); 13.5/0 are the defaults. The rank is torch.linalg.matrix_rank of P in float32 with its
+default tolerance, as the official code calls it.
+
 Differences from the official code: kept tokens keep their original positions (the official code renumbers them
 after each drop); batches with different images and prompts are supported (the official code is batch 1).
 """
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -36,6 +45,10 @@ from mmkit.registry import register_method
 PAPER_LAYERS_32 = (2, 6, 15)  # scoring layers of the official code, for a 32-layer decoder
 RECYCLE_SHARE = 0.3           # share of the dropped tokens that is recycled
 TOKENS_PER_CLUSTER = 10
+PAPER_KEEP = (300 / 576, 200 / 576, 110 / 576)
+# Official v1 scripts: scale 13.5 / bias 0 for the "192 tokens" setting (9 / 6 for "128", 0.8 / 0 for "64").
+PAPER_RANK_SCALE = 13.5
+PAPER_RANK_BIAS = 0.0
 
 
 @dataclass
@@ -48,13 +61,36 @@ class SparseVLMConfig:
                           "and layers > l see the kept ones; None = 2/6/15 scaled to the model depth (of 32)"},
     )
     keep: tuple[float, ...] = field(
-        default=(300 / 576, 200 / 576, 110 / 576),
+        default=PAPER_KEEP,
         metadata={"help": "fraction of each row's original image tokens kept after each stage (before recycling); "
                           "paper budgets for 576 tokens: 192 = 300/200/110, 128 = 303/110/36, 64 = 66/30/17"},
     )
     recycle: bool = field(default=True, metadata={"help": "merge the best-scored dropped tokens into carriers"})
+    budget: Literal["schedule", "rank"] = field(
+        default="schedule",
+        metadata={"help": "how many visual tokens a stage keeps: the fixed `keep` schedule, or rank-adaptive "
+                          "(int(rank_scale * rank(P) + rank_bias), P the raters x visual-tokens attention)"},
+    )
+    rank_scale: float = field(default=PAPER_RANK_SCALE,
+                              metadata={"help": "budget=rank: visual tokens kept per unit of rank (official 13.5 / "
+                                                "9 / 0.8 for its 192 / 128 / 64 settings)"})
+    rank_bias: float = field(default=PAPER_RANK_BIAS,
+                             metadata={"help": "budget=rank: tokens added to rank_scale * rank (official 0 / 6 / 0)"})
 
     def __post_init__(self):
+        if self.budget not in ("schedule", "rank"):
+            raise ValueError(f"budget must be schedule or rank, got {self.budget!r}")
+        for name in ("rank_scale", "rank_bias"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            setattr(self, name, float(value))
+        if self.rank_scale <= 0:
+            raise ValueError(f"rank_scale must be > 0, got {self.rank_scale!r}")
+        if self.rank_bias < 0:
+            raise ValueError(f"rank_bias must be >= 0, got {self.rank_bias!r}")
+        if self.budget == "schedule" and (self.rank_scale, self.rank_bias) != (PAPER_RANK_SCALE, PAPER_RANK_BIAS):
+            raise ValueError("rank_scale and rank_bias only apply with budget=rank")
         keep = tuple(self.keep) if isinstance(self.keep, (tuple, list)) else (self.keep,)
         if not keep:
             raise ValueError("keep must give at least one stage fraction, e.g. keep=0.5/0.35/0.2")
@@ -73,10 +109,16 @@ class SparseVLMConfig:
                 raise ValueError(f"layers must be integers >= 0, got {self.layers!r}")
             if any(b <= a for a, b in zip(layers, layers[1:])):
                 raise ValueError(f"layers must be strictly increasing, got {self.layers!r}")
-            if len(layers) != len(keep):
-                raise ValueError(f"layers ({len(layers)} stages) and keep ({len(keep)} stages) must have equal length")
             self.layers = layers
-        elif len(keep) != len(PAPER_LAYERS_32):
+        if self.budget == "rank":
+            # The rank sets every stage's count; a schedule given alongside would be silently ignored.
+            if keep != PAPER_KEEP:
+                raise ValueError("keep is the fixed schedule; with budget=rank set rank_scale/rank_bias instead")
+            return
+        if self.layers is not None and len(self.layers) != len(keep):
+            raise ValueError(f"layers ({len(self.layers)} stages) and keep ({len(keep)} stages) must have equal "
+                             f"length")
+        if self.layers is None and len(keep) != len(PAPER_LAYERS_32):
             raise ValueError(f"with {len(keep)} keep stages give layers=... too (the default has 3 stages)")
 
     def scoring_layers(self, num_layers: int) -> tuple[int, ...]:
@@ -97,6 +139,14 @@ class SparseVLMConfig:
 def stage_keep_count(n_image: torch.Tensor, fraction: float) -> torch.Tensor:
     """round(fraction * n_image) per row (halves round up): 300/576 of 576 tokens is 300."""
     return torch.floor(n_image.double() * fraction + 0.5).long()
+
+
+def rank_keep_count(rank: int, n_visual: int, scale: float, bias: float) -> int:
+    """Visual tokens a row keeps under budget=rank: all of them when the rater attention has full column rank,
+    else min(int(scale * rank + bias), n_visual - 1), as the official v1 code."""
+    if rank >= n_visual:
+        return n_visual
+    return max(min(int(rank * scale + bias), n_visual - 1), 0)
 
 
 def recycle_sizes(n_dropped: int) -> tuple[int, int]:
@@ -171,6 +221,9 @@ class SparseVLMHandle:
         self._ctx = session.context
         self._raters: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, R) original positions, (B, R) ok
         self._scores: dict[int, torch.Tensor] = {}
+        self._rank_keep: dict[int, torch.Tensor] = {}  # budget=rank: (B,) visual tokens each row keeps, per layer
+        # budget=rank, last prefill: (B,) rank of each row's rater attention, per scoring layer (for inspection).
+        self.last_ranks: dict[int, torch.Tensor] = {}
         self._carriers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         layers = adapter.decoder_layers
         self._handles = [layers[0].register_forward_pre_hook(self._find_raters, with_kwargs=True)]
@@ -186,6 +239,8 @@ class SparseVLMHandle:
     def _reset(self, ctx) -> None:
         self._raters = None
         self._scores.clear()
+        self._rank_keep.clear()
+        self.last_ranks.clear()
         self._carriers.clear()
 
     # -- raters and scores ---------------------------------------------------------------------------------
@@ -206,21 +261,49 @@ class SparseVLMHandle:
         return None
 
     def _observe(self, view) -> None:
-        if view.prefill:
+        if not view.prefill:
+            return
+        if self.config.budget == "rank":
+            self._scores[view.layer] = self._rank_budget(view)
+        else:
             self._scores[view.layer] = self._rater_attention(view)
 
-    def _rater_attention(self, view) -> torch.Tensor:
-        """Mean attention (B, n_cur) the raters give each current token (exact softmax over allowed keys)."""
+    def _rater_rows(self, view) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query rows (B, R) holding the raters in this layer's sequence, and which of them are real (B, R)."""
         if self._raters is None:
             raise RuntimeError("sparsevlm: text raters were not computed for this prefill")
         positions, ok = (t.to(view.query.device) for t in self._raters)
         # Raters are text tokens, which no method drops: find the rows that hold them in this layer's sequence.
         rows, found = view.rows_of_positions(positions)
-        ok = ok & found
+        return rows, ok & found
+
+    def _rater_attention(self, view) -> torch.Tensor:
+        """Mean attention (B, n_cur) the raters give each current token (exact softmax over allowed keys)."""
+        rows, ok = self._rater_rows(view)
         # A padded rater row adds nothing to any visual token.
         mass = view.mass(rows, row_valid=ok, reduce="sum")
         # Keys past the current sequence are empty slots of a static cache.
         return mass[:, : view.query.shape[2]] / ok.sum(1, keepdim=True).clamp(min=1)
+
+    def _rank_budget(self, view) -> torch.Tensor:
+        """budget=rank: the rater scores as `_rater_attention`, and each row's keep count from the rank of its
+        (raters x current visual tokens) head-mean attention matrix."""
+        rows, ok = self._rater_rows(view)
+        n_cur = view.query.shape[2]
+        # The individual rater rows are needed for the rank: (B, R, n_cur), mean over heads. R is a few dozen.
+        probs = view.mass(rows, row_valid=ok, reduce="none").mean(1)[..., :n_cur]
+        image = view.image_keys[:, :n_cur]
+        ranks, keep = [], []
+        for b in range(probs.shape[0]):  # rows differ in raters and visual tokens
+            matrix = probs[b][ok[b]][:, image[b]]
+            n_visual = int(matrix.shape[1])
+            rank = int(torch.linalg.matrix_rank(matrix.float())) if matrix.numel() else 0
+            ranks.append(rank)
+            keep.append(rank_keep_count(rank, n_visual, self.config.rank_scale, self.config.rank_bias))
+        device = probs.device
+        self.last_ranks[view.layer] = torch.tensor(ranks, device=device)
+        self._rank_keep[view.layer] = torch.tensor(keep, device=device)
+        return probs.sum(1) / ok.sum(1, keepdim=True).clamp(min=1)
 
     # -- selection and recycling ---------------------------------------------------------------------------
     def _make_selector(self, stage: int, scoring_layer: int):
@@ -230,8 +313,12 @@ class SparseVLMHandle:
             if scores is None:
                 raise RuntimeError(f"sparsevlm: no rater attention was recorded at layer {scoring_layer}")
             is_image = image_mask if valid is None else image_mask & valid
-            n_original = self._ctx.image_mask.to(hidden.device).sum(1)
-            keep = torch.minimum(stage_keep_count(n_original, self.config.keep[stage]), is_image.sum(1))
+            if self.config.budget == "rank":
+                keep = self._rank_keep.pop(scoring_layer).to(hidden.device)
+            else:
+                n_original = self._ctx.image_mask.to(hidden.device).sum(1)
+                keep = stage_keep_count(n_original, self.config.keep[stage])
+            keep = torch.minimum(keep, is_image.sum(1))
             if not self.config.recycle:
                 return keep_top_visual(scores, image_mask, keep, valid)
             return self._select_and_recycle(layer_idx, hidden, scores, image_mask, is_image, keep, valid)

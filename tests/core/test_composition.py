@@ -198,7 +198,8 @@ def _run_supported_pairs(next_session, images, pruning_specs):
 
 
 @pytest.mark.parametrize("pair", [("fastv:layer=2,keep=0.25", "paint:start_layer=1"), ("visionzip:keep=0.25", "var"),
-                                  ("sparsevlm:layers=1/2,keep=0.25/0.25", "agla")])
+                                  ("sparsevlm:layers=1/2,keep=0.25/0.25", "agla"),
+                                  ("vhr", "sparsevlm:budget=rank,rank_scale=2")])
 def test_pairs_export_and_reload_with_identical_outputs(session, images, tmp_path, pair):
     for spec in pair:
         session.apply(spec)

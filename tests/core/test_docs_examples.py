@@ -33,6 +33,7 @@ PYTHON_BLOCKS = {
     ("docs/grounding.md", "run_ground_bench(s, ground_questions(1, 50)"): "imports",  # the 50-scene grounding bench
     ("docs/grounding.md", "run_ground_bench(s, ground_questions(1, 100)"): "imports",  # the 100-scene multi-scale run
     ("docs/reference-model.md", "conversation = "): "run",
+    ("docs/sparsevlm.md", "impl.last_ranks"): "run",                   # tiny-random, a few seconds
     ("docs/reference-model.md", "detailed_share=share"): "run",        # caption statistics of the training stream
     ("docs/reference-model.md", "n_scenes=150, n_captions=150"): "imports",  # the 150-scene evaluation (4 minutes)
     ("docs/visor.md", "session.methods[0].impl.last_budgets"): "run",

@@ -7,9 +7,9 @@ import torch
 import mmkit
 
 # Every registered method, set up for the reference model (its shipped gates, weights and tuned configuration).
-SPECS = ["fastv", "pyramiddrop", "sparsevlm", "visionzip", "vflowopt:config=reference-0.25", "dyvte", "visor",
-         "divprune", "cdpruner", "random", "pooling", "agla", "agla:blip={blip},blip_layer=1", "paint", "vcd",
-         "var:tau=2", "vhr"]
+SPECS = ["fastv", "pyramiddrop", "sparsevlm", "sparsevlm:budget=rank", "visionzip", "vflowopt:config=reference-0.25",
+         "dyvte", "visor", "divprune", "cdpruner", "random", "pooling", "agla", "agla:blip={blip},blip_layer=1", "paint",
+         "vcd", "var:tau=2", "vhr"]
 HALF = ["bfloat16", "float16"]
 # A yes/no decision counts when float32 prefers one answer by this much log-probability (bf16 keeps 8 bits of
 # mantissa: its logits move by up to about 0.4 here).

@@ -248,3 +248,133 @@ def test_llava_next_rows_with_different_visual_token_counts():
     single_scores = torch.tensor([session.answer_logprobs([imgs[i]], [prompts[i]]).logprobs[0] for i in range(3)])
     assert torch.allclose(batch_scores, single_scores, atol=1e-4)
     session.close()
+
+
+# -- budget=rank: the keep count of each stage comes from the rank of the raters' attention --------------------------
+
+def _hand_raters(embeds: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Rater positions of one unpadded row, straight from the paper: text tokens after the image whose relevance
+    (softmax over text of <h_v, h_t>, mean over visual tokens v) is above the mean relevance."""
+    last_image = int(image.nonzero().max())
+    text = torch.arange(last_image + 1, embeds.shape[0])
+    sim = embeds[image].float() @ embeds[text].float().T
+    relevance = sim.softmax(-1).mean(0)
+    return text[relevance > relevance.mean()]
+
+
+def _eager_head_mean_attention(session, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(n, n) attention probabilities of decoder layer `layer` on its input x (1, n, d), mean over heads, recomputed
+    with the eager implementation; tokens sit at rotary `positions` (n,) and attend causally in sequence order."""
+    decoder = session.adapter.decoder_layers[layer]
+    n = x.shape[1]
+    cos_sin = session.adapter.language_model.rotary_emb(x, positions[None])
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    session.model.set_attn_implementation({"text_config": "eager"})
+    try:
+        with torch.inference_mode():
+            _, weights = decoder.self_attn(decoder.input_layernorm(x), position_embeddings=cos_sin,
+                                           attention_mask=torch.zeros(1, 1, n, n).masked_fill(~causal, -1e9))
+    finally:
+        session.model.set_attn_implementation({"text_config": "sdpa"})
+    return weights[0].float().mean(0)
+
+
+def test_rank_budget_keep_counts_equal_an_eager_rank_recomputation(session, images, prompts):
+    """Both stages keep min(int(scale * rank(P)), L_v - 1) visual tokens, P = the hand-picked raters' eager
+    head-mean attention over the current visual tokens of the scoring layer (recomputed here, not read from the
+    method)."""
+    layers = session.adapter.decoder_layers
+    captured = {}
+
+    def grab(name):
+        def hook(module, args, kwargs):
+            captured[name] = (args[0] if args else kwargs["hidden_states"]).clone()
+        return hook
+
+    scale = 2.0
+    probes = [layers[0].register_forward_pre_hook(grab("embeds"), with_kwargs=True),
+              layers[1].register_forward_pre_hook(grab("x1"), with_kwargs=True)]
+    try:
+        handle = session.apply(f"sparsevlm:budget=rank,rank_scale={scale},layers=1/2,recycle=false")
+        probes.append(layers[2].register_forward_pre_hook(grab("x2"), with_kwargs=True))  # after the drop
+        inputs = session.prepare(images[:1], prompts[:1])
+        forward_logits(session, inputs)
+        kept1, valid1 = handle.impl.dropper.index_at(2)
+        kept2, valid2 = handle.impl.dropper.index_at(3)
+    finally:
+        for p in probes:
+            p.remove()
+    assert valid1 is None and valid2 is None
+    image = inputs["input_ids"][0] == session.adapter.image_token_id
+    raters = _hand_raters(captured["embeds"][0], image)
+    assert 0 < raters.numel() < 64
+
+    # Stage 1, scoring layer 1: the full sequence.
+    n = image.numel()
+    attn = _eager_head_mean_attention(session, 1, captured["x1"], torch.arange(n))
+    image_pos = image.nonzero().squeeze(1)
+    rank1 = int(torch.linalg.matrix_rank(attn[raters][:, image_pos]))
+    expected1 = min(int(scale * rank1), 63)
+    kept1 = kept1[0]
+    assert int(image[kept1].sum()) == expected1
+    # The kept ones are the raters' top visual tokens.
+    score = attn[raters][:, image_pos].mean(0)
+    top = image_pos[torch.sort(score, descending=True, stable=True).indices[:expected1]]
+    assert set(top.tolist()) == set(kept1[image[kept1]].tolist())
+
+    # Stage 2, scoring layer 2: the kept tokens at their original positions.
+    attn2 = _eager_head_mean_attention(session, 2, captured["x2"], kept1)
+    is_image = image[kept1]
+    rater_rows = torch.tensor([int((kept1 == r).nonzero()) for r in raters.tolist()])
+    rank2 = int(torch.linalg.matrix_rank(attn2[rater_rows][:, is_image]))
+    expected2 = expected1 if rank2 >= expected1 else min(int(scale * rank2), expected1 - 1)
+    assert int(image[kept2[0]].sum()) == expected2
+    assert handle.impl.last_ranks[1].tolist() == [rank1] and handle.impl.last_ranks[2].tolist() == [rank2]
+
+
+def test_rank_budget_changes_output_batches_like_single_runs_and_removes_exactly(session, images, prompts):
+    inputs = session.prepare(images, prompts)
+    base = forward_logits(session, inputs)
+    schedule = session.apply("sparsevlm")
+    scheduled = forward_logits(session, inputs)
+    schedule.remove()
+    handle = session.apply("sparsevlm:budget=rank,rank_scale=2")
+    pruned = forward_logits(session, inputs)
+    assert not torch.allclose(pruned[:, -1], base[:, -1])
+    assert pruned.shape != scheduled.shape or not torch.allclose(pruned[:, -1], scheduled[:, -1])
+
+    batched = session.generate(images, prompts, max_new_tokens=6)
+    batch_scores = torch.tensor(session.answer_logprobs(images, prompts, ["yes", "no"]).logprobs)
+    ranks = {layer: r.tolist() for layer, r in handle.impl.last_ranks.items()}
+    for i in range(3):
+        single = session.generate([images[i]], [prompts[i]], max_new_tokens=6)[0]
+        assert single.text == batched[i].text
+        assert single.stats.visual_tokens_kept == batched[i].stats.visual_tokens_kept
+        single_scores = torch.tensor(session.answer_logprobs([images[i]], [prompts[i]], ["yes", "no"]).logprobs[0])
+        assert torch.allclose(single_scores, batch_scores[i], atol=1e-4)
+        assert {layer: r.tolist() for layer, r in handle.impl.last_ranks.items()} == {
+            layer: [r[i]] for layer, r in ranks.items()}
+    # Different prompts get different ranks, hence different budgets.
+    assert len({tuple(r.stats.visual_tokens_kept) for r in batched}) > 1
+
+    handle.remove()
+    assert torch.equal(forward_logits(session, inputs), base)
+    assert all(not layer._forward_pre_hooks for layer in session.adapter.decoder_layers)
+
+
+def test_rank_keep_count_rule_and_budget_validation():
+    from mmkit.pruning.sparsevlm import rank_keep_count
+
+    assert rank_keep_count(16, 64, 2.0, 0.0) == 32
+    assert rank_keep_count(16, 64, 13.5, 0.0) == 63      # never more than L_v - 1 while rank < L_v
+    assert rank_keep_count(20, 576, 9.0, 6.0) == 186
+    assert rank_keep_count(20, 576, 0.8, 0.0) == 16
+    assert rank_keep_count(10, 10, 0.8, 0.0) == 10       # full column rank: the stage keeps everything
+    cfg = SparseVLMConfig(budget="rank")
+    assert (cfg.rank_scale, cfg.rank_bias) == (13.5, 0.0)
+    assert SparseVLMConfig(budget="rank", layers=(1, 2)).layers == (1, 2)
+    for bad in [dict(budget="adaptive"), dict(budget="rank", rank_scale=0.0), dict(budget="rank", rank_bias=-1.0),
+                dict(budget="rank", rank_scale=float("nan")), dict(rank_scale=9.0),
+                dict(budget="rank", keep=(0.5, 0.3, 0.1))]:
+        with pytest.raises(ValueError):
+            SparseVLMConfig(**bad)

@@ -174,3 +174,166 @@ def test_llava_next_rows_with_different_visual_token_counts():
 def test_bad_settings_are_refused(session, spec, message):
     with pytest.raises(MmkitError, match=message):
         session.apply(spec)
+
+
+# -- the whole forward against a hand-written eager reference ---------------------------------------------------------
+
+def _rms_norm(norm, x):
+    """LLaMA RMSNorm by hand: x / sqrt(mean(x^2) + eps) * weight, in float32."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight.float()
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def _var_reference_logits(session, image, prompt, *, p, tau, rho, min_visual, layers, num_dims):
+    """Eager forward of the tiny LLaMA decoder written out here, with VAR's edit per the paper and its official
+    code in `layers`: sinks are tokens whose |h / rms(h)| (h the layer's input, no learned weight) exceeds tau on
+    one of the row's massive dims (the num_dims dims with the largest such value over the prompt); if any image
+    token is a sink, a text query row after the image is image-centric in a head when its image attention is
+    >= min_visual and at most rho of that goes to visual sinks; there every sink's probability is multiplied by p
+    and the freed (1 - p) mass goes to the non-sink image tokens in proportion to their attention. Returns the
+    logits (n, vocab) of every position."""
+    adapter = session.adapter
+    cfg = adapter.text_config
+    heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, adapter.head_dim
+    inputs = session.prepare([image], [prompt])
+    ids = inputs["input_ids"][0]
+    n = ids.numel()
+    image_tok = ids == adapter.image_token_id
+    first_image = int(image_tok.nonzero().min())
+    text_rows = (torch.arange(n) > first_image) & ~image_tok
+
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["h"] = (args[0] if args else kwargs["hidden_states"]).clone()
+
+    hook = adapter.decoder_layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            session.model(**inputs)  # only to read the decoder's input embeddings (image features scattered in)
+    finally:
+        hook.remove()
+    h = captured["h"][0].float()
+
+    theta = cfg.rope_parameters["rope_theta"]
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    freqs = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq[None]
+    cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    edited_any = False
+    with torch.inference_mode():
+        for index, layer in enumerate(adapter.decoder_layers):
+            attn = layer.self_attn
+            x = _rms_norm(layer.input_layernorm, h)
+            q = (x @ attn.q_proj.weight.float().T).view(n, heads, dim).transpose(0, 1)
+            k = (x @ attn.k_proj.weight.float().T).view(n, kv_heads, dim).transpose(0, 1)
+            v = (x @ attn.v_proj.weight.float().T).view(n, kv_heads, dim).transpose(0, 1)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            k = k.repeat_interleave(heads // kv_heads, 0)
+            v = v.repeat_interleave(heads // kv_heads, 0)
+            scores = (q @ k.transpose(-1, -2)) * dim ** -0.5
+            probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)          # (H, n, n)
+            if index in layers:
+                plain = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)     # RMSNorm without its weight
+                dims = plain.abs().amax(0).topk(num_dims).indices
+                sink = (plain.abs()[:, dims] > tau).any(-1)                         # (n,)
+                for hd in range(heads if bool((sink & image_tok).any()) else 0):
+                    for row in text_rows.nonzero().squeeze(1).tolist():
+                        a = probs[hd, row]
+                        visual = float(a[image_tok].sum())
+                        if visual < min_visual or float(a[image_tok & sink].sum()) > rho * visual:
+                            continue
+                        free = image_tok & ~sink
+                        moved = (1 - p) * a[sink].sum()
+                        new = a.clone()
+                        new[sink] = a[sink] * p
+                        new[free] = a[free] + moved * a[free] / a[free].sum()
+                        probs[hd, row] = new
+                        edited_any = True
+            out = (probs @ v).transpose(0, 1).reshape(n, heads * dim)
+            h = h + out @ attn.o_proj.weight.float().T
+            y = _rms_norm(layer.post_attention_layernorm, h)
+            mlp = layer.mlp
+            gate = torch.nn.functional.silu(y @ mlp.gate_proj.weight.float().T)
+            h = h + (gate * (y @ mlp.up_proj.weight.float().T)) @ mlp.down_proj.weight.float().T
+        final = _rms_norm(adapter.language_model.norm, h)
+        logits = final @ session.model.lm_head.weight.float().T
+    assert edited_any, "the reference edited no head: the comparison would not test the redistribution"
+    return logits
+
+
+def test_whole_forward_equals_a_hand_written_eager_reference(session, images, prompts):
+    """VAR's logits (batch of three different prompts, left padded) equal a per-prompt eager reference forward
+    with the paper's redistribution, at every position of each row."""
+    inputs = session.prepare(images, prompts)
+    base = forward_logits(session, inputs)
+    session.apply(ON)
+    out = forward_logits(session, inputs)
+    real = inputs["attention_mask"].bool()
+    for i in range(3):
+        ref = _var_reference_logits(session, images[i], prompts[i], p=0.6, tau=2.0, rho=0.5, min_visual=0.2,
+                                    layers={1, 2}, num_dims=2)
+        got = out[i][real[i]]
+        assert torch.allclose(got, ref, atol=1e-4), float((got - ref).abs().max())
+        # ... and the edit matters at this tolerance.
+        assert (base[i][real[i]] - ref).abs().max() > 1e-2
+
+
+def test_text_sinks_alone_move_nothing_and_generated_tokens_are_never_sinks(session, images, prompts):
+    """As the official HeadFork: a layer whose sample has no visual sink has no image-centric head, so attention to
+    text sinks stays where it is. A massive dim on which some text token, but no image token, passes tau is found
+    here from the layers' inputs; VAR on that dim alone then leaves the logits as they were."""
+    inputs = session.prepare(images, prompts)
+    layers = session.adapter.decoder_layers
+    captured = {}
+    hooks = [layers[l].register_forward_pre_hook(
+        lambda m, a, k, l=l: captured.__setitem__(l, (a[0] if a else k["hidden_states"]).float()), with_kwargs=True)
+        for l in (1, 2)]
+    try:
+        base = forward_logits(session, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    real = inputs["attention_mask"].bool()
+    image = (inputs["input_ids"] == session.adapter.image_token_id)
+    best = None
+    for dim in range(session.adapter.hidden_size):
+        image_max = text_max = 0.0
+        for l in (1, 2):
+            plain = captured[l] / torch.sqrt(captured[l].pow(2).mean(-1, keepdim=True) + 1e-6)
+            value = plain[..., dim].abs()
+            image_max = max(image_max, float(value[image].max()))
+            text_max = max(text_max, float(value[real & ~image].max()))
+        if text_max - image_max > 0.1 and (best is None or text_max - image_max > best[1]):
+            best = (dim, text_max - image_max, image_max)
+    assert best is not None, "no hidden dim separates text from image tokens on the tiny model"
+    dim, _, image_max = best
+    handle = session.apply(f"var:start_layer=1,dims={dim},tau={image_max + 0.05}")
+    out = forward_logits(session, inputs)
+    assert sum(handle.impl.sink_tokens.values()) > 0                      # text sinks were found ...
+    assert torch.allclose(out, base, atol=1e-5)                           # ... and nothing moved
+    session.generate(images, prompts, max_new_tokens=3)
+    flags = torch.cat(handle.impl._sinks[1].flags, 1)
+    assert not flags[:, inputs["input_ids"].shape[1]:].any()
+
+
+def test_official_dims_for_the_checkpoints_the_official_code_lists(session):
+    from mmkit.hallucination.var import official_sink_dims
+
+    assert official_sink_dims("llava-hf/llava-1.5-7b-hf", 4096) == (2533, 1415)
+    assert official_sink_dims("/models/LLaVA-V1.5-13B", 5120) == (2100, 4743)
+    assert official_sink_dims("llava-hf/llava-v1.6-vicuna-13b-hf", 5120) == (2100, 4743)
+    assert official_sink_dims("llava-hf/llava-v1.6-mistral-7b-hf", 4096) == ()   # not in the official table
+    assert official_sink_dims("my-llava-1.5-7b-distilled", 2048) == ()            # another backbone under the name
+    # A model the table does not know detects its dims per call; an export saves the dims in use.
+    handle = session.apply(ON)
+    assert handle.impl.dims == () and handle.impl.export_config().dims == ()
+    handle.remove()
+    handle = session.apply(ON + ",dims=3/17")
+    assert handle.impl.export_config().dims == (3, 17)

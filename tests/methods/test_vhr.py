@@ -120,3 +120,85 @@ def test_reinforcing_a_subset_of_layers(session, images, prompts):
     handle = session.apply("vhr:layers=1/3")
     session.generate(images[:1], prompts[:1], max_new_tokens=2)
     assert sorted(handle.impl.last_selected) == [1, 3]
+
+
+def _hand_selection(vhd: list[float]) -> list[bool]:
+    """The paper's rule written out: drop outliers (VHD > mean + population std), then take the heads above the
+    median of the rest (the lower middle value for an even count)."""
+    mean = sum(vhd) / len(vhd)
+    std = (sum((v - mean) ** 2 for v in vhd) / len(vhd)) ** 0.5
+    inliers = sorted(v for v in vhd if v <= mean + std)
+    median = inliers[(len(inliers) - 1) // 2]
+    return [v <= mean + std and v > median for v in vhd]
+
+
+def _reference_step(session, image, prompt, alpha: float):
+    """Independent VHR prefill step for one prompt, with eager attention and two separate forwards:
+    1. the prompt with its image tokens removed (a plain text-only forward): each layer's head outputs at the last
+       position, o^{l,h}(x);
+    2. the prompt with the image, where each layer's last-position head outputs o^{l,h}(x, v) give
+       VHD_{l,h} = ||o^{l,h}(x, v) - o^{l,h}(x)||_2, and the selected heads are multiplied by alpha before o_proj
+       (so later layers see the boosts of earlier ones).
+    Returns ({layer: VHD (H,)}, last-position logits)."""
+    adapter = session.adapter
+    heads, dim = int(adapter.text_config.num_attention_heads), adapter.head_dim
+    inputs = session.prepare([image], [prompt])
+    ids = inputs["input_ids"]
+    text_ids = ids[ids != adapter.image_token_id][None]
+    text_heads, vhd = {}, {}
+
+    def capture(layer):
+        def hook(module, args):
+            text_heads[layer] = args[0][0, -1].view(heads, dim).float().clone()
+        return hook
+
+    def reinforce(layer):
+        def hook(module, args):
+            x = args[0].clone()
+            with_image = x[0, -1].view(heads, dim)
+            d = (with_image.float() - text_heads[layer]).pow(2).sum(-1).sqrt()
+            vhd[layer] = d
+            chosen = torch.tensor(_hand_selection(d.tolist()))
+            x[0, -1] = (with_image * torch.where(chosen, alpha, 1.0)[:, None].to(x.dtype)).flatten()
+            return (x, *args[1:])
+        return hook
+
+    o_projs = [layer.self_attn.o_proj for layer in adapter.decoder_layers]
+    session.model.set_attn_implementation({"text_config": "eager"})
+    try:
+        hooks = [o.register_forward_pre_hook(capture(l)) for l, o in enumerate(o_projs)]
+        with torch.inference_mode():
+            session.model(input_ids=text_ids)
+        for h in hooks:
+            h.remove()
+        hooks = [o.register_forward_pre_hook(reinforce(l)) for l, o in enumerate(o_projs)]
+        with torch.inference_mode():
+            logits = session.model(**inputs).logits[0, -1]
+    finally:
+        for h in hooks:
+            h.remove()
+        session.model.set_attn_implementation({"text_config": "sdpa"})
+    return vhd, logits
+
+
+def test_head_divergence_and_logits_equal_a_separate_text_only_forward(session, images, prompts):
+    """VHR's per-head VHD (from its in-batch, left-padded text-only branch) and its reinforced logits equal an eager
+    reference built from a separate plain text-only forward, row by row, for a batch of different prompts."""
+    alpha = 2.0
+    handle = session.apply(f"vhr:alpha={alpha}")
+    inputs = session.prepare(images, prompts)
+    expanded = handle.impl.expand_inputs(session, inputs)
+    with torch.inference_mode():
+        logits = session.model(**expanded).logits[:3, -1]
+    got = {layer: v.clone() for layer, v in handle.impl.last_vhd.items()}
+    handle.remove()
+    assert sorted(got) == list(range(session.adapter.num_layers))
+    for i in range(3):
+        vhd, ref_logits = _reference_step(session, images[i], prompts[i], alpha)
+        for layer in got:
+            assert torch.allclose(got[layer][i], vhd[layer], rtol=1e-4, atol=1e-5), (i, layer)
+        assert torch.allclose(logits[i], ref_logits, atol=1e-4)
+        # The reinforcement is not a no-op here: the logits moved away from the plain forward's.
+        with torch.inference_mode():
+            plain = session.model(**session.prepare([images[i]], [prompts[i]])).logits[0, -1]
+        assert not torch.allclose(ref_logits, plain, atol=1e-3)
