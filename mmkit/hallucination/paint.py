@@ -211,7 +211,8 @@ class PAINTHandle:
             return
         self.mass = self._sensitivity(session)
         self._set_coefficients(session.device)
-        self._n_feat = (int(adapter.config.vision_config.image_size) // int(adapter.config.vision_config.patch_size)) ** 2
+        vision = adapter.config.vision_config
+        self._n_feat = (int(vision.image_size) // int(vision.patch_size)) ** 2
         self._offset = 1
         if adapter.vision_feature_select_strategy != "default":
             self._n_feat += 1

@@ -216,9 +216,9 @@ def test_key_gain_zero_is_plain_attention_and_chunks_agree(monkeypatch):
 
     q, k, v, rows, _, _, scaling = make()
     zero = torch.zeros(2, 4, 21)
+    causal = torch.ones(9, 21).tril(12).bool()  # queries are the last 9 of 21 positions
     plain = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
-                                                             is_causal=False, attn_mask=torch.ones(9, 21).tril(12).bool(),
-                                                             scale=scaling)
+                                                             attn_mask=causal, scale=scaling)
     assert torch.allclose(scaled_attention(q, k, v, scaling=scaling, row_mask=rows, key_gain=zero), plain, atol=1e-5)
     gain = _key_gain()
     whole = scaled_attention(q, k, v, scaling=scaling, row_mask=rows, key_gain=gain)

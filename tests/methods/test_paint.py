@@ -133,6 +133,35 @@ def test_decoding_steps_are_boosted(session, images, prompts, monkeypatch):
     assert len(prefill) == 3 and all(c[3] == [1, 1, 1] for c in prefill)  # one row per prompt: its last
 
 
+def test_tokens_dropped_by_pruning_are_not_boosted(session, images, prompts, monkeypatch):
+    """After FastV drops image tokens, each layer's gains sit exactly on the chosen tokens that layer still holds."""
+    import mmkit.hallucination.paint as paint
+
+    gains = []
+    real = paint.scaled_attention
+
+    def spy(query, key, value, *, key_gain, **kwargs):
+        gains.append(key_gain.clone())
+        return real(query, key, value, key_gain=key_gain, **kwargs)
+
+    monkeypatch.setattr(paint, "scaled_attention", spy)
+    session.apply("fastv:layer=2,keep=0.25")
+    handle = session.apply(ON)
+    inputs = session.prepare(images, prompts)
+    with torch.inference_mode():
+        session.model(**inputs, use_cache=False)
+    chosen = handle.impl._state.local | handle.impl._state.summary                 # (B, n) prompt positions
+    assert len(gains) == 3 and torch.equal(gains[0][:, 0] != 0, chosen)          # layer 1 holds the whole prompt
+    shorter = 0
+    for layer, gain in zip((2, 3), gains[1:]):
+        entry = session.context.layer_maps[layer]
+        index, valid = entry
+        expected = chosen.gather(1, index) & (True if valid is None else valid)
+        assert torch.equal(gain[:, 0] != 0, expected)
+        shorter += gain.shape[-1] < chosen.shape[1]
+    assert shorter and int((gains[-1][:, 0] != 0).sum()) < int(chosen.sum())
+
+
 def test_head_scaled_gains_follow_the_documented_formula(session, tmp_path):
     mass = torch.tensor([[0.1, 0.2, 0.4, 0.0], [0.3, 0.3, 0.3, 0.3], [0.0, 0.0, 0.0, 0.0], [0.5, 0.25, 0.5, 0.1]])
     path = head_sensitivity.save(mass, tmp_path / "sens.safetensors")
