@@ -29,8 +29,8 @@ multiplied by 1 + alpha_{l,h} / 1 + beta_{l,h} (z + log(1 + alpha_{l,h})), the s
 
 The edited layers' attention is replaced through the attention probe by the kernel op
 `mmkit.kernels.scaled_attention` (`key_gain` for the paper's edit, `key_bias` for log_bias): on CUDA a
-FlexAttention score_mod; elsewhere SDPA for the rows left alone and the edited rows computed explicitly in
-float32. alpha = beta = 0 is a no-op: nothing is installed and the logits are bit-identical to the baseline.
+FlexAttention score_mod; elsewhere SDPA for the rows left alone (with an additive mask on log_bias's rows) and the
+paper's edited rows computed explicitly in float32. alpha = beta = 0 is a no-op: nothing is installed and the logits are bit-identical to the baseline.
 
 Supported: LLaVA-1.5 layout (`LlavaForConditionalGeneration`, one vision feature layer). Combines with token
 pruning: local and summary tokens are chosen on the prompt and the probe finds them (or their absence) in every
