@@ -65,7 +65,7 @@ def vflowopt(model, budget, out, seed, samples, trials, startup_trials, paper_bu
 @tune.command("paint-heads")
 @model_option
 @click.option("--out", "out", required=True,
-              help="safetensors file to write; use it with --method paint:sensitivity=PATH.")
+              help="safetensors file to write; use it with --method paint:heads=calibrated,sensitivity=PATH.")
 @click.option("--samples", type=int, default=32, show_default=True, help="Calibration prompts (with --data/--coco).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sample order (with --data/--coco).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
@@ -90,4 +90,4 @@ def paint_heads(model, out, samples, seed, batch_size, data, images, coco, devic
     head_sensitivity.save(mass, out)
     source = "the reference world" if items is None else f"{len(items)} samples of {data or coco}"
     click.echo(f"calibrated {mass.shape[0]} layers x {mass.shape[1]} heads on {source}", err=True)
-    click.echo(f"wrote {out}; use --method paint:sensitivity={out}", err=True)
+    click.echo(f"wrote {out}; use --method paint:heads=calibrated,sensitivity={out}", err=True)

@@ -54,7 +54,7 @@ def test_dyvte_gates_travel_with_the_export(images, prompts, tmp_path):
 def test_paint_calibrated_sensitivities_travel_with_the_export(images, prompts, tmp_path):
     mass = torch.tensor([[0.4, 0.1, 0.2, 0.3]] * LAYERS)
     path = head_sensitivity.save(mass, tmp_path / "s.safetensors")
-    reloaded, _, _ = _round_trip(f"paint:start_layer=1,alpha=3,sensitivity={path}", images, prompts, tmp_path,
+    reloaded, _, _ = _round_trip(f"paint:start_layer=1,alpha=3,heads=calibrated,sensitivity={path}", images, prompts, tmp_path,
                                  lambda: head_sensitivity.save(torch.ones(LAYERS, 4), path))
     try:
         assert torch.equal(reloaded.methods[0].impl.mass, mass)

@@ -63,7 +63,7 @@ def test_paint_heads_on_coco_equal_a_direct_calibration(files, tmp_path, session
     expected = head_sensitivity.calibrate(session, images, [it.prompt for it in items])
     assert torch.allclose(head_sensitivity.load(out), expected, atol=1e-6)
     assert not torch.allclose(expected, head_sensitivity.builtin_calibration(session), atol=1e-4)
-    session.apply(f"paint:sensitivity={out}")  # loads as PAINT's sensitivities
+    session.apply(f"paint:heads=calibrated,sensitivity={out}")  # loads as PAINT's sensitivities
 
 
 def test_tune_vflowopt_on_files(files, tmp_path, session):

@@ -177,3 +177,82 @@ def test_gpu_flex_key_bias_matches_reference(monkeypatch, dtype):
     same = scaled_attention_ref(q, k, v, scaling=scaling, row_mask=rows, key_bias=bias, compute_dtype=dtype).double()
     err, torch_err = (out.double() - exact).abs().max().item(), (same - exact).abs().max().item()
     assert err <= 2 * torch_err + 1e-5 * math.sqrt(q.shape[-1]), (err, torch_err)
+
+
+def _key_gain(b=2, h=4, lk=21, seed=2):
+    """A per-head gain over two key sets (PAINT's local tokens with alpha, summary tokens with beta)."""
+    g = torch.Generator().manual_seed(seed)
+    local = torch.zeros(b, lk, dtype=torch.bool)
+    local[:, 3:8] = True
+    summary = torch.zeros(b, lk, dtype=torch.bool)
+    summary[:, 9:11] = True
+    alpha, beta = 2 * torch.rand(h, generator=g), 0.5 * torch.rand(h, generator=g)
+    return local[:, None] * alpha[None, :, None] + summary[:, None] * beta[None, :, None]
+
+
+def test_key_gain_is_z_plus_gain_abs_z_on_the_selected_rows():
+    """Against the edit written out per (row, key): z (1 + g) for z > 0, z (1 - g) for z < 0, then softmax."""
+    q, k, v, rows, _, _, scaling = make()
+    gain = _key_gain()
+    mask = torch.ones(2, 1, 9, 21, dtype=torch.bool).tril(21 - 9)
+    mask[1, :, :, :4] = False                    # left padding in batch row 1
+    out = scaled_attention(q, k, v, scaling=scaling, attn_mask=mask, row_mask=rows, key_gain=gain)
+    for b in range(2):
+        for h in range(4):
+            z = (q[b, h].double() @ k[b, h // 2].double().T) * scaling
+            for i in range(9):
+                if rows[b, i]:
+                    g = gain[b, h].double()
+                    z[i] = torch.where(z[i] > 0, z[i] * (1 + g), z[i] * (1 - g))
+            z = z.masked_fill(~mask[b, 0], float("-inf"))
+            expected = torch.softmax(z, -1) @ v[b, h // 2].double()
+            assert torch.allclose(out[b, h].double(), expected, atol=1e-5)
+    ref = scaled_attention_ref(q, k, v, scaling=scaling, attn_mask=mask, row_mask=rows, key_gain=gain)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_key_gain_zero_is_plain_attention_and_chunks_agree(monkeypatch):
+    from mmkit.kernels.score_mod import sdpa_impl
+
+    q, k, v, rows, _, _, scaling = make()
+    zero = torch.zeros(2, 4, 21)
+    causal = torch.ones(9, 21).tril(12).bool()  # queries are the last 9 of 21 positions
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                             attn_mask=causal, scale=scaling)
+    assert torch.allclose(scaled_attention(q, k, v, scaling=scaling, row_mask=rows, key_gain=zero), plain, atol=1e-5)
+    gain = _key_gain()
+    whole = scaled_attention(q, k, v, scaling=scaling, row_mask=rows, key_gain=gain)
+    monkeypatch.setattr(sdpa_impl, "CHUNK_ELEMENTS", 1)  # one query row per explicit chunk
+    assert torch.allclose(scaled_attention(q, k, v, scaling=scaling, row_mask=rows, key_gain=gain), whole, atol=1e-6)
+    with pytest.raises(ValueError, match="key_gain alone"):
+        scaled_attention(q, k, v, scaling=scaling, key_bias=_key_bias(), key_gain=gain)
+    with pytest.raises(ValueError, match="key_gain must be float"):
+        scaled_attention(q, k, v, scaling=scaling, key_gain=gain[:, :2])
+
+
+@pytest.mark.slow  # FlexAttention's first call on CPU sets up its tracing machinery
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_key_gain_mod_matches_reference_on_cpu():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from mmkit.kernels.score_mod.flex_impl import scaled_attention_flex
+
+    q, k, v, rows, _, _, scaling = make()
+    gain = _key_gain()
+    out = scaled_attention_flex(q, k, v, scaling=scaling, allowed=None, boost=None, log_scale=None, compiled=False,
+                                key_gain=(rows, gain))
+    ref = scaled_attention_ref(q, k, v, scaling=scaling, row_mask=rows, key_gain=gain)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_flex_key_gain_matches_reference(monkeypatch, dtype):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, rows, _, _, scaling = make(dtype=dtype, device="cuda")
+    gain = _key_gain().cuda()
+    out = scaled_attention(q, k, v, scaling=scaling, row_mask=rows, key_gain=gain)
+    exact = scaled_attention_ref(q, k, v, scaling=scaling, row_mask=rows, key_gain=gain,
+                                 compute_dtype=torch.float64).double()
+    same = scaled_attention_ref(q, k, v, scaling=scaling, row_mask=rows, key_gain=gain, compute_dtype=dtype).double()
+    err, torch_err = (out.double() - exact).abs().max().item(), (same - exact).abs().max().item()
+    assert err <= 2 * torch_err + 1e-5 * math.sqrt(q.shape[-1]), (err, torch_err)

@@ -1,1 +1,2 @@
-"""Attention with per-head logit boosts on selected (query row, key) pairs (PAINT/VAR-style head modulation)."""
+"""Attention with edited logits on selected (query row, key) pairs: per-head additive boosts (head modulation) and
+PAINT's score-dependent edit z + gain |z|."""

@@ -22,10 +22,13 @@ def _compiled_flex():
 def scaled_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float,
                           allowed: torch.Tensor | None, boost: tuple[torch.Tensor, torch.Tensor] | None,
                           log_scale: torch.Tensor | None, compiled: bool = True,
-                          key_bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                          key_bias: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          key_gain: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q (B, H, Lq, D), k/v (B, Hkv, Lk, D); allowed (B|1, 1, Lq, Lk) bool or None = causal (bottom-right);
     boost = (row_mask (B, Lq), key_mask (B, Lk)) bool; log_scale (H,) float32 or None; key_bias = (row_mask
-    (B, Lq) bool, bias (B, H, Lk) float32) added on those rows (instead of boost/log_scale)."""
+    (B, Lq) bool, bias (B, H, Lk) float32) added on those rows (instead of boost/log_scale); key_gain = (row_mask,
+    gain (B, H, Lk) float32): the score edit z <- z + gain |z| on those rows (FlexAttention hands score_mod the
+    already scaled score q·k·scaling, the z of the edit)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     batch, heads, q_len, _ = q.shape
@@ -55,6 +58,12 @@ def scaled_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
 
         def score_mod(score, b, h, qi, ki):
             return score + torch.where(bias_rows[b, qi], bias[b, h, ki], 0.0)
+
+    elif key_gain is not None:
+        gain_rows, gain = key_gain
+
+        def score_mod(score, b, h, qi, ki):
+            return score + torch.where(gain_rows[b, qi], gain[b, h, ki] * torch.abs(score), 0.0)
 
     fn = _compiled_flex() if compiled else flex_attention
     return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scaling,

@@ -1,12 +1,13 @@
-"""Public `scaled_attention`: FlexAttention (fused Triton kernel) on CUDA, chunked SDPA with an additive bias
-elsewhere; `ref.scaled_attention_ref` is the explicit reference both are tested against."""
+"""Public `scaled_attention`: FlexAttention (fused Triton kernel) on CUDA; elsewhere chunked SDPA with an additive
+bias, or explicit float32 rows for the score-dependent edit; `ref.scaled_attention_ref` is the explicit reference
+all are tested against."""
 
 from __future__ import annotations
 
 import torch
 
 from mmkit.kernels.dispatch import choose_backend
-from mmkit.kernels.score_mod.ref import check_and_prepare, check_key_bias
+from mmkit.kernels.score_mod.ref import check_and_prepare, check_key_bias, check_key_gain
 
 OP_NAME = "scaled_attention"
 
@@ -15,11 +16,14 @@ def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scali
                      attn_mask: torch.Tensor | None = None, row_mask: torch.Tensor | None = None,
                      key_mask: torch.Tensor | None = None,
                      head_scale: torch.Tensor | float | None = None,
-                     key_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention whose selected (query row, key) logits get + log(alpha_h), i.e. their weight times alpha_h.
+                     key_bias: torch.Tensor | None = None,
+                     key_gain: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention whose selected (query row, key) logits are edited before the softmax.
 
-    This is PAINT-style head modulation: for query rows in `row_mask` and keys in `key_mask`, head h's
-    unnormalised attention exp(q·k·scaling) is multiplied by `head_scale[h]` before the softmax normalises.
+    Two kinds of edit. Additive (head_scale / key_bias): for query rows in `row_mask` and keys in `key_mask`,
+    head h's logit gets + log(alpha_h), i.e. its unnormalised attention exp(q·k·scaling) is multiplied by alpha_h.
+    Score-dependent (key_gain, PAINT's edit): the logit z = q·k·scaling becomes z + gain · |z|, i.e. z (1 + gain)
+    when z > 0 and z (1 - gain) when z < 0.
 
     Args:
         q: (B, H, Lq, D) queries (rotary already applied); k, v: (B, Hkv, Lk, D), H % Hkv == 0 (GQA).
@@ -33,11 +37,14 @@ def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scali
         key_bias: instead of key_mask/head_scale, a (B, H, Lk) float log-scale per head and key added to the
             logits of the `row_mask` rows (several key sets with their own per-head factors, as PAINT's local and
             summary tokens).
+        key_gain: alone (no key_bias, key_mask or head_scale), a (B, H, Lk) float gain per head and key: the
+            logits of the `row_mask` rows become z + gain · |z| (0 leaves a key alone).
 
     Returns:
         (B, H, Lq, D) in q's dtype. Rows with no allowed key give zeros. On CUDA (Triton backend) this is a
         compiled FlexAttention kernel that never stores the (Lq, Lk) scores; the first call per shape compiles.
     """
+    gain = check_key_gain(q, k, key_gain, key_bias, key_mask, head_scale)
     allowed, log_scale = check_and_prepare(q, k, v, attn_mask, row_mask, key_mask, head_scale)
     bias = check_key_bias(q, k, key_bias, key_mask, head_scale)
     if choose_backend(q, OP_NAME) == "triton" and q.is_cuda:
@@ -50,7 +57,8 @@ def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scali
             boost = (rows, key_mask if key_mask is not None else torch.ones(batch, k.shape[2], dtype=torch.bool,
                                                                             device=q.device))
         return scaled_attention_flex(q, k, v, scaling=scaling, allowed=allowed, boost=boost, log_scale=log_scale,
-                                     key_bias=None if bias is None else (rows, bias))
+                                     key_bias=None if bias is None else (rows, bias),
+                                     key_gain=None if gain is None else (rows, gain))
     # CPU (also under TRITON_INTERPRET=1: compiling FlexAttention for CPU takes minutes) and the torch override.
     from mmkit.kernels.score_mod.sdpa_impl import scaled_attention_sdpa
 
@@ -59,4 +67,4 @@ def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scali
         keys = key_mask if key_mask is not None else torch.ones(batch, k_len, dtype=torch.bool, device=q.device)
         # alpha = 0 gives log 0 = -inf on boosted pairs only (0 * -inf would be NaN elsewhere).
         bias = torch.where(keys[:, None, :], log_scale.to(q.device)[None, :, None], 0.0)
-    return scaled_attention_sdpa(q, k, v, scaling=scaling, allowed=allowed, row_mask=row_mask, bias=bias)
+    return scaled_attention_sdpa(q, k, v, scaling=scaling, allowed=allowed, row_mask=row_mask, bias=bias, gain=gain)

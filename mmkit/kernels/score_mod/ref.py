@@ -60,6 +60,21 @@ def check_key_bias(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor | No
     return key_bias.float()
 
 
+def check_key_gain(q: torch.Tensor, k: torch.Tensor, key_gain: torch.Tensor | None, key_bias, key_mask, head_scale
+                   ) -> torch.Tensor | None:
+    """Validate a per-(head, key) gain `key_gain` (B, H, Lk) of the score edit z <- z + gain * |z|; it replaces
+    key_bias and key_mask/head_scale."""
+    if key_gain is None:
+        return None
+    if key_bias is not None or key_mask is not None or head_scale is not None:
+        raise ValueError("give key_gain alone, not with key_bias or key_mask/head_scale")
+    batch, heads = q.shape[:2]
+    if not key_gain.is_floating_point() or key_gain.shape != (batch, heads, k.shape[2]):
+        raise ValueError(f"key_gain must be float ({batch}, {heads}, {k.shape[2]}); got {key_gain.dtype} "
+                         f"{tuple(key_gain.shape)}")
+    return key_gain.float()
+
+
 def boost_mask(q_len: int, k_len: int, batch: int, device, row_mask, key_mask) -> torch.Tensor:
     """(B, Lq, Lk) bool: the (row, key) pairs whose logits get log(alpha_h)."""
     rows = row_mask if row_mask is not None else torch.ones(batch, q_len, dtype=torch.bool, device=device)
@@ -70,12 +85,14 @@ def boost_mask(q_len: int, k_len: int, batch: int, device, row_mask, key_mask) -
 def scaled_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float,
                          attn_mask: torch.Tensor | None = None, row_mask: torch.Tensor | None = None,
                          key_mask: torch.Tensor | None = None, head_scale: torch.Tensor | float | None = None,
-                         key_bias: torch.Tensor | None = None,
+                         key_bias: torch.Tensor | None = None, key_gain: torch.Tensor | None = None,
                          compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Reference: softmax(q kᵀ · scaling + log(alpha_h) on boosted pairs, masked) · v, in `compute_dtype`.
+    """Reference: softmax(z, masked) · v in `compute_dtype`, with z = q kᵀ · scaling edited on the selected rows:
+    + log(alpha_h) on boosted pairs (head_scale), + key_bias, or z + key_gain · |z| (key_gain).
 
     Same arguments as `scaled_attention`; rows with no allowed key give zeros.
     """
+    key_gain = check_key_gain(q, k, key_gain, key_bias, key_mask, head_scale)
     allowed, log_scale = check_and_prepare(q, k, v, attn_mask, row_mask, key_mask, head_scale)
     key_bias = check_key_bias(q, k, key_bias, key_mask, head_scale)
     batch, heads, q_len, _ = q.shape
@@ -91,6 +108,10 @@ def scaled_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, s
     if key_bias is not None:
         rows = row_mask if row_mask is not None else torch.ones(batch, q_len, dtype=torch.bool, device=q.device)
         scores = scores + torch.where(rows[:, None, :, None], key_bias.to(scores.dtype)[:, :, None, :], 0.0)
+    if key_gain is not None:
+        rows = row_mask if row_mask is not None else torch.ones(batch, q_len, dtype=torch.bool, device=q.device)
+        gain = torch.where(rows[:, None, :, None], key_gain.to(scores.dtype)[:, :, None, :], 0.0)
+        scores = scores + gain * scores.abs()
     if allowed is None:  # causal, bottom-right aligned (query i sits at position Lk - Lq + i)
         allowed = (torch.arange(k_len, device=q.device)[None, :]
                    <= torch.arange(k_len - q_len, k_len, device=q.device)[:, None])[None, None]
