@@ -198,14 +198,6 @@ def fill_value(canvas: torch.Tensor, fill: str, mean: torch.Tensor, std: torch.T
     return canvas.float().mean(dim=(1, 2))
 
 
-def mask_pixels(pixel_values: torch.Tensor, keep: torch.Tensor, fill: str,
-                mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Processed pixels (B, 3, H, W) with the pixels outside `keep` (B, H, W) replaced by black (in normalised
-    units) or by each image's mean colour."""
-    value = torch.stack([fill_value(image, fill, mean, std) for image in pixel_values])[:, :, None, None]
-    out = torch.where(keep[:, None], pixel_values.float(), value.expand_as(pixel_values.float()))
-    return out.to(pixel_values.dtype)
-
 
 # -- matchers ------------------------------------------------------------------------------------------------------
 class _ScoringDone(Exception):

@@ -115,6 +115,29 @@ def test_anyres_attention_on_one_token_keeps_its_image_region(name, shape, token
     session.close()
 
 
+@pytest.mark.parametrize("token, quadrant", [(4, (0.0, 0.5, 0.0, 0.5)), (8, (0.5, 1.0, 0.5, 1.0))])
+def test_onevision_shrunken_grid_maps_to_its_image_region(token, quadrant):
+    """OneVision resizes a high-resolution grid of more than `anyres_max_N` tiles' worth of tokens after the
+    projector; with N = 1 the 4 x 4 grid of a square image becomes 2 x 2 (tokens: 4 base, then two rows of two
+    plus a newline), each token a quadrant of the image."""
+    session = mmkit.load("tiny-random-onevision", device="cpu")
+    session.model.config.vision_aspect_ratio = "anyres_max_1"
+    session.processor.vision_aspect_ratio = "anyres_max_1"
+    inputs = session.prepare([coordinate_image(336, 336)], ["Where is it?"])
+    assert int((inputs["input_ids"] == session.adapter.image_token_id).sum()) == 4 + 2 * 3
+    handle = session.apply("agla:matcher=attention,keep=0.25")
+    _one_hot_attention(handle, session, token)
+    with torch.inference_mode():
+        local = handle.impl.local_view(inputs)["pixel_values"]
+    masked = _unnormalise(session, local[0])
+    kept = masked[:, 2] > 0.5
+    xy = masked.permute(0, 2, 3, 1)[kept][:, :2]
+    x0, x1, y0, y1 = quadrant
+    assert bool(((xy[:, 0] > x0) & (xy[:, 0] < x1) & (xy[:, 1] > y0) & (xy[:, 1] < y1)).all())
+    assert kept[1:].float().mean() == pytest.approx(0.25, abs=0.01)  # the whole quadrant of the tiles
+    session.close()
+
+
 @pytest.mark.parametrize("name", QWEN)
 @pytest.mark.parametrize("shape, token", [((336, 336), 5), ((504, 336), 7), ((120, 200), 9)])
 def test_qwen_attention_on_one_token_keeps_its_image_region(name, shape, token):
@@ -146,6 +169,27 @@ def test_qwen_attention_on_one_token_keeps_its_image_region(name, shape, token):
     blue = local.view(-1, 3, temporal, patch, patch)[:, 2]
     assert torch.equal(blue[:, 0], blue[:, 1])
     session.close()
+
+
+def test_changes_outputs_batches_like_single_rows_and_remove_restores(family):
+    """Different prompts and image sizes (so different tile counts / grids) in one batch equal single runs."""
+    name, session = family
+    images = family_images()
+    inputs = session.prepare(images, PROMPTS)
+    base_logits = forward_logits(session, inputs)
+    base = torch.tensor(session.answer_logprobs(images, PROMPTS).logprobs)
+    handle = session.apply("agla:matcher=attention")
+    try:
+        scores = torch.tensor(session.answer_logprobs(images, PROMPTS).logprobs)
+        assert not torch.allclose(scores, base, atol=1e-4)
+        batch = [r.text for r in session.generate(images, PROMPTS, max_new_tokens=4)]
+        for i, (image, prompt) in enumerate(zip(images, PROMPTS)):
+            assert session.generate([image], [prompt], max_new_tokens=4)[0].text == batch[i]
+            single = session.answer_logprobs([image], [prompt]).logprobs[0]
+            assert single == pytest.approx(scores[i].tolist(), abs=1e-4)
+    finally:
+        handle.remove()
+    assert torch.equal(forward_logits(session, inputs), base_logits)
 
 
 def test_views_rebuild_the_image_the_model_sees(family):

@@ -7,7 +7,8 @@ import torch
 
 from conftest import forward_logits, tiny_blip, tiny_clip
 from mmkit.errors import MmkitError
-from mmkit.hallucination.agla import AGLAConfig, keep_mask, mask_pixels, pixel_saliency
+from mmkit.hallucination.agla import AGLAConfig, fill_value, keep_mask, pixel_saliency
+from mmkit.hallucination.common import image_normalisation
 from mmkit.hallucination.agla_views import image_views
 
 
@@ -62,23 +63,27 @@ def test_scoring_pass_stops_after_the_last_scoring_layer(session, images, prompt
     assert session.context.prefill is False
 
 
-def test_local_view_masks_the_least_relevant_pixels():
+def test_local_view_masks_the_least_relevant_pixels(session, images, prompts):
+    side = session.model.config.vision_config.image_size
     grid = torch.zeros(1, 4, 4)
     grid[0, 0, 0] = 1.0  # one relevant patch in the top-left corner
-    saliency = pixel_saliency(grid, (32, 32), blur=0.02)
+    saliency = pixel_saliency(grid, (side, side), blur=0.02)
     assert saliency.min() == 0 and saliency.max() == 1
-    keep = keep_mask(saliency, torch.tensor([0.25]))
+    keep = keep_mask(saliency, torch.tensor([0.25]))[0]
     assert abs(keep.float().mean().item() - 0.25) < 0.05
-    assert bool(keep[0, 0, 0]) and not bool(keep[0, -1, -1])
-    mean = torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1)
-    std = torch.tensor([0.2, 0.2, 0.2]).view(3, 1, 1)
-    pixels = torch.randn(1, 3, 32, 32)
-    masked = mask_pixels(pixels, keep, "black", mean, std)
-    assert torch.equal(masked[:, :, keep[0]], pixels[:, :, keep[0]])
-    black = masked[0, :, -1, -1] * std.flatten() + mean.flatten()
+    assert bool(keep[0, 0]) and not bool(keep[-1, -1])
+    inputs = session.prepare(images, prompts)
+    pixels = inputs["pixel_values"]
+    views = image_views(session, inputs)
+    mean, std = image_normalisation(session)
+    fills = [fill_value(image, "black", mean, std) for image in views.canvases]
+    masked = views.masked([keep] * 3, fills)["pixel_values"]
+    assert torch.equal(masked[:, :, keep], pixels[:, :, keep])
+    black = masked[:, :, -1, -1] * std.flatten() + mean.flatten()
     assert torch.allclose(black, torch.zeros(3), atol=1e-6)
-    mean_fill = mask_pixels(pixels, keep, "mean", mean, std)
-    assert torch.allclose(mean_fill[0, :, -1, -1], pixels[0].mean((1, 2)))
+    fills = [fill_value(image, "mean", mean, std) for image in views.canvases]
+    mean_fill = views.masked([keep] * 3, fills)["pixel_values"]
+    assert torch.allclose(mean_fill[:, :, -1, -1], pixels.mean((2, 3)))
 
 
 def test_combination_rule(session, images, prompts):
