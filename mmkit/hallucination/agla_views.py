@@ -1,7 +1,7 @@
 """Where AGLA's local view lives in each family's pixel input, and how attention over image tokens maps onto it.
 
 AGLA blacks out pixels of the image the model sees. Every family's processor turns an image into a different pixel
-tensor, so an `ImageViews` (one image per prompt row) gives, per row:
+tensor, so each family's views class (`image_views` picks it; one image per prompt row) gives, per row:
 
 - `canvases[i]`: the image as the model sees it at its finest resolution, normalised, (3, H, W):
   * LLaVA-1.5: the processed crop;
@@ -10,7 +10,7 @@ tensor, so an `ImageViews` (one image per prompt row) gives, per row:
     `select_best_resolution` / `get_patch_output_size`);
   * Qwen-VL: the resized image, taken back out of its flattened, merge-ordered patch rows (`image_grid_thw`).
 - `token_grids(masses)`: the attention mass on the row's image tokens (in prompt order) -> a relevance map over the
-  canvas (mass per unit of image area):
+  whole canvas (upsampled to its pixels afterwards):
   * LLaVA-1.5: the square patch grid (a CLS token, if kept, dropped);
   * anyres: a map at the canvas's pixels: the packed high-resolution grid (R rows of C tokens, each row's
     newline dropped) laid over the canvas region its unpadded feature grid covers (found with the model's own
