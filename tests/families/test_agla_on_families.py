@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mmkit
-from conftest import forward_logits, tiny_blip
+from conftest import forward_logits, tiny_blip, tiny_clip
 from mmkit.hallucination.agla_views import image_views
 
 from families_lib import family_images
@@ -284,6 +284,24 @@ def test_blip_matcher_on_other_layouts(name, blip_dir):
         assert single == pytest.approx(with_agla[i].tolist(), abs=1e-4)
     handle.remove()
     assert torch.equal(forward_logits(session, inputs), base_logits)
+    session.close()
+
+
+def test_clip_matcher_on_llava_next(tmp_path):
+    """The CLIP matcher scores the stitched image too; its keep share follows 1 - ITC/2 on every row."""
+    tiny_clip(tmp_path)
+    session = mmkit.load("tiny-random-next", device="cpu")
+    images = family_images()
+    base = torch.tensor(session.answer_logprobs(images, PROMPTS).logprobs)
+    handle = session.apply(f"agla:matcher=clip,clip_model={tmp_path}")
+    inputs = session.prepare(images, PROMPTS)
+    with torch.inference_mode():
+        grid, itc = handle.impl.matcher.relevance(inputs, image_views(session, inputs))
+    assert grid.shape == (3, 4, 4) and bool((grid > 0).any())
+    scores = torch.tensor(session.answer_logprobs(images, PROMPTS).logprobs)
+    assert not torch.allclose(scores, base, atol=1e-4)
+    assert torch.allclose(handle.impl.last_keep, (1 - itc / 2).clamp(max=1 - 1e-5))
+    handle.remove()
     session.close()
 
 
