@@ -26,13 +26,16 @@ better-matching prompt masks more. Matchers (docs/agla.md says when to use which
 * ``auto`` (default): ``blip`` when `blip=` is given, otherwise ``attention`` with a logged warning that the
   paper's matcher is not in use.
 
-Difference from the official code: the mask is applied to the processed pixel tensor (the crop the vision tower
+Difference from the official code: the mask is applied to the processed pixel input (the image the vision tower
 sees, after resize and normalisation) instead of a 384 px copy that is then re-processed; masked pixels get the
 normalised value of black (or the image's mean colour with fill=mean). No re-processing is needed and the mask is
 aligned with the model's own patch grid.
 
+Every supported family (one image per prompt): the relevance map and the mask live on the image as the model sees
+it at its finest resolution, and go back into the family's own pixel layout (LLaVA-1.5 crop, anyres tiles, Qwen-VL
+patch rows) with shapes, image sizes and grids unchanged; see `agla_views.py`.
+
 alpha = 0 is a no-op: the local view is not built or run and logits pass through unchanged.
-Supported: LLaVA-1.5-layout models (one image tile per row); LLaVA-NeXT anyres tiles are refused at apply time.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from mmkit.hallucination.agla_blip import BlipMatcher, answer_header, images_from_pixels, user_prompts
+from mmkit.hallucination.agla_views import image_views
 from mmkit.hallucination.common import (
     check_float,
     image_normalisation,
@@ -187,16 +191,12 @@ def keep_mask(saliency: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return (ranks < counts[:, None]).view_as(saliency)
 
 
-def mask_pixels(pixel_values: torch.Tensor, keep: torch.Tensor, fill: str,
-                mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Processed pixels (B, 3, H, W) with the pixels outside `keep` (B, H, W) replaced by black (in normalised
-    units) or by each image's mean colour."""
+def fill_value(canvas: torch.Tensor, fill: str, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(3,) normalised value of the masked pixels of one image (3, H, W): black, or the image's mean colour."""
     if fill == "black":
-        value = ((0.0 - mean) / std).to(pixel_values.device)[None]  # (1, 3, 1, 1)
-    else:
-        value = pixel_values.float().mean(dim=(2, 3), keepdim=True)
-    out = torch.where(keep[:, None], pixel_values.float(), value.expand_as(pixel_values.float()))
-    return out.to(pixel_values.dtype)
+        return ((0.0 - mean) / std).flatten().to(canvas.device)
+    return canvas.float().mean(dim=(1, 2))
+
 
 
 # -- matchers ------------------------------------------------------------------------------------------------------
@@ -233,8 +233,9 @@ class AttentionMatcher:
         if self._scoring:
             raise _ScoringDone
 
-    def relevance(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, None]:
-        """(B, g, g) relevance of each image patch to the prompt (and no ITC score)."""
+    def relevance(self, inputs: dict[str, torch.Tensor], views) -> tuple[list[torch.Tensor], None]:
+        """Per row, the relevance of each image region to the prompt on the image's token grid (`views`); no ITC
+        score."""
         self._mass = []
         self._scoring = True
         try:
@@ -247,13 +248,8 @@ class AttentionMatcher:
             self._ctx.prefill = False
         if len(self._mass) != len(self.layers):
             raise RuntimeError(f"agla: scored {len(self._mass)} of {len(self.layers)} layers")
-        mass = torch.stack(self._mass).mean(0)  # (B, n)
-        image = inputs["input_ids"] == self.session.adapter.image_token_id
-        counts = image.sum(1)
-        if not bool((counts == counts[0]).all()):
-            raise ValueError("agla: rows carry different numbers of image tokens; one image tile per row is needed")
-        per_image = mass[image].view(image.shape[0], -1).float()
-        return _to_grid(per_image, self.session), None
+        mass = torch.stack(self._mass).mean(0)  # (B, n) in prompt positions
+        return views.token_grids(mass), None
 
     def remove(self) -> None:
         self._observer.remove()
@@ -268,17 +264,6 @@ def pack_rows(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.sort((~flags).to(torch.int8), dim=1, stable=True).indices[:, :width]
     ok = torch.arange(width, device=flags.device)[None, :] < counts[:, None]
     return torch.where(ok, order, flags.shape[1] - 1), ok
-
-
-def _to_grid(per_image: torch.Tensor, session) -> torch.Tensor:
-    vision = session.model.config.vision_config
-    side = vision.image_size // vision.patch_size
-    n = per_image.shape[1]
-    if n == side * side + 1:  # "full" feature selection keeps CLS first
-        per_image = per_image[:, 1:]
-    elif n != side * side:
-        raise ValueError(f"agla: {n} image tokens do not form the {side}x{side} patch grid of the vision tower")
-    return per_image.view(-1, side, side)
 
 
 class ClipMatcher:
@@ -301,8 +286,8 @@ class ClipMatcher:
         """The user prompt of each row: the text after the image, without the chat template's answer header."""
         return user_prompts(self.session, input_ids, self._suffix)
 
-    def relevance(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images_from_pixels(self.session, inputs["pixel_values"])
+    def relevance(self, inputs: dict[str, torch.Tensor], views) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images_from_pixels(self.session, views.canvases)
         texts = self.prompts(inputs["input_ids"])
         device = self.session.device
         with torch.inference_mode(False), torch.enable_grad():
@@ -334,15 +319,12 @@ class AGLAHandle:
     """Two-view decoder: branch 0 = the image, branch 1 = its prompt-masked local view."""
 
     def __init__(self, session, config: AGLAConfig):
-        if session.adapter.architecture != "LlavaForConditionalGeneration":
-            raise ValueError(
-                f"agla supports LLaVA-1.5-layout models (one image tile per row), not {session.adapter.architecture}"
-            )
+        self.session = session
         self.config = config
         self._branches = 1
         self._mean, self._std = image_normalisation(session)
-        # Last call's local-view mask (B, H, W) and keep fractions, for inspection.
-        self.last_mask: torch.Tensor | None = None
+        # Last call's local-view masks (one (H, W) per row, on the image as the model sees it) and keep fractions.
+        self.last_mask: list[torch.Tensor] | None = None
         self.last_keep: torch.Tensor | None = None
         num_layers = session.adapter.num_layers
         matcher = config.resolved_matcher
@@ -360,23 +342,25 @@ class AGLAHandle:
                                "own text-to-image attention with keep=%s instead of the paper's BLIP-ITM Grad-CAM; "
                                "see docs/agla.md", config.keep if config.keep is not None else DEFAULT_ATTENTION_KEEP)
 
-    def local_view(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """pixel_values of the masked (local) view of each row's image."""
-        pixel_values = inputs["pixel_values"]
-        if pixel_values.dim() != 4:
-            raise ValueError(f"agla expects pixel_values (B, 3, H, W), got shape {tuple(pixel_values.shape)}")
-        grid, itc = self.matcher.relevance(inputs)
-        saliency = pixel_saliency(grid.to(pixel_values.device), tuple(pixel_values.shape[-2:]), self.config.blur)
-        batch = pixel_values.shape[0]
+    def local_view(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The pixel inputs of the masked (local) view of each row's image, in the family's own layout."""
+        views = image_views(self.session, inputs)
+        grids, itc = self.matcher.relevance(inputs, views)
+        device = inputs["pixel_values"].device
+        batch = len(views.canvases)
         if self.config.keep is not None:
-            keep = torch.full((batch,), self.config.keep, device=pixel_values.device)
+            keep = torch.full((batch,), self.config.keep, device=device)
         elif itc is not None:
-            keep = (1.0 - itc.to(pixel_values.device).float() / 2.0).clamp(max=MAX_KEEP)
+            keep = (1.0 - itc.to(device).float() / 2.0).clamp(max=MAX_KEEP)
         else:
-            keep = torch.full((batch,), DEFAULT_ATTENTION_KEEP, device=pixel_values.device)
-        mask = keep_mask(saliency, keep)
-        self.last_mask, self.last_keep = mask, keep
-        return mask_pixels(pixel_values, mask, self.config.fill, self._mean, self._std)
+            keep = torch.full((batch,), DEFAULT_ATTENTION_KEEP, device=device)
+        masks, fills = [], []
+        for grid, canvas, share in zip(grids, views.canvases, keep):
+            saliency = pixel_saliency(grid[None].to(device), tuple(canvas.shape[-2:]), self.config.blur)
+            masks.append(keep_mask(saliency, share[None])[0])
+            fills.append(fill_value(canvas, self.config.fill, self._mean, self._std))
+        self.last_mask, self.last_keep = masks, keep
+        return views.masked(masks, fills)
 
     def expand_inputs(self, session, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.config.alpha == 0.0:
@@ -386,7 +370,7 @@ class AGLAHandle:
             raise ValueError("agla needs image inputs (pixel_values); got a text-only batch")
         local = self.local_view(inputs)
         self._branches = 2
-        return stack_branches(inputs, pixel_values=local)
+        return stack_branches(inputs, **local)
 
     def combine_logits(self, logits: torch.Tensor) -> torch.Tensor:
         if self._branches == 1:

@@ -83,11 +83,15 @@ def gradcam_map(probs: torch.Tensor, grads: torch.Tensor, attention_mask: torch.
     return (cam * inner[..., None]).sum(1) / lengths[:, None].to(cam.dtype)
 
 
-def images_from_pixels(session, pixel_values: torch.Tensor) -> list:
-    """The LVLM's processed image crops back as uint8 HWC arrays (undoing its normalisation)."""
+def images_from_pixels(session, images) -> list:
+    """The LVLM's processed images (each (3, H, W), normalised: a batch tensor or a list of canvases of any sizes)
+    back as uint8 HWC arrays (undoing its normalisation)."""
     mean, std = image_normalisation(session)
-    pixels = pixel_values.float().cpu() * std + mean
-    return [(img.clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy() for img in pixels]
+    out = []
+    for image in images:
+        pixels = image.float().cpu() * std + mean
+        out.append((pixels.clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+    return out
 
 
 def user_prompts(session, input_ids: torch.Tensor, suffix: str) -> list[str]:
@@ -199,8 +203,9 @@ class BlipMatcher:
             raise ValueError(f"agla: BLIP gave {cam.shape[1]} patches, not its {self.grid}x{self.grid} grid")
         return cam.view(-1, self.grid, self.grid), itc.detach()
 
-    def relevance(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images_from_pixels(self.session, inputs["pixel_values"])
+    def relevance(self, inputs: dict[str, torch.Tensor], views) -> tuple[torch.Tensor, torch.Tensor]:
+        """BLIP's maps and ITC for each row's image as the LVLM sees it (`views.canvases`) and its user prompt."""
+        images = images_from_pixels(self.session, views.canvases)
         return self.scores(images, self.prompts(inputs["input_ids"]))
 
     def remove(self) -> None:

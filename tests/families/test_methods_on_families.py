@@ -26,6 +26,7 @@ PROMPTS = ["What is in the image?", "Is there a red cube?", "Describe the scene 
 SPECS = {
     "fastv": "fastv:layer=2,keep=0.25", "pyramiddrop": "pyramiddrop", "sparsevlm": "sparsevlm",
     "var": "var:start_layer=1,tau=1.5,p=0.2,min_visual=0.01,rho=0.99", "vcd": "vcd", "vhr": "vhr",
+    "agla": "agla:matcher=attention",
     "dyvte": "dyvte:gates={gates}", "visor": "visor:weights={visor},budget=1",
     "visionzip": "visionzip:dominant=2,contextual=1",  # per 4-patch tile (anyres), per image (Qwen-VL)
     "vflowopt": "vflowopt:vision_keep=0.5,merge_cell=1.0,llm_keep=0.7/0.6",
@@ -153,7 +154,8 @@ def test_no_op_settings_equal_the_baseline(name):
 
 
 @pytest.mark.parametrize("name", FAMILY_BUILTINS)
-@pytest.mark.parametrize("pair", [("fastv:layer=2,keep=0.5", "vcd"), ("vhr", "sparsevlm"), ("pyramiddrop", "var")])
+@pytest.mark.parametrize("pair", [("fastv:layer=2,keep=0.5", "vcd"), ("vhr", "sparsevlm"), ("pyramiddrop", "var"),
+                                  ("agla:matcher=attention", "fastv:layer=1,keep=0.5")], ids="+".join)
 def test_pruning_composes_with_mitigation_on_families(name, pair):
     """A pruning and a mitigation method in one session, batched rows equal to single rows (3-D positions and
     token types must survive both the drop and the extra branches)."""
