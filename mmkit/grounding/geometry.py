@@ -3,7 +3,8 @@
 The flow gives one value per image token, in the order the tokens appear in the prompt. This module turns that
 vector back into a 2-D map covering the whole image, for every supported layout:
 
-* LLaVA-1.5: one square grid of patch tokens (row-major) over the image resized to a square.
+* LLaVA-1.5: one square grid of patch tokens (row-major) over the processor's square input, stretched over the image
+  (exact for square images; transformers' CLIP processor center-crops other aspect ratios).
 * LLaVA-NeXT / LLaVA-OneVision (anyres): the base tile's square grid (the whole image resized to one tile),
   followed by the high-resolution tiles packed as one grid with the processor's padding cropped away (unpadding)
   and a newline token closing each row; OneVision may also shrink that grid by interpolation (`anyres_max`). The

@@ -195,3 +195,22 @@ def test_cli_grounds_on_a_qwen_model(tmp_path):
 
     coco = json.loads((out / "scene_coco.json").read_text())
     assert coco["images"][0]["width"] == 200 and coco["images"][0]["height"] == 120
+
+
+@pytest.mark.parametrize("spec", ["fastv:layer=2,keep=0.25", "visionzip:dominant=2,contextual=1"])
+def test_ground_runs_with_a_pruning_method(family_session, spec):
+    """LLM-side (FastV) and vision-side (VisionZip) reduction: the rows are read through the probe in prompt
+    positions, so every map still covers the whole image, with each image's own shape."""
+    name, session = family_session
+    images = [Image.fromarray(_scene(h, w, seed=i)) for i, (h, w) in enumerate(SIZES)]
+    config = preset_config("paper", multi_scale=False, describe_prompts=("Describe the image.",), max_new_tokens=8)
+    plain = session.ground(images, query="cube", config=config)
+    handle = session.apply(spec)
+    try:
+        pruned = session.ground(images, query="cube", config=config)
+    finally:
+        handle.remove()
+    for image, a, b in zip(images, plain, pruned):
+        _check_result(b, image.size)
+        assert [m.shape for m in a.maps.values()] == [m.shape for m in b.maps.values()]
+    assert any(not np.allclose(a.maps[k], b.maps[k]) for a, b in zip(plain, pruned) for k in a.maps)
