@@ -3,8 +3,9 @@
 The flow gives one value per image token, in the order the tokens appear in the prompt. This module turns that
 vector back into a 2-D map covering the whole image, for every supported layout:
 
-* LLaVA-1.5: one square grid of patch tokens (row-major) over the processor's square input, stretched over the image
-  (exact for square images; transformers' CLIP processor center-crops other aspect ratios).
+* LLaVA-1.5: one square grid of patch tokens (row-major) over the processor's square input. transformers' CLIP
+  processor center-crops a non-square image to that square, so the grid covers the central square only: the map is
+  the grid with rows or columns of zeros on both sides for the part of the image the model never saw.
 * LLaVA-NeXT / LLaVA-OneVision (anyres): the base tile's square grid (the whole image resized to one tile),
   followed by the high-resolution tiles packed as one grid with the processor's padding cropped away (unpadding)
   and a newline token closing each row; OneVision may also shrink that grid by interpolation (`anyres_max`). The
@@ -42,11 +43,19 @@ class ImageGeometry:
 
     grids: tuple[torch.Tensor, ...]
     n_tokens: int
+    margins: tuple[int, int, int, int] = (0, 0, 0, 0)  # zero cells (left, right, top, bottom) the grid does not cover
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """The finest grid's shape (the high-resolution tiles of an anyres image)."""
+        return tuple(max((tuple(g.shape) for g in self.grids), key=lambda s: s[0] * s[1]))
 
     @property
     def shape(self) -> tuple[int, int]:
-        """The map's shape: the finest grid (the high-resolution tiles of an anyres image)."""
-        return tuple(max((tuple(g.shape) for g in self.grids), key=lambda s: s[0] * s[1]))
+        """The map's shape: the finest grid plus the margins it does not cover."""
+        left, right, top, bottom = self.margins
+        h, w = self.grid_shape
+        return h + top + bottom, w + left + right
 
     def to_map(self, values: torch.Tensor) -> torch.Tensor:
         """(n_tokens,) values over the image span -> (h, w) map covering the image.
@@ -60,8 +69,8 @@ class ImageGeometry:
             raise ValueError(f"expected {self.n_tokens} image-token values, got shape {tuple(values.shape)}")
         values = values.float()
         if len(self.grids) == 1:
-            return values[self.grids[0].to(values.device)]
-        h, w = self.shape
+            return self._with_margins(values[self.grids[0].to(values.device)])
+        h, w = self.grid_shape
         parts = []
         for grid in self.grids:
             part = values[grid.to(values.device)]
@@ -70,16 +79,36 @@ class ImageGeometry:
                                                        align_corners=False)[0, 0]
             total = part.sum()
             parts.append(part / total if total > 0 else part)
-        return torch.stack(parts).mean(0)
+        return self._with_margins(torch.stack(parts).mean(0))
+
+    def _with_margins(self, grid_map: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(grid_map, self.margins) if any(self.margins) else grid_map
 
 
-def square_geometry(n_tokens: int) -> ImageGeometry:
-    """LLaVA-1.5: n tokens forming one square grid."""
+def square_geometry(n_tokens: int, covered: tuple[float, float] = (1.0, 1.0)) -> ImageGeometry:
+    """LLaVA-1.5: n tokens forming one square grid, covering the central `covered` = (width, height) fractions of
+    the image (a center crop); the rest of the map is zero margins of about the grid's cell size."""
     side = math.isqrt(n_tokens)
     if side * side != n_tokens:
         raise MmkitError(f"{n_tokens} image tokens do not form a square grid; this model's image layout is not one "
                          f"grid of patch tokens per image")
-    return ImageGeometry((torch.arange(n_tokens).view(side, side),), n_tokens)
+    # Equal margins on both sides (the crop is centred), so the grid's cells are off by under half a cell.
+    pad_w = max(0, round((side / covered[0] - side) / 2))
+    pad_h = max(0, round((side / covered[1] - side) / 2))
+    return ImageGeometry((torch.arange(n_tokens).view(side, side),), n_tokens, (pad_w, pad_w, pad_h, pad_h))
+
+
+def center_crop_cover(image_processor, size: tuple[int, int]) -> tuple[float, float]:
+    """The (width, height) fractions of a `size` = (W, H) image that a resize-shortest-edge + center-crop processor
+    (transformers' CLIP image processor) keeps; (1, 1) when it does not crop."""
+    crop = getattr(image_processor, "crop_size", None)
+    resize = getattr(image_processor, "size", None)
+    shortest = resize.get("shortest_edge") if hasattr(resize, "get") else None
+    if not getattr(image_processor, "do_center_crop", False) or not crop or not shortest:
+        return 1.0, 1.0
+    width, height = size
+    scale = shortest / min(width, height)
+    return min(1.0, crop["width"] / (width * scale)), min(1.0, crop["height"] / (height * scale))
 
 
 def native_geometry(grid_thw, merge: int) -> ImageGeometry:
@@ -142,9 +171,10 @@ def anyres_geometries(model: torch.nn.Module, image_sizes: torch.Tensor, batch_n
     return out
 
 
-def row_geometries(session, inputs: dict, tile_map: TileMap = "mean") -> list[ImageGeometry]:
+def row_geometries(session, inputs: dict, tile_map: TileMap = "mean", sizes=None) -> list[ImageGeometry]:
     """The geometry of each row's one image, from the model inputs (`image_sizes` for anyres, `image_grid_thw`
-    for Qwen-VL, the image-token count for LLaVA-1.5). Every row must hold exactly one image."""
+    for Qwen-VL, the image-token count for LLaVA-1.5, with `sizes` = each row's image (W, H) for its center crop).
+    Every row must hold exactly one image."""
     adapter = session.adapter
     counts = adapter.image_mask(inputs["input_ids"]).sum(1).tolist()
     family = adapter.family.name
@@ -155,7 +185,9 @@ def row_geometries(session, inputs: dict, tile_map: TileMap = "mean") -> list[Im
         merge = int(adapter.config.vision_config.spatial_merge_size)
         geos = [native_geometry(thw, merge) for thw in inputs["image_grid_thw"].tolist()]
     else:
-        geos = [square_geometry(int(n)) for n in counts]
+        processor = getattr(session.processor, "image_processor", None)
+        covers = [center_crop_cover(processor, size) for size in sizes] if sizes else [(1.0, 1.0)] * len(counts)
+        geos = [square_geometry(int(n), cover) for n, cover in zip(counts, covers)]
     if len(geos) != len(counts) or any(g.n_tokens != int(n) for g, n in zip(geos, counts)):
         raise MmkitError("the image tokens of a row do not match its image's layout; grounding needs one image per "
                          "row")

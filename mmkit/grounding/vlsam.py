@@ -356,7 +356,8 @@ def _map_rows(session, views: list[_View], rows: list[_Row], cfg: VLSAMConfig,
                                              [rows[i].prompt for i in chunk], [rows[i].answer for i in chunk])
         ids = inputs["input_ids"]
         image_mask = session.adapter.image_mask(ids)
-        geometries = row_geometries(session, inputs, cfg.tile_map)  # where each row's image tokens lie
+        # Where each row's image tokens lie on its view.
+        geometries = row_geometries(session, inputs, cfg.tile_map, [views[rows[i].view].image.size for i in chunk])
         seq_len = ids.shape[1]
         per_row_rows, per_row_objects = [], []
         for b, i in enumerate(chunk):

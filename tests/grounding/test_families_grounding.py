@@ -63,7 +63,7 @@ def _peak_rect(attn: torch.Tensor, size: tuple[int, int]) -> tuple[float, float,
     return x * width / gw, y * height / gh, (x + 1) * width / gw, (y + 1) * height / gh
 
 
-@pytest.fixture(scope="module", params=FAMILY_MODELS)
+@pytest.fixture(scope="module", params=("tiny-random", *FAMILY_MODELS))
 def local_session(request):
     """A model whose vision tower does not mix patches (the output projection of every vision attention is zeroed),
     so a pixel change reaches exactly the tokens whose patches hold those pixels."""
@@ -89,16 +89,20 @@ def test_one_token_of_mass_peaks_where_that_token_looks(local_session, size):
     name, session = local_session
     height, width = size
     image = _scene(height, width)
+    # The region the model sees: LLaVA-1.5's processor keeps only the central square, the others the whole image.
+    seen_h, seen_w = (min(size),) * 2 if name == "tiny-random" else size
+    top, left = (height - seen_h) // 2, (width - seen_w) // 2
     modes = ("base", "high", "mean") if name in ANYRES else ("mean",)
-    # Centres away from every cell border of grids up to 5 cells a side (borders at k/2, k/3, k/4, k/5).
+    # Centres away from every cell border of grids up to 5 cells a side (borders at k/2, k/3, k/4, k/5) and of
+    # LLaVA-1.5's 8 x 8 grid.
     for fy, fx in ((0.1, 0.45), (0.9, 0.55), (0.55, 0.1), (0.45, 0.9)):
         side = max(4, min(height, width) // 16)
-        cy, cx = int(fy * height), int(fx * width)
+        cy, cx = top + int(fy * seen_h), left + int(fx * seen_w)
         box = (cx - side // 2, cy - side // 2, cx + side // 2, cy + side // 2)
         change = _embedding_change(session, image, box)
         inputs = session.prepare([image], ["Where is it?"])
         for mode in modes:
-            geometry = row_geometries(session, inputs, mode)[0]
+            geometry = row_geometries(session, inputs, mode, [(width, height)])[0]
             grid_tokens = torch.cat([g.flatten() for g in geometry.grids[-1:]])  # the finest grid in this mode
             token = int(grid_tokens[change[grid_tokens].argmax()])
             values = torch.zeros(geometry.n_tokens)
