@@ -135,9 +135,10 @@ def test_grounding_runs_on_every_family(name, tmp_path):
 
 
 def test_a_family_that_refuses_grounding_says_so_up_front(monkeypatch, tmp_path):
-    """The refusal mechanism stays: a family marked `grounding_refused` is refused in one line at every entry
-    point, before SAM is looked up or the model runs."""
+    """The refusal mechanism stays: a family marked `grounding_refused` is refused in one line at the Python entry
+    points and the CLI, before SAM is looked up or the model runs."""
     import dataclasses
+    import re
 
     from PIL import Image
 
@@ -150,10 +151,16 @@ def test_a_family_that_refuses_grounding_says_so_up_front(monkeypatch, tmp_path)
     monkeypatch.setitem(families.FAMILIES, family.architecture, marked)
     assert session.adapter.family is marked
     message = f"VL-SAM grounding does not support {family.name} ({family.architecture}): its image tokens"
-    with pytest.raises(MmkitError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(MmkitError, match=re.escape(message)):
         session.ground(family_images()[:1], query="cube", sam="/no/such/sam")  # refused before SAM is looked up
     with pytest.raises(MmkitError, match="VL-SAM grounding does not support"):
         ground(session, None, family_images()[:1])
+    image = tmp_path / "scene.png"
+    Image.fromarray(family_images()[0]).save(image)
+    result = CliRunner().invoke(main, ["ground", "--model", "tiny-random-qwen2-vl", "--image", str(image),
+                                       "--query", "cube", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "out").exists()
     assert refusal(marked, "ground") is not None
 
 
