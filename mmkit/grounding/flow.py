@@ -119,7 +119,7 @@ def _place(flow: torch.Tensor, object_rows: list[list[int]], remap: dict[int, in
     maps = []
     for rows in object_rows:
         idx = [remap[r] for r in rows if r in remap]
-        values = flow[idx].float().mean(0) if idx else torch.zeros(flow.shape[1], device=flow.device)
+        values = flow[idx].mean(0).float() if idx else torch.zeros(flow.shape[1], device=flow.device)
         maps.append(geometry.to_map(values))
     return maps
 
