@@ -39,7 +39,8 @@ TILE_MAPS = ("mean", "high", "base")
 @dataclass(frozen=True)
 class ImageGeometry:
     """The grids of one image's tokens. Each grid is an (h, w) long tensor of indices into the image's token span
-    (its tokens in prompt order) and covers the whole image; `n_tokens` is the span length (newlines included)."""
+    (its tokens in prompt order) and covers the whole image, less `margins` cells of it the model never saw (LLaVA-1.5's
+    center crop); `n_tokens` is the span length (newlines included)."""
 
     grids: tuple[torch.Tensor, ...]
     n_tokens: int
