@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from mmkit.errors import MmkitError
+from mmkit.models.family_inputs import fix_branch_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def capture_rows(session, inputs: dict[str, torch.Tensor], rows: torch.Tensor, v
     """Run one forward over `inputs` and capture, at every decoder layer, the per-head attention of `rows`.
 
     Args:
-        session: an mmkit Session (LLaVA-1.5 layout: one image span per row).
+        session: an mmkit Session (one image span per row).
         inputs: model inputs (input_ids, attention_mask, pixel_values, ...), left padded.
         rows: (B, R) long, positions to capture (pad with any valid position and mark it in `valid`).
         valid: (B, R) bool.
@@ -139,4 +140,5 @@ def build_inputs(session, images: Sequence, prompts: Sequence[str], answers: Seq
     inputs = {k: v for k, v in base.items() if k not in ("input_ids", "attention_mask")}
     inputs["input_ids"] = input_ids.to(ids.device)
     inputs["attention_mask"] = attention_mask.to(ids.device)
-    return inputs, starts
+    # Qwen-VL's per-token image flags (mRoPE positions come from them) must follow the extended rows.
+    return fix_branch_inputs(session.adapter, inputs), starts

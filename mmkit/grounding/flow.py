@@ -11,14 +11,15 @@ through each other. Per layer:
     A^l     = 0.5 * S^l + 0.5 * I   (rows renormalised over the sub-system first)
     F^l     = A^l_tt F^{l-1} + A^l_ti,  F^0 = 0     (F: text rows x image tokens)
 
-The object row of F^L, reshaped to the image-token grid, is the object's map.
+The object row of F^L, placed on the image by the row's `ImageGeometry` (a square grid for LLaVA-1.5, the anyres
+tiles, or Qwen-VL's native grid), is the object's map.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from mmkit.grounding.geometry import ImageGeometry, square_geometry
 
 
 def head_weights(probs: torch.Tensor, image_cols: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,20 +78,12 @@ def rollout(layers: list[torch.Tensor], row_pos: torch.Tensor, image_cols: torch
     return flow
 
 
-def grid_shape(n_image_tokens: int) -> tuple[int, int]:
-    """Square grid of the image tokens (LLaVA-1.5: 576 -> 24 x 24)."""
-    side = math.isqrt(n_image_tokens)
-    if side * side != n_image_tokens:
-        raise ValueError(f"{n_image_tokens} image tokens do not form a square grid; grounding needs the LLaVA-1.5 "
-                         f"single-grid layout")
-    return side, side
-
-
 def object_maps(probs_per_layer: list[torch.Tensor], row_pos: torch.Tensor, valid: torch.Tensor,
                 image_cols: torch.Tensor, key_counts: torch.Tensor, object_rows: list[list[int]], *,
                 head_weighting: bool = True, column_reg: bool = True, residual: float = 0.5,
-                renormalize: bool = True, layers: tuple[int, ...] = ()) -> list[torch.Tensor]:
-    """Maps (grid_h, grid_w) for each object of one sequence.
+                renormalize: bool = True, layers: tuple[int, ...] = (),
+                geometry: ImageGeometry | None = None) -> list[torch.Tensor]:
+    """Maps (h, w) covering the image for each object of one sequence.
 
     Args:
         probs_per_layer: per layer (H, R, L) captured attention of this sequence.
@@ -98,6 +91,7 @@ def object_maps(probs_per_layer: list[torch.Tensor], row_pos: torch.Tensor, vali
         image_cols: (N,) image-token positions; key_counts: (L,) unmasked queries per column.
         object_rows: per object, indices into the captured rows of its mention tokens (maps are averaged).
         layers: decoder layers whose attention enters the rollout (empty: all, as VL-SAM).
+        geometry: how the image tokens (in prompt order) lie on the image; None = one square grid (LLaVA-1.5).
     """
     keep = valid.nonzero().flatten()
     remap = {int(r): i for i, r in enumerate(keep.tolist())}
@@ -116,18 +110,24 @@ def object_maps(probs_per_layer: list[torch.Tensor], row_pos: torch.Tensor, vali
             attn = column_regularize(attn, key_counts, n_tokens)
         per_layer.append(attn)
     flow = rollout(per_layer, pos, image_cols, residual=residual, renormalize=renormalize)
-    gh, gw = grid_shape(image_cols.shape[0])
+    return _place(flow, object_rows, remap, geometry or square_geometry(image_cols.shape[0]))
+
+
+def _place(flow: torch.Tensor, object_rows: list[list[int]], remap: dict[int, int],
+           geometry: ImageGeometry) -> list[torch.Tensor]:
+    """Each object's flow row (its mention rows averaged) over the image tokens, as a map on the image."""
     maps = []
     for rows in object_rows:
         idx = [remap[r] for r in rows if r in remap]
-        maps.append(flow[idx].mean(0).reshape(gh, gw) if idx else torch.zeros(gh, gw))
+        values = flow[idx].mean(0).float() if idx else torch.zeros(flow.shape[1], device=flow.device)
+        maps.append(geometry.to_map(values))
     return maps
 
 
 def full_rollout_maps(probs_per_layer: list[torch.Tensor], row_pos: torch.Tensor, valid: torch.Tensor,
                       image_cols: torch.Tensor, key_counts: torch.Tensor, object_rows: list[list[int]], *,
                       head_weighting: bool = True, column_reg: bool = True,
-                      layers: tuple[int, ...] = ()) -> list[torch.Tensor]:
+                      layers: tuple[int, ...] = (), geometry: ImageGeometry | None = None) -> list[torch.Tensor]:
     """VL-SAM's attention flow over the whole sequence, as in the paper (the rows of every token, image tokens
     included, so image-to-image mixing inside the LLM is part of the flow):
 
@@ -162,10 +162,5 @@ def full_rollout_maps(probs_per_layer: list[torch.Tensor], row_pos: torch.Tensor
         flow = (eye + attn) @ (eye + flow)
     col = {int(p): i for i, p in enumerate(real.tolist())}
     img = torch.tensor([col[int(p)] for p in image_cols.tolist()], dtype=torch.long, device=real.device)
-    gh, gw = grid_shape(img.shape[0])
     remap = {int(r): i for i, r in enumerate(keep.tolist())}
-    maps = []
-    for rows in object_rows:
-        idx = [remap[r] for r in rows if r in remap]
-        maps.append(flow[idx][:, img].mean(0).float().reshape(gh, gw) if idx else torch.zeros(gh, gw))
-    return maps
+    return _place(flow[:, img], object_rows, remap, geometry or square_geometry(img.shape[0]))

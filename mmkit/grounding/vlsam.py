@@ -56,6 +56,9 @@ class VLSAMConfig:
         "help": "Attention flow: the rows of the text after the image with image tokens as sources (text; no "
                 "N x N matrix) or the paper's full rollout over every token's row, image tokens included (full; "
                 "captures an L x L matrix per layer and head)."})
+    tile_map: Literal["mean", "high", "base"] = field(default="mean", metadata={
+        "help": "Anyres models (LLaVA-NeXT, OneVision): which token grids form the map: the base tile and the "
+                "high-resolution tiles, each as a distribution over the image, averaged (mean), or one of them."})
     head_weighting: bool = field(default=True, metadata={"help": "MeanMax head weights (else a plain mean)."})
     column_reg: bool = field(default=True, metadata={"help": "Column regularisation against causal collapse."})
     residual: float = field(default=0.5, metadata={"help": "Identity weight of the rollout: A = (1-r) S + r I."})
@@ -105,6 +108,8 @@ class VLSAMConfig:
             raise ValueError(f"vocabulary must be 'open' or 'world', got {self.vocabulary!r}")
         if self.rollout not in ("text", "full"):
             raise ValueError(f"rollout must be 'text' or 'full', got {self.rollout!r}")
+        if self.tile_map not in ("mean", "high", "base"):
+            raise ValueError(f"tile_map must be 'mean', 'high' or 'base', got {self.tile_map!r}")
         if self.token not in ("mention", "previous"):
             raise ValueError(f"token must be 'mention' or 'previous', got {self.token!r}")
         for name, lo in (("max_new_tokens", 1), ("upsample", 1), ("num_positive", 1), ("num_negative", 0),
@@ -180,7 +185,7 @@ class Detection:
 
 @dataclass
 class GroundingResult:
-    """Detections of one image, its full-view attention map per label (token grid), the LVLM answers and the
+    """Detections of one image, its full-view attention map per label (covering the image), the LVLM answers and the
     per-image cost (calls are shared by the images of a batch and counted as a share)."""
 
     size: tuple[int, int]
@@ -336,10 +341,11 @@ def _describe(session, views: list[_View], cfg: VLSAMConfig, counter: _Counter) 
 
 def _map_rows(session, views: list[_View], rows: list[_Row], cfg: VLSAMConfig,
               counter: _Counter) -> list[list[tuple[str, np.ndarray, int]]]:
-    """Per row, one (label, map on the view's token grid, claimed instances) per mention: "a white cup, a pink
-    cup" gives two cup maps, "two blue cups" one map claiming two instances."""
+    """Per row, one (label, map covering the view, claimed instances) per mention: "a white cup, a pink cup" gives
+    two cup maps, "two blue cups" one map claiming two instances."""
     from mmkit.grounding.attention_maps import build_inputs, capture_rows
     from mmkit.grounding.flow import full_rollout_maps, object_maps
+    from mmkit.grounding.geometry import row_geometries
 
     tokenizer = session.processor.tokenizer
     out: list[list[tuple[str, np.ndarray, int]]] = [[] for _ in rows]
@@ -350,6 +356,8 @@ def _map_rows(session, views: list[_View], rows: list[_Row], cfg: VLSAMConfig,
                                              [rows[i].prompt for i in chunk], [rows[i].answer for i in chunk])
         ids = inputs["input_ids"]
         image_mask = session.adapter.image_mask(ids)
+        # Where each row's image tokens lie on its view.
+        geometries = row_geometries(session, inputs, cfg.tile_map, [views[rows[i].view].image.size for i in chunk])
         seq_len = ids.shape[1]
         per_row_rows, per_row_objects = [], []
         for b, i in enumerate(chunk):
@@ -390,14 +398,15 @@ def _map_rows(session, views: list[_View], rows: list[_Row], cfg: VLSAMConfig,
                 maps = full_rollout_maps(
                     [p[b] for p in cap.probs], cap.rows[b], cap.valid[b], cap.image_mask[b].nonzero().flatten(),
                     cap.key_counts[b], [[q - first] for _, q, _ in objects],
-                    head_weighting=cfg.head_weighting, column_reg=cfg.column_reg, layers=cfg.layers)
+                    head_weighting=cfg.head_weighting, column_reg=cfg.column_reg, layers=cfg.layers,
+                    geometry=geometries[b])
                 out[i] = [(label, m.cpu().numpy(), n) for (label, _, n), m in zip(objects, maps)]
                 continue
             maps = object_maps(
                 [p[b] for p in cap.probs], cap.rows[b], cap.valid[b], cap.image_mask[b].nonzero().flatten(),
                 cap.key_counts[b], [[q - first] for _, q, _ in objects],
                 head_weighting=cfg.head_weighting, column_reg=cfg.column_reg, residual=cfg.residual,
-                layers=cfg.layers,
+                layers=cfg.layers, geometry=geometries[b],
             )
             out[i] = [(label, m.cpu().numpy(), n) for (label, _, n), m in zip(objects, maps)]
     return out
@@ -428,7 +437,7 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
     """Ground objects in images with VL-SAM.
 
     Args:
-        session: an mmkit Session (LLaVA-1.5 single-grid layout).
+        session: an mmkit Session (any supported family; `geometry.py` places each layout's tokens).
         sam: a `SamBackend` (see `sam_backend.load_sam`).
         images: PIL images, arrays or paths.
         query: None to ground every object the LVLM lists, a category/phrase to ground in every image, or one

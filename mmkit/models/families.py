@@ -23,13 +23,6 @@ class Family:
     grounding_refused: str | None = None
 
 
-# VL-SAM turns the attention over one square grid of patch tokens into a map; multi-tile and native-resolution
-# layouts need their own map geometry.
-_GROUNDING_TILES = "its attention maps assume one square grid of patch tokens per image (the LLaVA-1.5 layout), " \
-                   "and anyres tiles with row newlines are not yet mapped back to the image"
-_GROUNDING_NATIVE = "its attention maps assume one square grid of patch tokens per image (the LLaVA-1.5 layout), " \
-                    "and native-resolution grids of any aspect ratio are not yet mapped back to the image"
-
 _PAINT = ("it reads per-patch vision-tower features of the LLaVA-1.5 layout (one image = one run of patch tokens); "
           "not yet adapted")
 # DivPrune, CDPruner, random and pooling select among one image's projected tokens as one grid.
@@ -54,19 +47,19 @@ FAMILIES: dict[str, Family] = {
                "one fixed grid of patch tokens per image", "tiny-random"),
         Family("llava-next", "LlavaNextForConditionalGeneration", "vision_tower", True,
                "anyres: base tile plus high-resolution tiles, unpadded, with row newlines", "tiny-random-next",
-               _NEXT_REFUSALS, _GROUNDING_TILES),
+               _NEXT_REFUSALS),
         Family("llava-onevision", "LlavaOnevisionForConditionalGeneration", "vision_tower", False,
                "anyres: base tile plus high-resolution tiles, unpadded, with row newlines", "tiny-random-onevision",
-               _ONEVISION_REFUSALS, _GROUNDING_TILES),
+               _ONEVISION_REFUSALS),
         Family("qwen2-vl", "Qwen2VLForConditionalGeneration", "visual", False,
                "native resolution, 2 x 2 patches merged per token, 3-D rotary positions", "tiny-random-qwen2-vl",
-               _QWEN_REFUSALS, _GROUNDING_NATIVE),
+               _QWEN_REFUSALS),
         Family("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", "visual", False,
                "native resolution, 2 x 2 patches merged per token, 3-D rotary positions", "tiny-random-qwen2.5-vl",
-               _QWEN_REFUSALS, _GROUNDING_NATIVE),
+               _QWEN_REFUSALS),
         Family("qwen3-vl", "Qwen3VLForConditionalGeneration", "visual", False,
                "native resolution, 2 x 2 patches merged per token, 3-D rotary positions, DeepStack",
-               "tiny-random-qwen3-vl", _QWEN_REFUSALS, _GROUNDING_NATIVE),
+               "tiny-random-qwen3-vl", _QWEN_REFUSALS),
     )
 }
 MODEL_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",

@@ -113,30 +113,56 @@ def test_readme_support_matrix_matches_registry():
 
 
 @pytest.mark.parametrize("name", ["tiny-random-next", *FAMILY_BUILTINS])
-def test_grounding_is_refused_up_front_where_its_maps_cannot_be_placed(name, tmp_path):
-    """VL-SAM reads one square grid of patch tokens; on other layouts every entry point says so in one line before
-    loading SAM or running the model (square Qwen images would otherwise pass by accident, others fail late)."""
+def test_grounding_runs_on_every_family(name, tmp_path):
+    """VL-SAM places each layout's image tokens on the image (anyres tiles, native grids): the Python entry point,
+    the CLI and the ground bench all run (tests/grounding/test_families_grounding.py checks the geometry)."""
+    from PIL import Image
+
+    session = mmkit.load(name, device="cpu")
+    assert refusal(_family_of(name), "ground") is None
+    results = session.ground(family_images(), query="cube")
+    assert [r.size for r in results] == [(i.shape[1], i.shape[0]) for i in family_images()]
+    assert all(r.maps for r in results)
+    image = tmp_path / "scene.png"
+    Image.fromarray(family_images()[1]).save(image)
+    result = CliRunner().invoke(main, ["ground", "--model", name, "--image", str(image), "--query", "cube",
+                                       "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "scene_coco.json").exists()
+    evaluated = CliRunner().invoke(main, ["eval", "--model", name, "--bench", "ground", "--limit", "1",
+                                          "--ground-mode", "query", "--out", str(tmp_path / "eval"), "--device",
+                                          "cpu", "--no-progress"])
+    assert evaluated.exit_code == 0, evaluated.output
+
+
+def test_a_family_that_refuses_grounding_says_so_up_front(monkeypatch, tmp_path):
+    """The refusal mechanism stays: a family marked `grounding_refused` is refused in one line at the Python entry
+    points and the CLI, before SAM is looked up or the model runs."""
+    import dataclasses
+    import re
+
     from PIL import Image
 
     from mmkit.grounding.vlsam import ground
+    from mmkit.models import families
 
-    session = mmkit.load(name, device="cpu")
-    family = _family_of(name)
-    assert refusal(family, "ground") is not None
-    with pytest.raises(MmkitError, match=f"VL-SAM grounding does not support {family.name}"):
+    session = mmkit.load("tiny-random-qwen2-vl", device="cpu")
+    family = session.adapter.family
+    marked = dataclasses.replace(family, grounding_refused="its image tokens cannot be placed on the image")
+    monkeypatch.setitem(families.FAMILIES, family.architecture, marked)
+    assert session.adapter.family is marked
+    message = f"VL-SAM grounding does not support {family.name} ({family.architecture}): its image tokens"
+    with pytest.raises(MmkitError, match=re.escape(message)):
         session.ground(family_images()[:1], query="cube", sam="/no/such/sam")  # refused before SAM is looked up
     with pytest.raises(MmkitError, match="VL-SAM grounding does not support"):
         ground(session, None, family_images()[:1])
     image = tmp_path / "scene.png"
     Image.fromarray(family_images()[0]).save(image)
-    result = CliRunner().invoke(main, ["ground", "--model", name, "--image", str(image), "--query", "cube",
-                                       "--out", str(tmp_path / "out"), "--device", "cpu"])
-    assert result.exit_code == 2 and "VL-SAM grounding does not support" in result.output
+    result = CliRunner().invoke(main, ["ground", "--model", "tiny-random-qwen2-vl", "--image", str(image),
+                                       "--query", "cube", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "out").exists()
-    evaluated = CliRunner().invoke(main, ["eval", "--model", name, "--bench", "ground", "--limit", "2", "--out",
-                                          str(tmp_path / "eval"), "--device", "cpu", "--no-progress"])
-    assert evaluated.exit_code == 2 and "VL-SAM grounding does not support" in evaluated.output
-    assert not (tmp_path / "eval").exists()  # refused before the run directory is made
+    assert refusal(marked, "ground") is not None
 
 
 @pytest.mark.parametrize("name", FAMILY_BUILTINS)

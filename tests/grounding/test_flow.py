@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from mmkit.grounding.flow import aggregate_heads, column_regularize, grid_shape, head_weights, object_maps, rollout
+from mmkit.errors import MmkitError
+from mmkit.grounding.flow import aggregate_heads, column_regularize, head_weights, object_maps, rollout
+from mmkit.grounding.geometry import square_geometry
 
 
 def test_head_weights_prefer_peaked_heads():
@@ -76,7 +78,7 @@ def test_object_maps_put_the_peak_on_the_attended_token():
         object_maps([probs], rows, torch.ones(3, dtype=torch.bool), image_cols, counts, [[2]], layers=(5,))
 
 
-def test_grid_shape_rejects_non_square_layouts():
-    assert grid_shape(576) == (24, 24)
-    with pytest.raises(ValueError, match="square grid"):
-        grid_shape(10)
+def test_square_geometry_rejects_non_square_layouts():
+    assert square_geometry(576).shape == (24, 24)
+    with pytest.raises(MmkitError, match="square grid"):
+        square_geometry(10)
