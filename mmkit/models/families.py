@@ -30,19 +30,15 @@ _GROUNDING_TILES = "its attention maps assume one square grid of patch tokens pe
 _GROUNDING_NATIVE = "its attention maps assume one square grid of patch tokens per image (the LLaVA-1.5 layout), " \
                     "and native-resolution grids of any aspect ratio are not yet mapped back to the image"
 
-_PAINT = ("it reads per-patch vision-tower features of the LLaVA-1.5 layout (one image = one run of patch tokens); "
-          "not yet adapted")
 # DivPrune, CDPruner, random and pooling select among one image's projected tokens as one grid.
 _PROJECTED_SELECTION = ("it selects among each image's projected tokens as one grid (the LLaVA-1.5 layout), and "
                         "anyres tiles with row newlines are packed into the image tokens; not yet adapted")
 _NEXT_REFUSALS = {
-    "paint": _PAINT,
     "agla": "its augmented view is built for LLaVA-1.5-layout models (one image tile per row); not yet adapted",
     **{name: _PROJECTED_SELECTION for name in ("divprune", "cdpruner", "random", "pooling")},
 }
 _ONEVISION_REFUSALS = dict(_NEXT_REFUSALS)
 _QWEN_REFUSALS = {
-    "paint": _PAINT,
     "agla": "its augmented view is built for LLaVA-1.5-layout models (one fixed-size tile per image); not yet adapted",
     **{name: "it reduces the projected tokens of the LLaVA-1.5 layout before the LLM (one fixed grid per image, "
              "positions renumbered), and Qwen-VL images are native-resolution grids with 3-D rotary positions; not "

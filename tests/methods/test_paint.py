@@ -24,7 +24,7 @@ def test_zero_gains_install_nothing_and_keep_logits_identical(session, images, p
     base = forward_logits(session, inputs)
     for spec in ("paint:start_layer=1,alpha=0,beta=0", "paint:alpha=0,beta=0,edit=log_bias,rows=text"):
         handle = session.apply(spec)
-        assert handle.impl._handles == [] and handle.impl._captures == []
+        assert handle.impl._handles == [] and handle.impl._scorer is None
         assert session.model.config.text_config._attn_implementation == "sdpa"
         assert torch.equal(forward_logits(session, inputs), base)
         handle.remove()
