@@ -36,7 +36,8 @@ multiplied by 1 + alpha_{l,h} / 1 + beta_{l,h} (z + log(1 + alpha_{l,h})), the s
 The edited layers' attention is replaced through the attention probe by the kernel op
 `mmkit.kernels.scaled_attention` (`key_gain` for the paper's edit, `key_bias` for log_bias): on CUDA a
 FlexAttention score_mod; elsewhere SDPA for the rows left alone (with an additive mask on log_bias's rows) and the
-paper's edited rows computed explicitly in float32. alpha = beta = 0 is a no-op: nothing is installed and the logits are bit-identical to the baseline.
+paper's edited rows computed explicitly in float32. alpha = beta = 0 is a no-op: nothing is installed and the logits
+are bit-identical to the baseline.
 
 Supported: every family (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL). Combines with
 token pruning: local and summary tokens are chosen on the prompt and the probe finds them (or their absence) in every
@@ -69,12 +70,13 @@ class PAINTConfig:
         default="abs", metadata={"help": "abs: z + alpha |z| (the paper's edit); log_bias: z + log(1 + alpha), the "
                                          "unnormalised attention times 1 + alpha"})
     local_ratio: float = field(default=0.25, metadata={"help": "fraction of each image's tokens taken as local"})
-    local_layer: int = field(default=0, metadata={"help": "CLIP encoder layer ranking local tokens"})
+    local_layer: int = field(default=0, metadata={"help": "vision-tower layer (CLIP / SigLIP layer, Qwen-VL block) "
+                                                          "ranking local tokens"})
     local_score: Literal["auto", "cls", "mean"] = field(
         default="auto", metadata={"help": "local ranking: CLS attention, or mean attention received; auto = cls "
                                           "where the vision tower has a CLS token, else mean"})
     summary_layer: int | None = field(
-        default=None, metadata={"help": "CLIP encoder layer for summary tokens; None = the second-to-last"})
+        default=None, metadata={"help": "vision-tower layer for summary tokens; None = the second-to-last"})
     summary_score: Literal["auto", "cls", "mean", "norm"] = field(
         default="auto", metadata={"help": "summary outliers by CLS attention, mean attention received or "
                                           "hidden-state norm; auto = cls where the vision tower has a CLS token, "
@@ -283,7 +285,6 @@ class PAINTHandle:
             raise ValueError(f"paint vision layers (local {config.local_layer}, summary {summary_layer}) must be "
                              f"below the vision tower's {vision_layers} encoder layers")
         self.local_score, self.summary_score = self._scores_for(adapter, native)
-        self.summary_layer = summary_layer
         self.layers = list(range(config.start_layer, end))
         self.heads = int(adapter.text_config.num_attention_heads)
         self.mass: torch.Tensor | None = None
