@@ -151,7 +151,9 @@ def layer_scores(capture, kind: str) -> torch.Tensor:
     qh, kh = capture.heads(q), capture.heads(k)
     if kind == "cls":
         return query_attention(qh[:, :, :1], kh, capture.scale)[:, :, 0].sum(1)
-    return query_attention(qh, kh, capture.scale).sum(1).mean(1)
+    # One tile at a time: a OneVision image has up to ten tiles of 729 tokens, (H, T, T) each.
+    return torch.stack([query_attention(qh[i:i + 1], kh[i:i + 1], capture.scale)[0].sum(0).mean(0)
+                        for i in range(qh.shape[0])])
 
 
 def select_per_image(local_scores: list[torch.Tensor], summary_scores: list[torch.Tensor], ratio: float
