@@ -2,13 +2,19 @@
 
 Two sets of image tokens are chosen per image from the vision tower, in the same forward pass that encodes it
 (the official code's `update_modpai_alpha`):
-- local tokens: the int(`local_ratio` * N) patches with the most CLS attention (summed over heads) at CLIP layer
+- local tokens: the int(`local_ratio` * N) tokens with the most CLS attention (summed over heads) at CLIP layer
   `local_layer` (default 0);
-- summary tokens: the patches whose CLS attention at the vision tower's second-to-last layer is an IQR outlier
+- summary tokens: the tokens whose CLS attention at the vision tower's second-to-last layer is an IQR outlier
   (score > Q3 + 1.5 IQR). Local := local minus summary.
-The scores come from the layers' own q/k projections, captured with scoped forward hooks (`VisionLayerCapture`);
-the vision tower runs as usual (no `output_attentions`). `local_score="mean"` and `summary_score="norm"` are mmkit
-variants (mean attention received; hidden-state norm).
+The scores come from the layers' own q/k projections, captured with scoped forward hooks (`VisionLayerCapture`;
+`NativeVisionCapture` on the Qwen-VL towers); the vision tower runs as usual (no `output_attentions`).
+
+Towers without a CLS token (SigLIP on LLaVA-OneVision, the Qwen-VL towers) rank by the attention each token
+receives instead (`local_score` / `summary_score` "auto" pick "cls" where a CLS exists, else "mean"; "norm" ranks
+summary tokens by hidden-state norm). Anyres images (LLaVA-NeXT, OneVision) are scored per tile and the scores are
+laid out on the image's packed tokens by the model's own `pack_image_features` (row newlines get none); Qwen-VL
+scores are averaged over each 2 x 2 merge group, in the language model's token order. Selection is per image over
+the tokens the language model receives.
 
 In decoder layers [start_layer, end_layer) (default 2 to the last, as the official code), the pre-softmax score
 z = q.k / sqrt(d) of the current token's row (the last prompt row in the prefill, the new token while decoding)
@@ -30,10 +36,11 @@ multiplied by 1 + alpha_{l,h} / 1 + beta_{l,h} (z + log(1 + alpha_{l,h})), the s
 The edited layers' attention is replaced through the attention probe by the kernel op
 `mmkit.kernels.scaled_attention` (`key_gain` for the paper's edit, `key_bias` for log_bias): on CUDA a
 FlexAttention score_mod; elsewhere SDPA for the rows left alone (with an additive mask on log_bias's rows) and the
-paper's edited rows computed explicitly in float32. alpha = beta = 0 is a no-op: nothing is installed and the logits are bit-identical to the baseline.
+paper's edited rows computed explicitly in float32. alpha = beta = 0 is a no-op: nothing is installed and the logits
+are bit-identical to the baseline.
 
-Supported: LLaVA-1.5 layout (`LlavaForConditionalGeneration`, one vision feature layer). Combines with token
-pruning: local and summary tokens are chosen on the prompt and the probe finds them (or their absence) in every
+Supported: every family (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL). Combines with
+token pruning: local and summary tokens are chosen on the prompt and the probe finds them (or their absence) in every
 layer's sequence, so a dropped token is simply not boosted.
 """
 
@@ -63,13 +70,17 @@ class PAINTConfig:
         default="abs", metadata={"help": "abs: z + alpha |z| (the paper's edit); log_bias: z + log(1 + alpha), the "
                                          "unnormalised attention times 1 + alpha"})
     local_ratio: float = field(default=0.25, metadata={"help": "fraction of each image's tokens taken as local"})
-    local_layer: int = field(default=0, metadata={"help": "CLIP encoder layer ranking local tokens"})
-    local_score: Literal["cls", "mean"] = field(
-        default="cls", metadata={"help": "local ranking: CLS attention, or mean attention received"})
+    local_layer: int = field(default=0, metadata={"help": "vision-tower layer (CLIP / SigLIP layer, Qwen-VL block) "
+                                                          "ranking local tokens"})
+    local_score: Literal["auto", "cls", "mean"] = field(
+        default="auto", metadata={"help": "local ranking: CLS attention, or mean attention received; auto = cls "
+                                          "where the vision tower has a CLS token, else mean"})
     summary_layer: int | None = field(
-        default=None, metadata={"help": "CLIP encoder layer for summary tokens; None = the second-to-last"})
-    summary_score: Literal["cls", "norm"] = field(
-        default="cls", metadata={"help": "summary outliers by CLS attention or by hidden-state norm"})
+        default=None, metadata={"help": "vision-tower layer for summary tokens; None = the second-to-last"})
+    summary_score: Literal["auto", "cls", "mean", "norm"] = field(
+        default="auto", metadata={"help": "summary outliers by CLS attention, mean attention received or "
+                                          "hidden-state norm; auto = cls where the vision tower has a CLS token, "
+                                          "else mean"})
     start_layer: int = field(default=2, metadata={"help": "first decoder layer whose attention is edited"})
     end_layer: int | None = field(default=None, metadata={"help": "decoder layer to stop before; None = all"})
     rows: Literal["last", "text"] = field(
@@ -95,8 +106,8 @@ class PAINTConfig:
                 raise ValueError(f"{name} must be an integer >= 0 or None, got {value!r}")
         if self.end_layer is not None and self.end_layer <= self.start_layer:
             raise ValueError(f"end_layer ({self.end_layer}) must be greater than start_layer ({self.start_layer})")
-        for name, allowed in (("edit", ("abs", "log_bias")), ("local_score", ("cls", "mean")),
-                              ("summary_score", ("cls", "norm")), ("rows", ("last", "text")),
+        for name, allowed in (("edit", ("abs", "log_bias")), ("local_score", ("auto", "cls", "mean")),
+                              ("summary_score", ("auto", "cls", "mean", "norm")), ("rows", ("last", "text")),
                               ("heads", ("uniform", "calibrated"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -128,47 +139,119 @@ def top_fraction(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     return mask
 
 
-def select_tokens(capture_local, capture_summary, config: PAINTConfig, n_feat: int, offset: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(local, summary) bool masks (I, n_feat) over each image's feature tokens from the two captured CLIP layers.
-
-    offset: index of feature token 0 among the CLIP tokens (1 when LLaVA drops CLS, 0 when it keeps it).
-    """
+def layer_scores(capture, kind: str) -> torch.Tensor:
+    """(tiles, T) per-token scores of one captured CLIP / SigLIP layer: the CLS row of its attention summed over
+    heads (cls), the attention each token receives summed over heads and averaged over queries (mean), or the
+    layer output's L2 norm (norm)."""
     from mmkit.patching.pre_llm import query_attention
 
-    q, k, _ = capture_local.take()
-    qh, kh = capture_local.heads(q), capture_local.heads(k)
-    if config.local_score == "cls":
-        local_scores = query_attention(qh[:, :, :1], kh, capture_local.scale)[:, :, 0].sum(1)       # (I, T)
-    else:
-        local_scores = query_attention(qh, kh, capture_local.scale).sum(1).mean(1)                   # (I, T)
-    q, k, out = capture_summary.take()
-    if config.summary_score == "norm":
-        summary_scores = out.float().norm(dim=-1)                                                     # (I, T)
-    else:
-        qh, kh = capture_summary.heads(q), capture_summary.heads(k)
-        summary_scores = query_attention(qh[:, :, :1], kh, capture_summary.scale)[:, :, 0].sum(1)
-    span = slice(offset, offset + n_feat)
-    summary = iqr_outliers(summary_scores[:, span])
-    local = top_fraction(local_scores[:, span], config.local_ratio) & ~summary
-    return local, summary
+    q, k, out = capture.take()
+    if kind == "norm":
+        return out.float().norm(dim=-1)
+    qh, kh = capture.heads(q), capture.heads(k)
+    if kind == "cls":
+        return query_attention(qh[:, :, :1], kh, capture.scale)[:, :, 0].sum(1)
+    # One tile at a time: a OneVision image has up to ten tiles of 729 tokens, (H, T, T) each.
+    return torch.stack([query_attention(qh[i:i + 1], kh[i:i + 1], capture.scale)[0].sum(0).mean(0)
+                        for i in range(qh.shape[0])])
 
 
-def image_positions_to_sequence(image_mask: torch.Tensor, per_image: torch.Tensor) -> torch.Tensor:
-    """Spread per-image token flags (I, N) onto the prompt's image positions: (B, n) bool (False off-image).
+def select_per_image(local_scores: list[torch.Tensor], summary_scores: list[torch.Tensor], ratio: float
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per image, (local, summary) bool masks over its image tokens from its two score vectors (n_i,): summary =
+    IQR outliers, local = top int(ratio n) minus summary, over the tokens with a score (NaN marks a row newline,
+    never chosen)."""
+    locals_, summaries = [], []
+    for local_score, summary_score in zip(local_scores, summary_scores):
+        real = ~torch.isnan(local_score)
+        summary = torch.zeros(local_score.shape, dtype=torch.bool, device=local_score.device)
+        local = torch.zeros_like(summary)
+        if bool(real.any()):
+            summary[real] = iqr_outliers(summary_score[real])
+            local[real] = top_fraction(local_score[real], ratio) & ~summary[real]
+        locals_.append(local)
+        summaries.append(summary)
+    return locals_, summaries
 
-    Images appear as runs of N image tokens in row-major order (LLaVA-1.5 layout)."""
-    n_images, tokens = per_image.shape
+
+def image_positions_to_sequence(image_mask: torch.Tensor, per_image) -> torch.Tensor:
+    """Spread per-image token flags onto the prompt's image positions: (B, n) bool (False off-image).
+
+    per_image: a list of (n_i,) flags (or an (I, N) tensor), one per image in prompt order; the images' tokens
+    appear in the prompt in that order, row by row."""
+    flags = [row for row in per_image]
     total = int(image_mask.sum())
-    if total != n_images * tokens:
-        raise RuntimeError(
-            f"paint: the prompt holds {total} image tokens but the vision tower encoded {n_images} images of {tokens}"
-        )
-    flat = image_mask.reshape(-1)
-    rank = flat.long().cumsum(0) - 1
-    image_id = torch.where(flat, rank // tokens, 0)
-    within = torch.where(flat, rank % tokens, 0)
-    return (per_image.to(image_mask.device)[image_id, within] & flat).view_as(image_mask)
+    counted = sum(int(f.numel()) for f in flags)
+    if total != counted:
+        raise RuntimeError(f"paint: the prompt holds {total} image tokens but the vision tower encoded {len(flags)} "
+                           f"images of {counted} tokens in all")
+    out = torch.zeros_like(image_mask, dtype=torch.bool)
+    if flags:
+        out.view(-1)[image_mask.reshape(-1).nonzero().flatten()] = torch.cat(flags).to(image_mask.device).bool()
+    return out
+
+
+class _TowerScores:
+    """Per-image token scores from a CLIP / SigLIP tower (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision): each tile's
+    scores at the two chosen layers, mapped to the image's packed tokens on the anyres layouts."""
+
+    def __init__(self, session, local_layer: int, summary_layer: int, local: str, summary: str):
+        from mmkit.patching.anyres import ImageSizeCapture
+        from mmkit.patching.pre_llm import ANYRES, VisionLayerCapture
+
+        adapter = session.adapter
+        self.kinds = (local, summary)
+        self.anyres = adapter.architecture in ANYRES
+        # Index of feature token 0 among the tower's tokens: 1 when the model drops CLS, 0 when it keeps it (or
+        # the tower has none).
+        self.offset = 1 if adapter.has_cls_token and adapter.vision_feature_select_strategy == "default" else 0
+        self._inner = session.model.model
+        self._captures = [VisionLayerCapture(adapter, local_layer), VisionLayerCapture(adapter, summary_layer)]
+        self._sizes = ImageSizeCapture(self._inner) if self.anyres else None
+
+    def per_image(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        from mmkit.patching.anyres import pack_tile_values
+
+        local, summary = (layer_scores(c, kind)[:, self.offset:] for c, kind in zip(self._captures, self.kinds))
+        if not self.anyres:
+            return list(local), list(summary)
+        packed = pack_tile_values(self._inner, self._sizes, torch.stack([local, summary], -1))
+        return [p[:, 0].float() for p in packed], [p[:, 1].float() for p in packed]
+
+    def remove(self) -> None:
+        for capture in self._captures:
+            capture.remove()
+        self._captures = []
+        if self._sizes is not None:
+            self._sizes.remove()
+            self._sizes = None
+
+
+class _NativeScores:
+    """Per-image token scores from a Qwen-VL tower (no CLS): per patch at the two chosen blocks, averaged over each
+    2 x 2 merge group, in the language model's token order."""
+
+    def __init__(self, session, local_layer: int, summary_layer: int, local: str, summary: str):
+        from mmkit.patching.native import NativeVisionCapture
+
+        self.kinds = (local, summary)
+        self._captures = [NativeVisionCapture(session.adapter, layer=local_layer),
+                          NativeVisionCapture(session.adapter, layer=summary_layer, output=summary == "norm")]
+
+    def per_image(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        from mmkit.patching.native import native_scores
+
+        out = []
+        for capture, kind in zip(self._captures, self.kinds):
+            scores = native_scores(capture)
+            # relative: a windowed Qwen2.5-VL block's windows differ in size; scale each to mean 1.
+            out.append(scores.output_norm() if kind == "norm" else scores.received(relative=True))
+        return out[0], out[1]
+
+    def remove(self) -> None:
+        for capture in self._captures:
+            capture.remove()
+        self._captures = []
 
 
 @dataclass
@@ -179,29 +262,36 @@ class _PrefillState:
 
 class PAINTHandle:
     def __init__(self, session, config: PAINTConfig, force_override: bool = False):
-        from mmkit.patching.pre_llm import VisionLayerCapture, vision_encoder_layers
+        from mmkit.patching.native import is_native
+        from mmkit.patching.pre_llm import ANYRES, vision_encoder_layers
 
         self.config = config
         adapter = session.adapter
-        if adapter.architecture != "LlavaForConditionalGeneration" or not isinstance(adapter.vision_feature_layer, int):
-            raise ValueError(f"paint supports the LLaVA-1.5 layout (one image = one run of patch tokens, one vision "
-                             f"feature layer); {adapter.architecture} is not supported")
+        native = is_native(adapter)
+        if not native and not isinstance(adapter.vision_feature_layer, int):
+            raise ValueError(f"paint needs one vision feature layer; {adapter.architecture} is set to "
+                             f"{adapter.vision_feature_layer!r}")
+        if adapter.architecture in ANYRES and adapter.has_cls_token and \
+                adapter.vision_feature_select_strategy != "default":
+            raise ValueError("paint on LLaVA-NeXT needs vision_feature_select_strategy='default' (patch features "
+                             "without CLS, as the released checkpoints use)")
         num_layers = adapter.num_layers
         end = num_layers if config.end_layer is None else config.end_layer
         if config.start_layer >= num_layers or end > num_layers:
             raise ValueError(f"paint layers [{config.start_layer}, {end}) do not fit this model's {num_layers} "
                              f"decoder layers")
-        vision_layers = len(vision_encoder_layers(adapter))
+        vision_layers = len(adapter.vision_tower.blocks) if native else len(vision_encoder_layers(adapter))
         # The official code reads `attentions[-2]`: the tower's second-to-last layer (LLaVA-1.5's feature layer).
         summary_layer = max(0, vision_layers - 2) if config.summary_layer is None else config.summary_layer
         if config.local_layer >= vision_layers or summary_layer >= vision_layers:
             raise ValueError(f"paint vision layers (local {config.local_layer}, summary {summary_layer}) must be "
                              f"below the vision tower's {vision_layers} encoder layers")
+        self.local_score, self.summary_score = self._scores_for(adapter, native)
         self.layers = list(range(config.start_layer, end))
         self.heads = int(adapter.text_config.num_attention_heads)
         self.mass: torch.Tensor | None = None
         self._handles: list = []
-        self._captures: list = []
+        self._scorer = None
         self._ctx = session.context
         self._state: _PrefillState | None = None
         self._session = session
@@ -211,19 +301,32 @@ class PAINTHandle:
             return
         self.mass = self._sensitivity(session)
         self._set_coefficients(session.device)
-        vision = adapter.config.vision_config
-        self._n_feat = (int(vision.image_size) // int(vision.patch_size)) ** 2
-        self._offset = 1
-        if adapter.vision_feature_select_strategy != "default":
-            self._n_feat += 1
-            self._offset = 0
-        self._captures = [VisionLayerCapture(adapter, config.local_layer), VisionLayerCapture(adapter, summary_layer)]
+        logger.info("paint on %s: local tokens by %s at vision layer %d, summary tokens by %s at vision layer %d",
+                    adapter.family.name, self.local_score, config.local_layer, self.summary_score, summary_layer)
+        scorer = _NativeScores if native else _TowerScores
+        self._scorer = scorer(session, config.local_layer, summary_layer, self.local_score, self.summary_score)
         try:
             self._handles.append(session.probe.override(self.layers, self._attend))
         except Exception:
             self.remove()
             raise
         self._ctx.on_prefill(id(self), self._reset)
+
+    def _scores_for(self, adapter, native: bool) -> tuple[str, str]:
+        """The (local, summary) scores this tower gets: `auto` is CLS attention where the tower has a CLS token
+        (the paper), else the attention each token receives (the CLS-free score VisionZip's SigLIP and Qwen-VL
+        ports use)."""
+        has_cls = adapter.has_cls_token and not native
+        chosen = []
+        for name in ("local_score", "summary_score"):
+            value = getattr(self.config, name)
+            if value == "auto":
+                value = "cls" if has_cls else "mean"
+            if value == "cls" and not has_cls:
+                raise ValueError(f"paint {name}=cls needs a vision tower with a CLS token and {adapter.family.name}'s "
+                                 f"has none; use {name}=auto or mean")
+            chosen.append(value)
+        return chosen[0], chosen[1]
 
     # -- calibration ------------------------------------------------------------------------------------------------
     def _sensitivity(self, session) -> torch.Tensor | None:
@@ -276,7 +379,8 @@ class PAINTHandle:
         image_mask = self._ctx.prompt_image_mask
         if image_mask is None or not bool(image_mask.any()):
             return None
-        local, summary = select_tokens(self._captures[0], self._captures[1], self.config, self._n_feat, self._offset)
+        local_scores, summary_scores = self._scorer.per_image()
+        local, summary = select_per_image(local_scores, summary_scores, self.config.local_ratio)
         # Chosen on the prompt; the probe maps them onto whatever sequence each layer sees.
         image_mask = image_mask.to(self._local_coef.device)
         return _PrefillState(image_positions_to_sequence(image_mask, local),
@@ -316,9 +420,9 @@ class PAINTHandle:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for capture in self._captures:
-            capture.remove()
-        self._captures = []
+        if self._scorer is not None:
+            self._scorer.remove()
+            self._scorer = None
         self._ctx.drop_callback(id(self))
         self._state = None
 
@@ -330,7 +434,8 @@ def apply_paint(session, config: PAINTConfig) -> PAINTHandle:
 
 register_method(
     "paint", PAINTConfig, apply_paint, kind="hallucination",
-    description="Edit the current token's attention scores to local and summary image tokens chosen from CLIP "
-                "attention, z + alpha |z| (arXiv 2501.12206); optionally scaled per head by visual sensitivity.",
+    description="Edit the current token's attention scores to local and summary image tokens chosen from the vision "
+                "tower's attention, z + alpha |z| (arXiv 2501.12206); optionally scaled per head by visual "
+                "sensitivity.",
     slots=("attention_scores",), needs_calibration=True,
 )

@@ -23,18 +23,14 @@ class Family:
     grounding_refused: str | None = None
 
 
-_PAINT = ("it reads per-patch vision-tower features of the LLaVA-1.5 layout (one image = one run of patch tokens); "
-          "not yet adapted")
 # DivPrune, CDPruner, random and pooling select among one image's projected tokens as one grid.
 _PROJECTED_SELECTION = ("it selects among each image's projected tokens as one grid (the LLaVA-1.5 layout), and "
                         "anyres tiles with row newlines are packed into the image tokens; not yet adapted")
 _NEXT_REFUSALS = {
-    "paint": _PAINT,
     **{name: _PROJECTED_SELECTION for name in ("divprune", "cdpruner", "random", "pooling")},
 }
 _ONEVISION_REFUSALS = dict(_NEXT_REFUSALS)
 _QWEN_REFUSALS = {
-    "paint": _PAINT,
     **{name: "it reduces the projected tokens of the LLaVA-1.5 layout before the LLM (one fixed grid per image, "
              "positions renumbered), and Qwen-VL images are native-resolution grids with 3-D rotary positions; not "
              "yet adapted" for name in ("divprune", "cdpruner", "random", "pooling")},

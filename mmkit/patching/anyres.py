@@ -21,21 +21,37 @@ NEWLINE = -1
 
 class ImageSizeCapture:
     """Records the `image_sizes` (and OneVision's `batch_num_images` / `vision_aspect_ratio`) of the latest image
-    encoding of one anyres model instance."""
+    encoding of one anyres model instance.
+
+    Every capture of one model instance listens to a single wrapper, so captures of several methods stack and come
+    off in any order; the last one removed deletes the wrapper."""
 
     def __init__(self, inner_model: torch.nn.Module):
         self.inner = inner_model
         self.image_sizes: torch.Tensor | None = None
         self.options: dict = {}
-        original = inner_model.get_image_features
+        wrapper = inner_model.__dict__.get("get_image_features")
+        if getattr(wrapper, "mmkit_size_listeners", None) is None:
+            previous = wrapper                      # an instance attribute set by someone else, kept on removal
+            original = inner_model.get_image_features
+            listeners: list[ImageSizeCapture] = []
 
-        def get_image_features(pixel_values, image_sizes, *args, **kwargs):
-            self.image_sizes = None if image_sizes is None else torch.as_tensor(image_sizes).detach().cpu().clone()
-            self.options = {name: kwargs.get(name) for name in ("batch_num_images", "vision_aspect_ratio")}
-            return original(pixel_values, image_sizes, *args, **kwargs)
+            def get_image_features(pixel_values, image_sizes, *args, **kwargs):
+                for listener in list(listeners):
+                    listener._record(image_sizes, kwargs)
+                return original(pixel_values, image_sizes, *args, **kwargs)
 
-        # An instance attribute shadows the class method for this model only; deleting it restores the method.
-        inner_model.get_image_features = get_image_features
+            get_image_features.mmkit_size_listeners = listeners
+            get_image_features.mmkit_previous = previous
+            # An instance attribute shadows the class method for this model only; deleting it restores the method.
+            inner_model.get_image_features = get_image_features
+            wrapper = get_image_features
+        wrapper.mmkit_size_listeners.append(self)
+        self._wrapper = wrapper
+
+    def _record(self, image_sizes, kwargs) -> None:
+        self.image_sizes = None if image_sizes is None else torch.as_tensor(image_sizes).detach().cpu().clone()
+        self.options = {name: kwargs.get(name) for name in ("batch_num_images", "vision_aspect_ratio")}
 
     def take(self) -> torch.Tensor:
         if self.image_sizes is None:
@@ -44,7 +60,15 @@ class ImageSizeCapture:
         return sizes
 
     def remove(self) -> None:
-        self.inner.__dict__.pop("get_image_features", None)
+        listeners = self._wrapper.mmkit_size_listeners
+        if self in listeners:
+            listeners.remove(self)
+        if not listeners and self.inner.__dict__.get("get_image_features") is self._wrapper:
+            previous = self._wrapper.mmkit_previous
+            if previous is None:
+                del self.inner.get_image_features
+            else:
+                self.inner.get_image_features = previous
 
 
 def _onevision(config) -> bool:
@@ -92,6 +116,31 @@ def anyres_layout(inner_model: torch.nn.Module, capture: ImageSizeCapture, n_til
         raise RuntimeError("visionzip cannot place tokens of an image whose high-resolution grid the model resizes "
                            "after projection (OneVision anyres_max); use smaller images or an LLM-side method")
     return [p.long() for p in layout]
+
+
+def pack_tile_values(inner_model: torch.nn.Module, capture, values: torch.Tensor) -> list[torch.Tensor]:
+    """Per-tile, per-patch values (tiles, n_feat, C) of the latest encoding -> per image (n_tokens, C) float64 over
+    its packed image tokens, laid out by the model's own `pack_image_features` (unpadding, row newlines, and
+    OneVision's bilinear resize of a large grid, which blends the values as it blends the features); newline tokens
+    hold NaN."""
+    config = inner_model.config
+    options = capture.options
+    image_sizes = capture.take()
+    n_tiles = values.shape[0]
+    counts = tiles_per_image(config, image_sizes, options.get("batch_num_images"))
+    if sum(counts) != n_tiles:
+        raise RuntimeError(f"{n_tiles} tiles were encoded but the image sizes imply {sum(counts)}")
+    tiles = list(torch.split(values.detach().to("cpu", torch.float64), counts))
+    newline = torch.full((values.shape[-1],), float("nan"), dtype=torch.float64)
+    if _onevision(config):
+        aspect = options.get("vision_aspect_ratio") or config.vision_aspect_ratio
+        packed, _ = inner_model.pack_image_features(tiles, image_sizes, image_newline=newline,
+                                                    vision_aspect_ratio=aspect)
+    else:
+        packed, _ = inner_model.pack_image_features(
+            tiles, image_sizes, vision_feature_select_strategy=config.vision_feature_select_strategy,
+            image_newline=newline)
+    return list(packed)
 
 
 def visible_patches(layout: list[torch.Tensor], n_tiles: int, n_feat: int) -> torch.Tensor:

@@ -70,17 +70,21 @@ class NativeEncoding:
     k_content: torch.Tensor         # (L, H, D) float32, the key projection before the rotary
     cu_seqlens: torch.Tensor        # (segments + 1,) attention segments of the block
     pixel_values: torch.Tensor | None
+    out: torch.Tensor | None = None  # (L, C) the block's output (with `output=True`), tower (block) order
 
 
 class NativeVisionCapture:
-    """Scoped hooks recording one Qwen-VL vision block's attention inputs for the latest image encoding."""
+    """Scoped hooks recording one Qwen-VL vision block's attention inputs for the latest image encoding.
 
-    def __init__(self, adapter, pixels: bool = False):
+    layer: the block to observe (None = the last full-attention block); output: also record its output."""
+
+    def __init__(self, adapter, pixels: bool = False, layer: int | None = None, output: bool = False):
         tower = adapter.vision_tower
         self.tower = tower
         blocks = tower.blocks
         full = getattr(tower, "fullatt_block_indexes", None)
-        self.layer_index = max(full) if full else len(blocks) - 1
+        self.layer_index = (max(full) if full else len(blocks) - 1) if layer is None else layer
+        # Qwen2.5-VL runs every block on window-ordered groups (a windowed block also attends within windows).
         self.windowed = bool(full)
         attn = blocks[self.layer_index].attn
         self.num_heads = int(attn.num_heads)
@@ -91,11 +95,15 @@ class NativeVisionCapture:
         self._qkv: torch.Tensor | None = None
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._cu: torch.Tensor | None = None
+        self._out: torch.Tensor | None = None
         self._handles = [
             tower.register_forward_pre_hook(self._on_tower, with_kwargs=True),
             attn.register_forward_pre_hook(self._on_attention, with_kwargs=True),
             attn.qkv.register_forward_hook(self._on_qkv),
         ]
+        self._want_output = output
+        if output:
+            self._handles.append(blocks[self.layer_index].register_forward_hook(self._on_output))
         self._want_pixels = pixels
 
     def _on_tower(self, module, args, kwargs):
@@ -103,7 +111,7 @@ class NativeVisionCapture:
         self._grid = None if grid is None else torch.as_tensor(grid).detach().cpu().long().clone()
         if self._want_pixels:
             self._pixels = args[0] if args else kwargs.get("hidden_states")
-        self._qkv = self._rope = self._cu = None
+        self._qkv = self._rope = self._cu = self._out = None
 
     def _on_attention(self, module, args, kwargs):
         self._cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
@@ -112,17 +120,21 @@ class NativeVisionCapture:
     def _on_qkv(self, module, args, output):
         self._qkv = output
 
+    def _on_output(self, module, args, output):
+        self._out = output[0] if isinstance(output, tuple) else output
+
     def take(self) -> NativeEncoding:
         """The latest encoding, cleared so a stale capture is never reused."""
-        if self._grid is None or self._qkv is None or self._rope is None or self._cu is None:
+        if self._grid is None or self._qkv is None or self._rope is None or self._cu is None or \
+                (self._want_output and self._out is None):
             raise RuntimeError("the vision tower was not run for this prefill; cannot rank its tokens")
         qkv, (cos, sin) = self._qkv, self._rope
         n = qkv.shape[0]
         q, k, _ = qkv.reshape(n, 3, self.num_heads, -1).unbind(1)
         encoding = NativeEncoding(grid_thw=self._grid, q=_rotate(q, cos, sin), k=_rotate(k, cos, sin),
                                   k_content=k.float(), cu_seqlens=self._cu.detach().cpu().long(),
-                                  pixel_values=self._pixels)
-        self._grid = self._qkv = self._rope = self._cu = self._pixels = None
+                                  pixel_values=self._pixels, out=self._out)
+        self._grid = self._qkv = self._rope = self._cu = self._pixels = self._out = None
         return encoding
 
     def remove(self) -> None:
@@ -168,15 +180,23 @@ class NativeScores:
             grouped = natural
         return list(torch.split(grouped, self.counts))
 
-    def received(self) -> list[torch.Tensor]:
+    def received(self, relative: bool = False) -> list[torch.Tensor]:
         """Per image, each visual token's attention received (mean over heads, the image's queries and its 4
-        patches): the CLS-free score VisionZip's Qwen-VL and SigLIP ports rank by."""
+        patches): the CLS-free score VisionZip's Qwen-VL and SigLIP ports rank by. `relative`: times the
+        attention segment's length (1 = the segment's average), so tokens of windows of different sizes (a
+        windowed Qwen2.5-VL block) compare on one scale."""
         q, k = self.encoding.q, self.encoding.k
         per_patch = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
         for start, end in self.segments():
             qh, kh = q[start:end].transpose(0, 1), k[start:end].transpose(0, 1)
-            per_patch[start:end] = received_attention(qh, kh, self._scale)
+            per_patch[start:end] = received_attention(qh, kh, self._scale) * ((end - start) if relative else 1)
         return self.to_tokens(per_patch)
+
+    def output_norm(self) -> list[torch.Tensor]:
+        """Per image, each visual token's block-output L2 norm (mean over its 4 patches)."""
+        if self.encoding.out is None:
+            raise RuntimeError("the block output was not captured (NativeVisionCapture(output=True))")
+        return self.to_tokens(self.encoding.out.float().norm(dim=-1))
 
     def global_relevance(self, threshold: float) -> list[torch.Tensor]:
         """Per image, VFlowOpt's context relevance per visual token: per attention segment, the global tokens are

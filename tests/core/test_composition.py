@@ -202,6 +202,27 @@ def _run_supported_pairs(next_session, images, pruning_specs, mitigation):
     next_session.remove_all()
 
 
+PAINT_FAMILIES = ("tiny-random-next", "tiny-random-onevision", "tiny-random-qwen2-vl", "tiny-random-qwen2.5-vl",
+                  "tiny-random-qwen3-vl")
+
+
+@pytest.mark.parametrize("model", PAINT_FAMILIES)
+def test_paint_composes_with_every_supported_pruning_on_families(model, images, pruning_specs):
+    """PAINT's token sets (from the vision tower, in prompt positions) under every pruning method the family runs,
+    both orders: pre-LLM reductions (anyres placement, Qwen-VL kept slots) and in-LLM token drops."""
+    session = mmkit.load(model, device="cpu")
+    try:
+        specs = {p: s for p, s in pruning_specs.items() if p not in ("dyvte", "visor")}
+        supported = [p for p, s in specs.items() if _supports(session, s)]
+        assert {"fastv", "pyramiddrop", "sparsevlm", "visionzip", "vflowopt"} <= set(supported)
+        for p in supported:
+            for order in ((specs[p], MITIGATION["paint"]), (MITIGATION["paint"], specs[p])):
+                session.remove_all()
+                run_pair(session, images[:2], list(order))
+    finally:
+        session.close()
+
+
 @pytest.mark.parametrize("pair", [("fastv:layer=2,keep=0.25", "paint:start_layer=1"), ("visionzip:keep=0.25", "var"),
                                   ("sparsevlm:layers=1/2,keep=0.25/0.25", "agla"),
                                   ("vhr", "sparsevlm:budget=rank,rank_scale=2")])

@@ -32,6 +32,7 @@ SPECS = {
     "vflowopt": "vflowopt:vision_keep=0.5,merge_cell=1.0,llm_keep=0.7/0.6",
     "divprune": "divprune:tokens=16", "cdpruner": "cdpruner:tokens=16", "random": "random:tokens=16",
     "pooling": "pooling:tokens=16",
+    "paint": "paint:start_layer=1",
 }
 
 

@@ -11,6 +11,7 @@ from mmkit.hallucination.paint import (
     PAINTHandle,
     image_positions_to_sequence,
     iqr_outliers,
+    select_per_image,
     top_fraction,
 )
 
@@ -24,7 +25,7 @@ def test_zero_gains_install_nothing_and_keep_logits_identical(session, images, p
     base = forward_logits(session, inputs)
     for spec in ("paint:start_layer=1,alpha=0,beta=0", "paint:alpha=0,beta=0,edit=log_bias,rows=text"):
         handle = session.apply(spec)
-        assert handle.impl._handles == [] and handle.impl._captures == []
+        assert handle.impl._handles == [] and handle.impl._scorer is None
         assert session.model.config.text_config._attn_implementation == "sdpa"
         assert torch.equal(forward_logits(session, inputs), base)
         handle.remove()
@@ -247,6 +248,22 @@ def test_token_selection_helpers():
                                                                           [False, True, False, False]]
     with pytest.raises(RuntimeError, match="the vision tower encoded 3 images"):
         image_positions_to_sequence(image_mask, torch.ones(3, 2, dtype=torch.bool))
+    # Images of different lengths (anyres, Qwen-VL), placed in prompt order row by row.
+    flags = [torch.tensor([True, False, True]), torch.tensor([False])]
+    mask = torch.tensor([[False, True, True, True], [True, False, False, False]])
+    assert image_positions_to_sequence(mask, flags).tolist() == [[False, True, False, True],
+                                                                 [False, False, False, False]]
+
+
+def test_newline_tokens_are_never_chosen():
+    """NaN scores mark row newlines: out of the ranking, the quartiles and both sets; int(ratio n) counts only the
+    scored tokens."""
+    nan = float("nan")
+    local_scores = [torch.tensor([0.9, 0.1, nan, 0.8, 0.2, nan, 0.3, 0.4, nan])]
+    summary_scores = [torch.tensor([1.0, 1.1, nan, 0.9, 9.0, nan, 1.0, 1.05, nan])]
+    local, summary = select_per_image(local_scores, summary_scores, 0.5)
+    assert summary[0].tolist() == [False, False, False, False, True, False, False, False, False]
+    assert local[0].tolist() == [True, False, False, True, False, False, False, True, False]   # top 3 of 6
 
 
 @pytest.mark.parametrize("spec, message", [
