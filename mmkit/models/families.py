@@ -32,13 +32,9 @@ _GROUNDING_NATIVE = "its attention maps assume one square grid of patch tokens p
 
 _PAINT = ("it reads per-patch vision-tower features of the LLaVA-1.5 layout (one image = one run of patch tokens); "
           "not yet adapted")
-# DivPrune, CDPruner, random and pooling select among one image's projected tokens as one grid.
-_PROJECTED_SELECTION = ("it selects among each image's projected tokens as one grid (the LLaVA-1.5 layout), and "
-                        "anyres tiles with row newlines are packed into the image tokens; not yet adapted")
 _NEXT_REFUSALS = {
     "paint": _PAINT,
     "agla": "its augmented view is built for LLaVA-1.5-layout models (one image tile per row); not yet adapted",
-    **{name: _PROJECTED_SELECTION for name in ("divprune", "cdpruner", "random", "pooling")},
 }
 _ONEVISION_REFUSALS = dict(_NEXT_REFUSALS)
 _QWEN_REFUSALS = {
@@ -48,9 +44,6 @@ _QWEN_REFUSALS = {
                 "2 x 2 patches per visual token; not yet adapted",
     "paint": _PAINT,
     "agla": "its augmented view is built for LLaVA-1.5-layout models (one fixed-size tile per image); not yet adapted",
-    **{name: "it reduces the projected tokens of the LLaVA-1.5 layout before the LLM (one fixed grid per image, "
-             "positions renumbered), and Qwen-VL images are native-resolution grids with 3-D rotary positions; not "
-             "yet adapted" for name in ("divprune", "cdpruner", "random", "pooling")},
 }
 
 FAMILIES: dict[str, Family] = {

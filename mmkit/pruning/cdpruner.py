@@ -25,7 +25,7 @@ answer-format suffixes are removed, as the paper feeds the raw question.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -37,9 +37,10 @@ from mmkit.pruning.selection import (
     SelectionHandle,
     check_budget_fields,
     check_positions,
+    fixed_budget,
     identity_order,
-    kept_count,
-    supported_tokens,
+    patch_tokens,
+    per_image_layout,
 )
 from mmkit.registry import register_method
 
@@ -64,9 +65,9 @@ class CDPrunerConfig:
     invert: bool | None = field(default=None, metadata={"help": "negate the similarity before normalising; "
                                                                 "default: yes with CLIP (released code), no with "
                                                                 "the model's embeddings"})
-    positions: Literal["contiguous", "original"] = field(
-        default="contiguous", metadata={"help": "position ids: renumber the shorter sequence (paper), or keep "
-                                                "the originals"})
+    positions: Literal["auto", "contiguous", "original"] = field(
+        default="auto", metadata={"help": "position ids: auto = renumber the shorter sequence (paper) where "
+                                          "positions are 1-D, keep the 3-D ones on Qwen-VL; or contiguous / original"})
 
     def __post_init__(self):
         self.keep = check_budget_fields(self.keep, self.tokens)
@@ -231,7 +232,11 @@ class ClipRelevance:
 class CDPrunerHandle(SelectionHandle):
     def __init__(self, session, config: CDPrunerConfig):
         self.config = config
-        self.k = kept_count(config.keep, config.tokens, supported_tokens(session), "cdpruner")
+        if config.clip and per_image_layout(session):
+            raise ValueError(f"cdpruner clip= scores the CLIP patches of the LLaVA-1.5 layout; on "
+                             f"{session.adapter.family.name} leave clip empty (relevance from the model's own input "
+                             f"embeddings)")
+        self.k = fixed_budget(session, config, "cdpruner")
         self.tokenizer = session.processor.tokenizer
         self.template = session.chat_prompt("{prompt}")
         self.image_token = getattr(session.processor, "image_token", "<image>")
@@ -252,10 +257,20 @@ class CDPrunerHandle(SelectionHandle):
 
     def _select(self, batch: ImageBatch) -> Selection:
         n_img, n, _ = batch.features.shape
-        if self.k >= n:
+        k = self.kept(n)
+        if k >= n:
             return Selection(order=identity_order(n_img, n, batch.features.device))
+        patches = patch_tokens(batch)
+        if patches is not None:
+            # Anyres: the DPP runs over the patch tokens; row newlines are dropped, as the released LLaVA-1.6 path
+            # feeds none.
+            batch = replace(batch, features=batch.features[:, patches])
+            k = min(k, patches.numel())
         kernel = dpp_kernel(batch.features, self.relevance_scores(batch))
-        return Selection(order=greedy_dpp(kernel, self.k).sort(dim=1).values)
+        picks = greedy_dpp(kernel, k)
+        if patches is not None:
+            picks = patches[picks]
+        return Selection(order=picks.sort(dim=1).values)
 
     def remove(self) -> None:
         super().remove()

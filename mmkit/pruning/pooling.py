@@ -25,8 +25,10 @@ from mmkit.pruning.selection import (
     grid_side,
     identity_order,
     kept_count,
+    per_image_layout,
     supported_tokens,
 )
+from mmkit.pruning.image_layout import Grid, ImageLayout
 from mmkit.registry import register_method
 
 
@@ -59,9 +61,53 @@ def pool_features(features: torch.Tensor, side: int, grid: tuple[int, int]) -> t
     return pooled.flatten(2).transpose(1, 2).to(features.dtype)
 
 
+def window_bounds(size: int, out: int, i: int) -> tuple[int, int]:
+    """[start, end) of window i of `adaptive_avg_pool2d` reducing `size` to `out` along one axis."""
+    return (i * size) // out, -(-((i + 1) * size) // out)
+
+
+def pooled_sides(grid: Grid, share: float) -> tuple[int, int]:
+    """A grid's pooled (rows, cols): each side scaled by sqrt(share), rounded, at least 1 (the aspect ratio kept)."""
+    scale = math.sqrt(share)
+    return (min(grid.rows, max(1, round(grid.rows * scale))), min(grid.cols, max(1, round(grid.cols * scale))))
+
+
+def pool_layout(features: torch.Tensor, layout: ImageLayout, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool every grid of one image (features (N, D)) by `share` of its tokens. Each window's average is written
+    into the slot of the window's central token (lower middle for even sizes), which keeps its place (and, on
+    Qwen-VL, its 3-D position); a grid row that ends with a newline keeps the newline of each pooled row's
+    central row; newlines outside the grids stay. Returns (kept slots sorted, edited features)."""
+    edited = features.clone()
+    keep = torch.zeros(layout.length, dtype=torch.bool)
+    keep[layout.newline] = True
+    for grid in layout.grids:
+        h, w = pooled_sides(grid, share)
+        rows = torch.arange(grid.rows)[:, None] * grid.stride + torch.arange(grid.cols)[None] + grid.start
+        if grid.stride > grid.cols:
+            keep[rows[:, -1] + 1] = False          # this grid's newlines: only the pooled rows' stay
+        spatial = features[rows.flatten().to(features.device)].float().T.reshape(1, -1, grid.rows, grid.cols)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(spatial, (h, w))[0]
+        for i in range(h):
+            r0, r1 = window_bounds(grid.rows, h, i)
+            centre_row = (r0 + r1 - 1) // 2
+            if grid.stride > grid.cols:
+                keep[rows[centre_row, -1] + 1] = True
+            for j in range(w):
+                c0, c1 = window_bounds(grid.cols, w, j)
+                slot = int(rows[centre_row, (c0 + c1 - 1) // 2])
+                keep[slot] = True
+                edited[slot] = pooled[:, i, j].to(features.dtype)
+    return keep.nonzero().flatten().to(features.device), edited
+
+
 class PoolingHandle(SelectionHandle):
     def __init__(self, session, config: PoolingConfig):
         self.config = config
+        if per_image_layout(session):
+            # Images differ in size: each grid is pooled by the share (`tokens` sets the share per image).
+            self.k = None
+            super().__init__(session, self._select_layout, positions="auto")
+            return
         n = supported_tokens(session)
         if session.adapter.vision_feature_select_strategy != "default":
             raise ValueError("pooling needs the patch tokens only (vision_feature_select_strategy='default'); "
@@ -80,6 +126,14 @@ class PoolingHandle(SelectionHandle):
         edited[:, :self.k] = pool_features(feats, self.side, self.grid)
         # The pooled tokens take the first k slots of each image; the rest are dropped.
         return Selection(order=identity_order(n_img, self.k, feats.device), features=edited)
+
+    def _select_layout(self, batch: ImageBatch) -> Selection:
+        layout = batch.layout
+        share = self.config.tokens / layout.length if self.config.tokens > 0 else self.config.keep
+        if share >= 1.0:
+            return Selection(order=identity_order(1, layout.length, batch.features.device))
+        slots, edited = pool_layout(batch.features[0], layout, share)
+        return Selection(order=slots[None], features=edited[None])
 
 
 def apply_pooling(session, config: PoolingConfig) -> PoolingHandle:
