@@ -137,15 +137,27 @@ def instruction_texts(input_ids: torch.Tensor, image_mask: torch.Tensor, attenti
     """Per batch row, the user's instruction: the row's text with the chat template and LLaVA's answer-format
     suffixes removed."""
     prefix, _, suffix = template.partition("{prompt}")
-    prefix, suffix = prefix.replace(image_token, "").strip(), suffix.strip()
+
+    def forms(part: str) -> list[str]:
+        # As written, and as decoding shows it (special tokens such as Qwen-VL's <|vision_start|> vanish there).
+        plain = part.replace(image_token, "").strip()
+        decoded = tokenizer.decode(tokenizer(plain, add_special_tokens=False)["input_ids"],
+                                   skip_special_tokens=True).strip()
+        return [f for f in dict.fromkeys((plain, decoded)) if f]
+
+    prefixes, suffixes = forms(prefix), forms(suffix)
     real = ~image_mask if attention_mask is None else (~image_mask) & attention_mask.bool()
     texts = []
     for ids, keep in zip(input_ids, real):
         text = tokenizer.decode(ids[keep], skip_special_tokens=True).strip()
-        if prefix and text.startswith(prefix):
-            text = text[len(prefix):].strip()
-        if suffix and text.endswith(suffix):
-            text = text[:-len(suffix)].strip()
+        for form in prefixes:
+            if text.startswith(form):
+                text = text[len(form):].strip()
+                break
+        for form in suffixes:
+            if text.endswith(form):
+                text = text[:-len(form)].strip()
+                break
         for tail in FORMAT_SUFFIXES:
             if text.endswith(tail):
                 text = text[:-len(tail)].strip()
