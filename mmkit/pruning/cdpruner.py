@@ -244,10 +244,12 @@ class ClipRelevance:
 class CDPrunerHandle(SelectionHandle):
     def __init__(self, session, config: CDPrunerConfig):
         self.config = config
-        if config.clip and per_image_layout(session):
-            raise ValueError(f"cdpruner clip= scores the CLIP patches of the LLaVA-1.5 layout; on "
-                             f"{session.adapter.family.name} leave clip empty (relevance from the model's own input "
-                             f"embeddings)")
+        if config.clip and per_image_layout(session) and not session.adapter.has_cls_token:
+            # CLIP relevance scores the vision tower's own patches with the CLIP it came from; SigLIP (OneVision) and
+            # the Qwen-VL towers have no CLIP text tower to pair with.
+            raise ValueError(f"cdpruner clip= needs a CLIP vision tower (LLaVA-1.5, LLaVA-NeXT); "
+                             f"{session.adapter.family.name}'s tower is not CLIP, leave clip empty (relevance from the "
+                             f"model's own input embeddings)")
         self.k = fixed_budget(session, config, "cdpruner")
         self.tokenizer = session.processor.tokenizer
         self.template = session.chat_prompt("{prompt}")
@@ -276,7 +278,9 @@ class CDPrunerHandle(SelectionHandle):
         if patches is not None:
             # Anyres: the DPP runs over the patch tokens; row newlines are dropped, as the released LLaVA-1.6 path
             # feeds none.
-            batch = replace(batch, features=batch.features[:, patches])
+            vision = batch.vision_features
+            batch = replace(batch, features=batch.features[:, patches],
+                            vision_features=None if vision is None else vision[:, patches])
             k = min(k, patches.numel())
         kernel = dpp_kernel(batch.features, self.relevance_scores(batch))
         picks = greedy_dpp(kernel, k)

@@ -4,9 +4,10 @@ counts.
 
 - LLaVA-NeXT / LLaVA-OneVision (anyres): a base tile (a square grid of patch tokens), then the high-resolution
   tiles merged into one grid, unpadded, with an `image_newline` token after every row; an image encoded as its
-  base tile only ends with one newline. Which tokens are newlines is taken from the model itself: its own
-  `pack_image_features` is run on tiles of zeros with a newline of one (exact in float64, also when OneVision
-  resizes a large grid after projection), so the layout can never disagree with transformers'.
+  base tile only ends with one newline. Which tokens are newlines (and which tile patch every other token is) is
+  taken from the model itself: its own `pack_image_features` is run on tiles whose "features" are the patches'
+  row indices (float64, exact) and a newline of -1, so the layout can never disagree with transformers' (when
+  OneVision resizes a large grid after projection, the blended rows are still told from the exact -1 newlines).
 - Qwen2-VL / Qwen2.5-VL / Qwen3-VL: per image `t x h x w` patches (`image_grid_thw`), merged `m x m` into
   `t` frames of `h/m x w/m` tokens in raster order, no separator tokens.
 
@@ -42,6 +43,10 @@ class ImageLayout:
     length: int                 # the image's tokens in the prompt
     newline: torch.Tensor       # (length,) bool: anyres row separators
     grids: list[Grid]
+    # Anyres: per token, the row of the projector's input it was projected from (tile x patches + patch, tiles
+    # numbered over the encoding), -1 for newlines; None where a token is not one row (OneVision's resized grids)
+    # or the family has no such input (Qwen-VL merges inside its tower).
+    source: torch.Tensor | None = None
 
 
 def grid_layout(rows: int, cols: int, frames: int = 1) -> ImageLayout:
@@ -51,7 +56,7 @@ def grid_layout(rows: int, cols: int, frames: int = 1) -> ImageLayout:
                        [Grid(f * size, rows, cols, cols) for f in range(frames)])
 
 
-def packed_layout(newline: torch.Tensor, side: int) -> ImageLayout:
+def packed_layout(newline: torch.Tensor, side: int, source: torch.Tensor | None = None) -> ImageLayout:
     """Layout of one packed anyres image from its newline mask: the base tile's side x side grid first, then rows
     of the high-resolution grid, each ending with a newline (or a single closing newline for a base-only image)."""
     length = int(newline.numel())
@@ -69,7 +74,7 @@ def packed_layout(newline: torch.Tensor, side: int) -> ImageLayout:
         grids.append(Grid(base, rows, cols, cols + 1))
     elif length - base != 1 or not bool(rest.all()):
         raise RuntimeError("unexpected anyres packing: a base-only image should end with one newline")
-    return ImageLayout(length, newline.clone(), grids)
+    return ImageLayout(length, newline.clone(), grids, source)
 
 
 class LayoutCapture:
@@ -111,8 +116,10 @@ class LayoutCapture:
         config = self.inner.config
         counts = tiles_per_image(config, sizes, options.get("batch_num_images"))
         n_feat = self.side * self.side
-        tiles = [torch.zeros(c, n_feat, 1, dtype=torch.float64) for c in counts]
-        newline = torch.ones(1, dtype=torch.float64)
+        # Each tile patch's "feature" is its row index in the projector's input (exact in float64), the newline -1.
+        index = torch.arange(sum(counts) * n_feat, dtype=torch.float64).view(-1, n_feat, 1)
+        tiles = list(torch.split(index, counts))
+        newline = torch.full((1,), -1.0, dtype=torch.float64)
         if config.model_type == "llava_onevision":
             aspect = options.get("vision_aspect_ratio") or config.vision_aspect_ratio
             packed, _ = self.inner.pack_image_features(tiles, sizes, image_newline=newline, vision_aspect_ratio=aspect)
@@ -120,7 +127,12 @@ class LayoutCapture:
             packed, _ = self.inner.pack_image_features(
                 tiles, sizes, vision_feature_select_strategy=config.vision_feature_select_strategy,
                 image_newline=newline)
-        return [packed_layout(p[:, 0] == 1.0, self.side) for p in packed]
+        layouts = []
+        for p in packed:
+            values = p[:, 0]
+            exact = bool((values == values.round()).all())   # OneVision blends the rows of a resized grid
+            layouts.append(packed_layout(values == -1.0, self.side, values.long() if exact else None))
+        return layouts
 
     def remove(self) -> None:
         for handle in self._handles:

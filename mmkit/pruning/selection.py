@@ -213,7 +213,7 @@ class LayoutReducer:
     growing 2-D mask onto the reduced cache and continues the positions as the unreduced model would.
     """
 
-    def __init__(self, session, select_fn: SelectFn, positions: str):
+    def __init__(self, session, select_fn: SelectFn, positions: str, keep_vision_features: bool = False):
         if positions not in ("contiguous", "original"):
             raise ValueError(f"positions must be 'contiguous' or 'original', got {positions!r}")
         self.ctx = session.context
@@ -226,8 +226,12 @@ class LayoutReducer:
         self._caller_positions = False
         self._decode: _LayoutDecode | None = None
         self._saved: dict | None = None
+        self._vision: torch.Tensor | None = None
         lm = session.adapter.language_model
-        self._handles = [
+        self._handles = [] if not keep_vision_features else [
+            # What the projector receives (anyres: every tile's patch features), for relevance from CLIP.
+            session.model.model.multi_modal_projector.register_forward_pre_hook(self._record_vision)]
+        self._handles += [
             # After the session's context hook (registered first): it has marked whether this call is a prefill.
             session.model.register_forward_pre_hook(self._record_call, with_kwargs=True),
             lm.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True),
@@ -240,7 +244,23 @@ class LayoutReducer:
         self._handles = []
         self.layouts.remove()
         self._restore_context()
-        self._input_ids = None
+        self._input_ids = self._vision = None
+
+    def _record_vision(self, module, args):
+        self._vision = args[0]
+        return None
+
+    def _image_vision(self, layout: ImageLayout) -> torch.Tensor | None:
+        """(1, N, C) the projector input each of the image's tokens came from (zeros for newlines), or None."""
+        if self._vision is None:
+            return None
+        if layout.source is None:
+            raise RuntimeError("this image's tokens are not single projected patches (the model resized its grid "
+                               "after projection); CLIP relevance cannot be placed")
+        rows = self._vision.reshape(-1, self._vision.shape[-1])
+        source = layout.source.to(rows.device)
+        picked = rows[source.clamp(min=0)] * (source >= 0)[:, None].to(rows.dtype)
+        return picked[None]
 
     def _record_call(self, module, args, kwargs):
         if self.ctx.prefill:
@@ -287,7 +307,8 @@ class LayoutReducer:
         start = 0
         for index, (layout, length) in enumerate(zip(layouts, lengths)):
             row = token_rows[start:start + 1]
-            batch = ImageBatch(features=flat[start:start + length][None], vision_features=None, rows=row,
+            batch = ImageBatch(features=flat[start:start + length][None], vision_features=self._image_vision(layout),
+                               rows=row,
                                input_ids=self._input_ids, image_mask=image_mask, attention_mask=mask2d,
                                layout=layout)
             selection = self.select_fn(batch)
@@ -301,6 +322,7 @@ class LayoutReducer:
             withins.append(torch.arange(length, device=flat.device))
             images.append(torch.full((length,), index, dtype=torch.long, device=flat.device))
             start += length
+        self._vision = None
         return torch.cat(keys), torch.cat(withins), torch.cat(images), edited
 
     def _reduce_prefill(self, kwargs: dict, layouts: list[ImageLayout], image_mask: torch.Tensor) -> dict:
@@ -401,7 +423,8 @@ class SelectionHandle:
     def __init__(self, session, select_fn: SelectFn, positions="contiguous", keep_vision_features: bool = False):
         if per_image_layout(session):
             self.tokens_per_image = None
-            self.reducer = LayoutReducer(session, select_fn, positions=resolve_positions(session, positions))
+            self.reducer = LayoutReducer(session, select_fn, positions=resolve_positions(session, positions),
+                                         keep_vision_features=keep_vision_features)
             return
         check_supported(session.adapter)
         self.tokens_per_image = visual_tokens_per_image(session.adapter)

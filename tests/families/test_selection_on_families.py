@@ -288,7 +288,7 @@ def test_kept_tokens_keep_their_positions_like_eager_key_masking(fam):
     assert torch.equal(tokens, ref_tokens)
 
 
-def test_cdpruner_follows_the_instruction_and_refuses_clip_off_the_llava_layout(fam, tmp_path):
+def test_cdpruner_follows_the_instruction_and_refuses_clip_without_a_clip_tower(fam, tmp_path):
     name, session = fam
     image = family_images()[0]
     handle = session.apply("cdpruner:keep=0.25")
@@ -300,6 +300,8 @@ def test_cdpruner_follows_the_instruction_and_refuses_clip_off_the_llava_layout(
     finally:
         handle.remove()
     assert len(kept[0]) == len(kept[1]) and kept[0] != kept[1]
+    if session.adapter.has_cls_token:
+        return  # LLaVA-NeXT's tower is CLIP: clip= runs there (next test)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(MmkitError, match="leave clip empty"):
         session.apply(f"cdpruner:clip={tmp_path}")
@@ -331,3 +333,54 @@ def test_anyres_default_renumbers_like_a_shorter_image(fam):
         torch.testing.assert_close(_lm_call(session, inputs)[1], expected, atol=1e-5, rtol=1e-5)
     finally:
         handle.remove()
+
+
+def test_cdpruner_clip_relevance_on_llava_next_reads_each_tokens_own_patch(tmp_path):
+    """LLaVA-NeXT's tower is CLIP, so clip= works there: each packed token's relevance comes from the CLIP patch it
+    was projected from. Reference: every tile's patches through the tower and projector, each packed token matched
+    to its nearest projected patch, CLIP relevance and the DPP on the image's patch tokens."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from mmkit.pruning.cdpruner import dpp_kernel, greedy_dpp
+
+    session = mmkit.load("tiny-random-next", device="cpu")
+    vision_config = session.model.config.vision_config
+    config = CLIPConfig(text_config=dict(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2),
+                        vision_config=dict(hidden_size=vision_config.hidden_size, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=2,
+                                           image_size=vision_config.image_size, patch_size=vision_config.patch_size),
+                        projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(tmp_path)
+    tok = session.processor.tokenizer
+    tok.save_pretrained(tmp_path)
+    clip = CLIPModel.from_pretrained(str(tmp_path)).eval()
+    inputs = session.prepare(family_images()[:2], PROMPTS[:2])
+    images = _images_of(session, inputs)
+    pixels = inputs["pixel_values"].flatten(0, 1)
+    with torch.inference_mode():
+        hidden = session.adapter.vision_tower(pixels, output_hidden_states=True).hidden_states
+        patches = hidden[session.model.config.vision_feature_layer][:, 1:].reshape(-1, vision_config.hidden_size)
+        projected = session.model.model.multi_modal_projector(patches)
+        clip_patches = clip.visual_projection(clip.vision_model.post_layernorm(patches))
+    handle = session.apply(f"cdpruner:keep=0.3,clip={tmp_path}")
+    try:
+        _lm_call(session, inputs)
+        kept = _kept_positions(session)
+    finally:
+        handle.remove()
+        session.close()
+    for row, image in enumerate(images):
+        idx = (~image["newline"]).nonzero().flatten()
+        feats = image["feats"][idx]
+        source = torch.cdist(feats.double(), projected.double()).argmin(1)
+        with torch.inference_mode():
+            text = clip.get_text_features(input_ids=torch.tensor(
+                [[tok.bos_token_id] + tok(PROMPTS[row], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]))
+            text = getattr(text, "pooler_output", text)[0]
+            raw = -torch.nn.functional.cosine_similarity(clip_patches[source], text[None], dim=-1)
+        relevance = (raw - raw.min()) / (raw.max() - raw.min())
+        k = min(max(1, round(0.3 * len(image["pos"]))), len(idx))
+        picks = greedy_dpp(dpp_kernel(feats[None], relevance[None]), k)[0]
+        assert kept[row] == image["pos"][idx[picks].sort().values].tolist()
