@@ -21,6 +21,10 @@ Relevance comes from one of two encoders (docs/cdpruner.md compares them):
   penultimate-layer patches that nothing suggests carries over).
 `invert` overrides either sign. The instruction is the user's prompt: the chat template around it and LLaVA's
 answer-format suffixes are removed, as the paper feeds the raw question.
+
+On LLaVA-NeXT / OneVision and Qwen-VL each image is selected alone over its patch tokens (anyres row newlines
+dropped) with its row's instruction; `clip=` needs a CLIP tower (LLaVA-NeXT: each token scored by the CLIP patch it
+was projected from), elsewhere relevance comes from the model's own embeddings (docs/cdpruner.md).
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ D = 1 - cos:
 The picked tokens enter the LLM in their original order (the released code sorts them), numbered contiguously as
 a shorter image would be. Training-free, text-agnostic, per image (the released code selects on the first sample
 of a batch and applies that to all; here every image gets its own subset).
+
+On LLaVA-NeXT / OneVision and Qwen-VL each image is selected alone over all its tokens (anyres: base tile, unpadded
+grid and its row newlines, as the released LLaVA-1.6 path), k = round(keep x its token count); Qwen-VL tokens keep
+their 3-D positions (docs/divprune.md).
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ otherwise windows of floor/ceil sizes that tile the grid. The pooled tokens ente
 numbered contiguously as a shorter image would be. This is LLaVA-NeXT's `get_2dPool` (average mode, applied after
 the projector) with a free target count instead of a fixed stride; its tokens are new vectors (merging, not a
 subset), so there is no "original positions" option.
+
+On LLaVA-NeXT / OneVision and Qwen-VL, whose images differ in size, every grid of an image (anyres: base tile and
+unpadded high-resolution grid; Qwen-VL: each frame of merged tokens) is pooled by the share, each side scaled by
+sqrt(share); each window's average takes the slot (and on Qwen-VL the 3-D position) of its central token, and a
+newline-ended grid keeps one newline per pooled row (`pool_layout`, docs/pooling.md).
 """
 
 from __future__ import annotations

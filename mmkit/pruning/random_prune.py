@@ -5,6 +5,9 @@ in their original order, numbered contiguously as a shorter image would be (UniP
 baseline, which draws an unseeded subset per call). Here the subset depends only on (seed, N, k): every image of
 every call keeps the same patch positions, so runs are reproducible and a batch gives the same answers as single
 calls; another seed is another draw (average over seeds to estimate the baseline's spread).
+
+On LLaVA-NeXT / OneVision the draw is over each image's patch tokens (row newlines dropped); on Qwen-VL over its
+merged tokens, which keep their 3-D positions (docs/random.md).
 """
 
 from __future__ import annotations

@@ -7,6 +7,11 @@ the language model's input (where those rows, the prompt's token ids and the pad
 of at the projector, and whose method may also rewrite the image rows (pooling writes its averages into the first
 slots of each image). Everything after the plan (the shorter sequence, masks, positions, decoding, per-layer
 counts) is the shared pre-LLM reduction.
+
+On models whose images differ in token count (LLaVA-NeXT / OneVision anyres tiles with row newlines, Qwen-VL
+native grids with 3-D rotary positions) `LayoutReducer` does the same at the language model's input with each
+image laid out (`mmkit.pruning.image_layout`) and handed to the method alone; `SelectionHandle` picks the reducer
+for the model.
 """
 
 from __future__ import annotations
