@@ -384,3 +384,40 @@ def test_cdpruner_clip_relevance_on_llava_next_reads_each_tokens_own_patch(tmp_p
         k = min(max(1, round(0.3 * len(image["pos"]))), len(idx))
         picks = greedy_dpp(dpp_kernel(feats[None], relevance[None]), k)[0]
         assert kept[row] == image["pos"][idx[picks].sort().values].tolist()
+
+
+@pytest.mark.parametrize("name", ["tiny-random-next", "tiny-random-qwen2-vl", "tiny-random-qwen3-vl"])
+def test_decoding_without_a_mask_continues_the_original_positions(name):
+    """A manual prefill and decode step with no attention mask (the model numbers the new token from the cache
+    length, which the reduction shortened) equals the eager key-masking reference."""
+    from mmkit.session import Session
+
+    session = mmkit.load(name, device="cpu")
+    inputs = session.prepare(family_images()[:1], ["Describe the scene."])
+    inputs.pop("attention_mask")
+
+    def prefill_and_step(model):
+        with torch.inference_mode():
+            out = model(**inputs, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            extra = {}
+            if "mm_token_type_ids" in inputs:
+                extra["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(token)], 1)
+            return model(input_ids=token, past_key_values=out.past_key_values, use_cache=True, **extra).logits[:, -1]
+
+    image = _images_of(session, inputs)[0]
+    patches = (~image["newline"]).nonzero().flatten()
+    k = min(max(1, round(0.5 * len(image["pos"]))), len(patches))
+    dropped = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    dropped[0, image["pos"]] = True
+    dropped[0, image["pos"][patches[random_subset(len(patches), k, 0)]]] = False
+    reference = copy.deepcopy(session.model)
+    reference.set_attn_implementation("eager")
+    for layer in reference.model.language_model.layers:
+        layer.register_forward_pre_hook(_mask_keys_hook(dropped), with_kwargs=True)
+    expected = prefill_and_step(reference)
+    session.apply("random:keep=0.5,positions=original")
+    try:
+        torch.testing.assert_close(prefill_and_step(session.model), expected, atol=2e-4, rtol=1e-4)
+    finally:
+        session.close()
