@@ -255,6 +255,9 @@ class CDPrunerHandle(SelectionHandle):
                              f"{session.adapter.family.name}'s tower is not CLIP, leave clip empty (relevance from the "
                              f"model's own input embeddings)")
         self.k = fixed_budget(session, config, "cdpruner")
+        if getattr(session.processor, "tokenizer", None) is None:
+            raise ValueError("cdpruner reads the instruction with the model's tokenizer, and this session has none "
+                             "(a shapes-only benchmark model); load a model with its processor")
         self.tokenizer = session.processor.tokenizer
         self.template = session.chat_prompt("{prompt}")
         self.image_token = getattr(session.processor, "image_token", "<image>")
