@@ -421,3 +421,29 @@ def test_decoding_without_a_mask_continues_the_original_positions(name):
         torch.testing.assert_close(prefill_and_step(session.model), expected, atol=2e-4, rtol=1e-4)
     finally:
         session.close()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_onevision_multi_image_prompt_selects_per_base_only_image(method):
+    """OneVision encodes each image of a multi-image prompt as its base tile plus one closing newline; each image
+    is still reduced on its own (pooling keeps each closing newline)."""
+    session = mmkit.load("tiny-random-onevision", device="cpu")
+    try:
+        text = session.chat_prompt("{prompt}").replace("<image>", "<image><image>").format(prompt="Compare them.")
+        inputs = session.processor(text=[text], images=[family_images()[:2]], return_tensors="pt")
+        image = _images_of(session, inputs)[0]
+        pos, newline = image["pos"], image["newline"]
+        assert len(pos) == 10 and newline.nonzero().flatten().tolist() == [4, 9]   # two base tiles of 2 x 2
+        handle = session.apply(f"{method}:keep=0.5" if method != "pooling" else "pooling:keep=0.25")
+        _lm_call(session, inputs)
+        kept = _kept_positions(session)[0]
+        handle.remove()
+        if method == "pooling":   # each 2 x 2 base grid pooled to its central token, and its newline
+            assert kept == pos[[0, 4, 5, 9]].tolist()
+        else:
+            first = [p for p in kept if p <= int(pos[4])]
+            assert len(first) == 2 and len(kept) == 4            # round(0.5 x 5) = 2 per image
+            if method != "divprune":
+                assert int(pos[4]) not in kept and int(pos[9]) not in kept
+    finally:
+        session.close()
