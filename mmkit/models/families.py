@@ -23,39 +23,22 @@ class Family:
     grounding_refused: str | None = None
 
 
-# DivPrune, CDPruner, random and pooling select among one image's projected tokens as one grid.
-_PROJECTED_SELECTION = ("it selects among each image's projected tokens as one grid (the LLaVA-1.5 layout), and "
-                        "anyres tiles with row newlines are packed into the image tokens; not yet adapted")
-_NEXT_REFUSALS = {
-    **{name: _PROJECTED_SELECTION for name in ("divprune", "cdpruner", "random", "pooling")},
-}
-_ONEVISION_REFUSALS = dict(_NEXT_REFUSALS)
-_QWEN_REFUSALS = {
-    **{name: "it reduces the projected tokens of the LLaVA-1.5 layout before the LLM (one fixed grid per image, "
-             "positions renumbered), and Qwen-VL images are native-resolution grids with 3-D rotary positions; not "
-             "yet adapted" for name in ("divprune", "cdpruner", "random", "pooling")},
-}
-
 FAMILIES: dict[str, Family] = {
     f.architecture: f
     for f in (
         Family("llava-1.5", "LlavaForConditionalGeneration", "vision_tower", True,
                "one fixed grid of patch tokens per image", "tiny-random"),
         Family("llava-next", "LlavaNextForConditionalGeneration", "vision_tower", True,
-               "anyres: base tile plus high-resolution tiles, unpadded, with row newlines", "tiny-random-next",
-               _NEXT_REFUSALS),
+               "anyres: base tile plus high-resolution tiles, unpadded, with row newlines", "tiny-random-next"),
         Family("llava-onevision", "LlavaOnevisionForConditionalGeneration", "vision_tower", False,
-               "anyres: base tile plus high-resolution tiles, unpadded, with row newlines", "tiny-random-onevision",
-               _ONEVISION_REFUSALS),
+               "anyres: base tile plus high-resolution tiles, unpadded, with row newlines", "tiny-random-onevision"),
         Family("qwen2-vl", "Qwen2VLForConditionalGeneration", "visual", False,
-               "native resolution, 2 x 2 patches merged per token, 3-D rotary positions", "tiny-random-qwen2-vl",
-               _QWEN_REFUSALS),
+               "native resolution, 2 x 2 patches merged per token, 3-D rotary positions", "tiny-random-qwen2-vl"),
         Family("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", "visual", False,
-               "native resolution, 2 x 2 patches merged per token, 3-D rotary positions", "tiny-random-qwen2.5-vl",
-               _QWEN_REFUSALS),
+               "native resolution, 2 x 2 patches merged per token, 3-D rotary positions", "tiny-random-qwen2.5-vl"),
         Family("qwen3-vl", "Qwen3VLForConditionalGeneration", "visual", False,
                "native resolution, 2 x 2 patches merged per token, 3-D rotary positions, DeepStack",
-               "tiny-random-qwen3-vl", _QWEN_REFUSALS),
+               "tiny-random-qwen3-vl"),
     )
 }
 MODEL_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",

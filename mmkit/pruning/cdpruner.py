@@ -21,11 +21,15 @@ Relevance comes from one of two encoders (docs/cdpruner.md compares them):
   penultimate-layer patches that nothing suggests carries over).
 `invert` overrides either sign. The instruction is the user's prompt: the chat template around it and LLaVA's
 answer-format suffixes are removed, as the paper feeds the raw question.
+
+On LLaVA-NeXT / OneVision and Qwen-VL each image is selected alone over its patch tokens (anyres row newlines
+dropped) with its row's instruction; `clip=` needs a CLIP tower (LLaVA-NeXT: each token scored by the CLIP patch it
+was projected from), elsewhere relevance comes from the model's own embeddings (docs/cdpruner.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -37,9 +41,10 @@ from mmkit.pruning.selection import (
     SelectionHandle,
     check_budget_fields,
     check_positions,
+    fixed_budget,
     identity_order,
-    kept_count,
-    supported_tokens,
+    patch_tokens,
+    per_image_layout,
 )
 from mmkit.registry import register_method
 
@@ -64,9 +69,9 @@ class CDPrunerConfig:
     invert: bool | None = field(default=None, metadata={"help": "negate the similarity before normalising; "
                                                                 "default: yes with CLIP (released code), no with "
                                                                 "the model's embeddings"})
-    positions: Literal["contiguous", "original"] = field(
-        default="contiguous", metadata={"help": "position ids: renumber the shorter sequence (paper), or keep "
-                                                "the originals"})
+    positions: Literal["auto", "contiguous", "original"] = field(
+        default="auto", metadata={"help": "position ids: auto = renumber the shorter sequence (paper) where "
+                                          "positions are 1-D, keep the 3-D ones on Qwen-VL; or contiguous / original"})
 
     def __post_init__(self):
         self.keep = check_budget_fields(self.keep, self.tokens)
@@ -136,15 +141,27 @@ def instruction_texts(input_ids: torch.Tensor, image_mask: torch.Tensor, attenti
     """Per batch row, the user's instruction: the row's text with the chat template and LLaVA's answer-format
     suffixes removed."""
     prefix, _, suffix = template.partition("{prompt}")
-    prefix, suffix = prefix.replace(image_token, "").strip(), suffix.strip()
+
+    def forms(part: str) -> list[str]:
+        # As written, and as decoding shows it (special tokens such as Qwen-VL's <|vision_start|> vanish there).
+        plain = part.replace(image_token, "").strip()
+        decoded = tokenizer.decode(tokenizer(plain, add_special_tokens=False)["input_ids"],
+                                   skip_special_tokens=True).strip()
+        return [f for f in dict.fromkeys((plain, decoded)) if f]
+
+    prefixes, suffixes = forms(prefix), forms(suffix)
     real = ~image_mask if attention_mask is None else (~image_mask) & attention_mask.bool()
     texts = []
     for ids, keep in zip(input_ids, real):
         text = tokenizer.decode(ids[keep], skip_special_tokens=True).strip()
-        if prefix and text.startswith(prefix):
-            text = text[len(prefix):].strip()
-        if suffix and text.endswith(suffix):
-            text = text[:-len(suffix)].strip()
+        for form in prefixes:
+            if text.startswith(form):
+                text = text[len(form):].strip()
+                break
+        for form in suffixes:
+            if text.endswith(form):
+                text = text[:-len(form)].strip()
+                break
         for tail in FORMAT_SUFFIXES:
             if text.endswith(tail):
                 text = text[:-len(tail)].strip()
@@ -231,7 +248,16 @@ class ClipRelevance:
 class CDPrunerHandle(SelectionHandle):
     def __init__(self, session, config: CDPrunerConfig):
         self.config = config
-        self.k = kept_count(config.keep, config.tokens, supported_tokens(session), "cdpruner")
+        if config.clip and per_image_layout(session) and not session.adapter.has_cls_token:
+            # CLIP relevance scores the vision tower's own patches with the CLIP it came from; SigLIP (OneVision) and
+            # the Qwen-VL towers have no CLIP text tower to pair with.
+            raise ValueError(f"cdpruner clip= needs a CLIP vision tower (LLaVA-1.5, LLaVA-NeXT); "
+                             f"{session.adapter.family.name}'s tower is not CLIP, leave clip empty (relevance from the "
+                             f"model's own input embeddings)")
+        self.k = fixed_budget(session, config, "cdpruner")
+        if getattr(session.processor, "tokenizer", None) is None:
+            raise ValueError("cdpruner reads the instruction with the model's tokenizer, and this session has none "
+                             "(a shapes-only benchmark model); load a model with its processor")
         self.tokenizer = session.processor.tokenizer
         self.template = session.chat_prompt("{prompt}")
         self.image_token = getattr(session.processor, "image_token", "<image>")
@@ -252,10 +278,22 @@ class CDPrunerHandle(SelectionHandle):
 
     def _select(self, batch: ImageBatch) -> Selection:
         n_img, n, _ = batch.features.shape
-        if self.k >= n:
+        k = self.kept(n)
+        if k >= n:
             return Selection(order=identity_order(n_img, n, batch.features.device))
+        patches = patch_tokens(batch)
+        if patches is not None:
+            # Anyres: the DPP runs over the patch tokens; row newlines are dropped, as the released LLaVA-1.6 path
+            # feeds none.
+            vision = batch.vision_features
+            batch = replace(batch, features=batch.features[:, patches],
+                            vision_features=None if vision is None else vision[:, patches])
+            k = min(k, patches.numel())
         kernel = dpp_kernel(batch.features, self.relevance_scores(batch))
-        return Selection(order=greedy_dpp(kernel, self.k).sort(dim=1).values)
+        picks = greedy_dpp(kernel, k)
+        if patches is not None:
+            picks = patches[picks]
+        return Selection(order=picks.sort(dim=1).values)
 
     def remove(self) -> None:
         super().remove()

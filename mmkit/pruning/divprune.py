@@ -8,6 +8,10 @@ D = 1 - cos:
 The picked tokens enter the LLM in their original order (the released code sorts them), numbered contiguously as
 a shorter image would be. Training-free, text-agnostic, per image (the released code selects on the first sample
 of a batch and applies that to all; here every image gets its own subset).
+
+On LLaVA-NeXT / OneVision and Qwen-VL each image is selected alone over all its tokens (anyres: base tile, unpadded
+grid and its row newlines, as the released LLaVA-1.6 path), k = round(keep x its token count); Qwen-VL tokens keep
+their 3-D positions (docs/divprune.md).
 """
 
 from __future__ import annotations
@@ -23,9 +27,8 @@ from mmkit.pruning.selection import (
     SelectionHandle,
     check_budget_fields,
     check_positions,
+    fixed_budget,
     identity_order,
-    kept_count,
-    supported_tokens,
 )
 from mmkit.registry import register_method
 
@@ -37,9 +40,9 @@ class DivPruneConfig:
     keep: float = field(default=0.098, metadata={"help": "share of each image's visual tokens kept (the paper's "
                                                          "SUBSET_RATIO: 0.098 = 56 of 576)"})
     tokens: int = field(default=0, metadata={"help": "if > 0: visual tokens kept per image (overrides keep)"})
-    positions: Literal["contiguous", "original"] = field(
-        default="contiguous", metadata={"help": "position ids: renumber the shorter sequence (paper), or keep "
-                                                "the originals"})
+    positions: Literal["auto", "contiguous", "original"] = field(
+        default="auto", metadata={"help": "position ids: auto = renumber the shorter sequence (paper) where "
+                                          "positions are 1-D, keep the 3-D ones on Qwen-VL; or contiguous / original"})
 
     def __post_init__(self):
         self.keep = check_budget_fields(self.keep, self.tokens)
@@ -77,14 +80,17 @@ def maxmin_select(features: torch.Tensor, k: int) -> torch.Tensor:
 class DivPruneHandle(SelectionHandle):
     def __init__(self, session, config: DivPruneConfig):
         self.config = config
-        self.k = kept_count(config.keep, config.tokens, supported_tokens(session), "divprune")
+        self.k = fixed_budget(session, config, "divprune")
         super().__init__(session, self._select, positions=config.positions)
 
     def _select(self, batch: ImageBatch) -> Selection:
+        # Every token of the image is a candidate, anyres row newlines included, as the released LLaVA-1.6 path
+        # selects over the whole packed image (identical newline rows are at distance 0: at most one is picked).
         n_img, n, _ = batch.features.shape
-        if self.k >= n:
+        k = self.kept(n)
+        if k >= n:
             return Selection(order=identity_order(n_img, n, batch.features.device))
-        return Selection(order=maxmin_select(batch.features, self.k).sort(dim=1).values)
+        return Selection(order=maxmin_select(batch.features, k).sort(dim=1).values)
 
 
 def apply_divprune(session, config: DivPruneConfig) -> DivPruneHandle:

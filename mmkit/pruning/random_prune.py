@@ -5,6 +5,9 @@ in their original order, numbered contiguously as a shorter image would be (UniP
 baseline, which draws an unseeded subset per call). Here the subset depends only on (seed, N, k): every image of
 every call keeps the same patch positions, so runs are reproducible and a batch gives the same answers as single
 calls; another seed is another draw (average over seeds to estimate the baseline's spread).
+
+On LLaVA-NeXT / OneVision the draw is over each image's patch tokens (row newlines dropped); on Qwen-VL over its
+merged tokens, which keep their 3-D positions (docs/random.md).
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from mmkit.pruning.selection import (
     SelectionHandle,
     check_budget_fields,
     check_positions,
+    fixed_budget,
     identity_order,
-    kept_count,
-    supported_tokens,
+    patch_tokens,
 )
 from mmkit.registry import register_method
 
@@ -35,8 +38,9 @@ class RandomPruneConfig:
                                                          "576)"})
     tokens: int = field(default=0, metadata={"help": "if > 0: visual tokens kept per image (overrides keep)"})
     seed: int = field(default=0, metadata={"help": "seed of the draw; the same subset for every image"})
-    positions: Literal["contiguous", "original"] = field(
-        default="contiguous", metadata={"help": "position ids: renumber the shorter sequence, or keep originals"})
+    positions: Literal["auto", "contiguous", "original"] = field(
+        default="auto", metadata={"help": "position ids: auto = renumber the shorter sequence where positions are "
+                                          "1-D, keep the 3-D ones on Qwen-VL; or contiguous / original"})
 
     def __post_init__(self):
         self.keep = check_budget_fields(self.keep, self.tokens)
@@ -54,15 +58,21 @@ def random_subset(n: int, k: int, seed: int) -> torch.Tensor:
 class RandomPruneHandle(SelectionHandle):
     def __init__(self, session, config: RandomPruneConfig):
         self.config = config
-        self.k = kept_count(config.keep, config.tokens, supported_tokens(session), "random")
+        self.k = fixed_budget(session, config, "random")
         super().__init__(session, self._select, positions=config.positions)
 
     def _select(self, batch: ImageBatch) -> Selection:
         n_img, n, _ = batch.features.shape
         device = batch.features.device
-        if self.k >= n:
+        k = self.kept(n)
+        if k >= n:
             return Selection(order=identity_order(n_img, n, device))
-        return Selection(order=random_subset(n, self.k, self.config.seed).to(device).expand(n_img, self.k))
+        patches = patch_tokens(batch)
+        if patches is None:
+            return Selection(order=random_subset(n, k, self.config.seed).to(device).expand(n_img, k))
+        # Anyres: the draw is over the patch tokens; row newlines carry no image content and are dropped.
+        k = min(k, patches.numel())
+        return Selection(order=patches[random_subset(patches.numel(), k, self.config.seed).to(device)][None])
 
 
 def apply_random(session, config: RandomPruneConfig) -> RandomPruneHandle:

@@ -7,6 +7,11 @@ the language model's input (where those rows, the prompt's token ids and the pad
 of at the projector, and whose method may also rewrite the image rows (pooling writes its averages into the first
 slots of each image). Everything after the plan (the shorter sequence, masks, positions, decoding, per-layer
 counts) is the shared pre-LLM reduction.
+
+On models whose images differ in token count (LLaVA-NeXT / OneVision anyres tiles with row newlines, Qwen-VL
+native grids with 3-D rotary positions) `LayoutReducer` does the same at the language model's input with each
+image laid out (`mmkit.pruning.image_layout`) and handed to the method alone; `SelectionHandle` picks the reducer
+for the model.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Callable
 import torch
 
 from mmkit.patching.pre_llm import PreLLMReducer, ReductionPlan, check_supported, visual_tokens_per_image
+from mmkit.pruning.image_layout import QWEN_ARCHITECTURES, ImageLayout
 
 
 @dataclass
@@ -35,6 +41,9 @@ class ImageBatch:
     input_ids: torch.Tensor | None
     image_mask: torch.Tensor
     attention_mask: torch.Tensor | None
+    # Models whose images have different token counts (anyres, Qwen-VL): one image per batch, and where its tokens
+    # sit (newline separators, raster grids). None: LLaVA-1.5, every image one square grid.
+    layout: ImageLayout | None = None
 
 
 @dataclass
@@ -107,6 +116,31 @@ def supported_tokens(session) -> int:
     return visual_tokens_per_image(session.adapter)
 
 
+def per_image_layout(session) -> bool:
+    """Whether the model's images have different token counts (anyres tiles with newlines, Qwen-VL native grids):
+    then each image is laid out and selected on its own (`LayoutReducer`)."""
+    return session.adapter.architecture != "LlavaForConditionalGeneration"
+
+
+def fixed_tokens(session) -> int | None:
+    """Visual tokens of every image where all images have the same count (LLaVA-1.5); None where it varies."""
+    return None if per_image_layout(session) else supported_tokens(session)
+
+
+def fixed_budget(session, config, method: str) -> int | None:
+    """Tokens every image keeps where all images have the same count (validated against it); None where images
+    differ in size and each gets `image_budget`."""
+    fixed = fixed_tokens(session)
+    return None if fixed is None else kept_count(config.keep, config.tokens, fixed, method)
+
+
+def patch_tokens(batch: ImageBatch) -> torch.Tensor | None:
+    """Indices of an image's patch tokens, its anyres row newlines excluded; None where every token is a patch."""
+    if batch.layout is None or not bool(batch.layout.newline.any()):
+        return None
+    return (~batch.layout.newline).nonzero().flatten().to(batch.features.device)
+
+
 def kept_count(keep: float, tokens: int, tokens_per_image: int, method: str) -> int:
     """Visual tokens per image a method keeps: `tokens` if > 0, else round(keep x the model's count), at least 1."""
     count = tokens if tokens > 0 else max(1, round(keep * tokens_per_image))
@@ -114,6 +148,12 @@ def kept_count(keep: float, tokens: int, tokens_per_image: int, method: str) -> 
         raise ValueError(f"{method} keeps {count} tokens per image but this model has {tokens_per_image}; "
                          f"use tokens<={tokens_per_image} or keep=<fraction>")
     return count
+
+
+def image_budget(keep: float, tokens: int, n: int) -> int:
+    """Tokens kept of one image of n tokens where images differ in size: `tokens` (all of a smaller image) if > 0,
+    else round(keep x n), at least 1."""
+    return min(tokens, n) if tokens > 0 else max(1, round(keep * n))
 
 
 def check_budget_fields(keep, tokens) -> float:
@@ -126,8 +166,20 @@ def check_budget_fields(keep, tokens) -> float:
 
 
 def check_positions(positions) -> None:
-    if positions not in ("contiguous", "original"):
-        raise ValueError(f"positions must be contiguous or original, got {positions!r}")
+    if positions not in ("auto", "contiguous", "original"):
+        raise ValueError(f"positions must be auto, contiguous or original, got {positions!r}")
+
+
+def resolve_positions(session, positions: str) -> str:
+    """"auto": renumbered ("contiguous", the papers' LLaVA setting) where positions are 1-D; "original" on Qwen-VL,
+    whose 3-D rotary positions (time, height, width) of a reduced grid have no renumbering."""
+    rope3d = session.adapter.architecture in QWEN_ARCHITECTURES
+    if positions == "auto":
+        return "original" if rope3d else "contiguous"
+    if positions == "contiguous" and rope3d:
+        raise ValueError(f"positions=contiguous cannot renumber the 3-D rotary positions of "
+                         f"{session.adapter.family.name}; kept tokens keep theirs (positions=auto or original)")
+    return positions
 
 
 def grid_side(tokens_per_image: int, strategy: str) -> int:
@@ -140,13 +192,26 @@ def grid_side(tokens_per_image: int, strategy: str) -> int:
 
 
 class SelectionHandle:
-    """Handle of a method built on `ProjectedReducer`; `remove()` detaches every hook."""
+    """Handle of a method built on `ProjectedReducer` (LLaVA-1.5) or `LayoutReducer` (models whose images differ in
+    token count); `remove()` detaches every hook."""
 
     def __init__(self, session, select_fn: SelectFn, positions="contiguous", keep_vision_features: bool = False):
+        if per_image_layout(session):
+            from mmkit.pruning.layout_reducer import LayoutReducer  # it builds on this module's ImageBatch
+
+            self.tokens_per_image = None
+            self.reducer = LayoutReducer(session, select_fn, positions=resolve_positions(session, positions),
+                                         keep_vision_features=keep_vision_features)
+            return
         check_supported(session.adapter)
         self.tokens_per_image = visual_tokens_per_image(session.adapter)
-        self.reducer = ProjectedReducer(session, select_fn, positions=positions,
+        self.reducer = ProjectedReducer(session, select_fn, positions=resolve_positions(session, positions),
                                         keep_vision_features=keep_vision_features)
+
+    def kept(self, n: int) -> int:
+        """Tokens kept of an image of n tokens: the fixed count (LLaVA-1.5), else this image's budget."""
+        fixed = getattr(self, "k", None)
+        return fixed if fixed is not None else image_budget(self.config.keep, self.config.tokens, n)
 
     def remove(self) -> None:
         self.reducer.remove()

@@ -30,8 +30,9 @@ SPECS = {
     "dyvte": "dyvte:gates={gates}", "visor": "visor:weights={visor},budget=1",
     "visionzip": "visionzip:dominant=2,contextual=1",  # per 4-patch tile (anyres), per image (Qwen-VL)
     "vflowopt": "vflowopt:vision_keep=0.5,merge_cell=1.0,llm_keep=0.7/0.6",
-    "divprune": "divprune:tokens=16", "cdpruner": "cdpruner:tokens=16", "random": "random:tokens=16",
-    "pooling": "pooling:tokens=16",
+    # A share: images differ in size (a token count above a small Qwen-VL image's keeps all of it).
+    "divprune": "divprune:keep=0.5", "cdpruner": "cdpruner:keep=0.5", "random": "random:keep=0.5",
+    "pooling": "pooling:keep=0.25",
     "paint": "paint:start_layer=1",
 }
 

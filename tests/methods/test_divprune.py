@@ -6,6 +6,8 @@ import itertools
 import pytest
 import torch
 
+import mmkit
+
 from conftest import forward_logits
 from mmkit.pruning.divprune import DivPruneConfig, maxmin_select
 
@@ -81,4 +83,19 @@ def test_reduced_prefill_matches_a_hand_built_sequence(session, images, prompts)
 def test_defaults_are_the_papers():
     config = DivPruneConfig()
     assert config.keep == 0.098 and round(config.keep * 576) == 56
-    assert config.positions == "contiguous"
+    assert config.positions == "auto"  # the paper's renumbering where positions are 1-D
+
+
+def test_auto_positions_renumber_on_llava_and_keep_qwen_3d_positions():
+    from mmkit.pruning.selection import resolve_positions
+
+    llava = mmkit.load("tiny-random", device="cpu")
+    qwen = mmkit.load("tiny-random-qwen2-vl", device="cpu")
+    try:
+        assert resolve_positions(llava, "auto") == "contiguous"
+        assert resolve_positions(qwen, "auto") == "original"
+        with pytest.raises(mmkit.MmkitError, match="3-D rotary positions"):
+            qwen.apply("divprune:positions=contiguous")
+    finally:
+        llava.close()
+        qwen.close()
