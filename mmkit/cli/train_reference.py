@@ -17,8 +17,8 @@ def default_checkpoint_dir(out_dir: str) -> str:
     return str(out.with_name(out.name + "-checkpoints"))
 
 
-def _init_source(value: str | None) -> str | None:
-    """--init: "reference" names the shipped weights; anything else must be an existing path."""
+def _init_source(value: str | None, option: str = "--init") -> str | None:
+    """--init / --vision-from: "reference" names the shipped weights; anything else must be an existing path."""
     if value is None:
         return None
     from mmkit.errors import MmkitError
@@ -28,7 +28,7 @@ def _init_source(value: str | None) -> str | None:
 
         value = str(REFERENCE_DIR)
     if not Path(value).exists():
-        raise MmkitError(f"--init {value}: no such file or directory (give an HF model directory, a .safetensors "
+        raise MmkitError(f"{option} {value}: no such file or directory (give an HF model directory, a .safetensors "
                          "snapshot, or 'reference' for the shipped weights)")
     return value
 
@@ -71,6 +71,11 @@ def _init_source(value: str | None) -> str | None:
 @click.option("--answer-loss", type=click.Choice(["token", "sample"]), default=None,
               help="Mean the answer loss over all answer tokens of a batch (token, the shipped recipe) or per answer "
                    "first (sample, so a long caption weighs as much as a yes/no answer). [default: token]")
+@click.option("--vision-from", default=None, metavar="DIR|FILE|reference",
+              help="Take the vision tower alone from these weights (after --init), e.g. 'reference' for the shipped "
+                   "tower under a continued language model.")
+@click.option("--freeze-vision", is_flag=True,
+              help="Keep the vision tower fixed (no gradient, no patch loss); needs 0 vision-phase steps.")
 @click.option("--checkpoint-every", default=None, type=click.IntRange(0),
               help="Write a resumable checkpoint every N steps (0: only when --max-minutes or --stop-at ends the run).")
 @click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False),
@@ -80,7 +85,8 @@ def _init_source(value: str | None) -> str | None:
                    "there is none.")
 def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_every, eval_scenes, eval_captions,
                     log_every, max_minutes, stop_at, lr, warmup, init_from, scene_offset, snapshots, caption_mix,
-                    detailed_share, answer_loss, checkpoint_every, checkpoint_dir, resume):
+                    detailed_share, answer_loss, vision_from, freeze_vision, checkpoint_every, checkpoint_dir,
+                    resume):
     """Train mmkit's reference LLaVA model and save it as an HF directory.
 
     Deterministic for a seed on CPU (a resumed run included); prints the held-out POPE F1 per split and CHAIR_S at
@@ -94,11 +100,13 @@ def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_eve
     logging.getLogger("mmkit.world.train").setLevel(logging.INFO)
     overrides = {"seed": seed}
     init_from = _init_source(init_from)
+    vision_from = _init_source(vision_from, "--vision-from")
     for name, value in (("batch", batch), ("num_workers", workers), ("eval_every", eval_every),
                         ("eval_scenes", eval_scenes), ("eval_captions", eval_captions), ("log_every", log_every),
                         ("max_minutes", max_minutes), ("stop_at", stop_at), ("lr", lr), ("warmup_steps", warmup),
                         ("init_from", init_from), ("scene_offset", scene_offset), ("caption_mix", caption_mix),
                         ("detailed_share", detailed_share), ("answer_loss", answer_loss),
+                        ("vision_from", vision_from), ("freeze_vision", freeze_vision),
                         ("checkpoint_every", checkpoint_every)):
         if value is not None:
             overrides[name] = value

@@ -73,6 +73,11 @@ class VLSAMConfig:
         "help": "0: points only; 1: + the mask fed back as a mask prompt; 2: + points resampled inside the mask."})
     multi_scale: bool = field(default=False, metadata={"help": "Also map the four half-size corner crops."})
     crop_fraction: float = field(default=0.5, metadata={"help": "Side of the corner crops, as a fraction."})
+    sam_view: Literal["found", "full"] = field(default="found", metadata={
+        "help": "multi_scale: which view's SAM embedding decodes a prompt. found: the view whose map found it, as "
+                "the paper runs SAM per sub-image (a crop gives small objects twice the resolution; a crop's "
+                "mask cut by the crop's inner edge is replaced by the full image's); full: every prompt on the "
+                "full image."})
     vocabulary: Literal["open", "world"] = field(default="open", metadata={
         "help": "Object labels of a description: every object phrase the LVLM lists, labelled by its head noun "
                 "(open), or only the reference world's 20 categories (world; for the reference model)."})
@@ -104,6 +109,8 @@ class VLSAMConfig:
             raise ValueError(f"point_at must be 'max' or 'centroid', got {self.point_at!r}")
         if self.query_route not in ("describe_first", "prompt"):
             raise ValueError(f"query_route must be 'describe_first' or 'prompt', got {self.query_route!r}")
+        if self.sam_view not in ("found", "full"):
+            raise ValueError(f"sam_view must be 'found' or 'full', got {self.sam_view!r}")
         if self.vocabulary not in ("open", "world"):
             raise ValueError(f"vocabulary must be 'open' or 'world', got {self.vocabulary!r}")
         if self.rollout not in ("text", "full"):
@@ -432,6 +439,84 @@ def _found_in_view(mask: np.ndarray, view_box: tuple[int, int, int, int], contai
     return np.count_nonzero(mask[y0:y1, x0:x1]) >= containment * total
 
 
+def _decode_prompts(sam, emb, emb_index: dict[int, int], views: list[_View], rows: list[_Row], maps: list,
+                    prompts: list, decode_view: list[int], sizes: list[tuple[int, int]],
+                    cfg: VLSAMConfig) -> tuple[list[np.ndarray], np.ndarray, list, list]:
+    """Decode point prompts (full-image pixels) with the SAM, prompt k on the embedding of view decode_view[k].
+
+    `emb` holds SAM embeddings of views, `emb_index` maps a view to its row there; `sizes` holds each image's
+    (width, height). Returns full-image masks, predicted IoUs, and the final points and labels in full-image pixels (refine_steps
+    2 resamples them inside the first mask)."""
+    from mmkit.grounding.prompts import resample_prompt, upsample_map
+
+    idx = [emb_index[v] for v in decode_view]
+    offsets = [views[v].box[:2] for v in decode_view]
+    pts, labs = [], []
+    for p, v in zip(prompts, decode_view):
+        view_pts, view_labs = _points_in_view(p[2].points, p[2].labels, views[v].box)
+        pts.append(view_pts)
+        labs.append(view_labs)
+    pred = sam.predict(emb, idx, pts, labs)
+    if cfg.refine_steps >= 1:
+        pred = sam.predict(emb, idx, pts, labs, mask_inputs=pred.low_res_logits)
+    if cfg.refine_steps >= 2:
+        # Restrict each map to its mask and resample the points there, keeping the mask prompt.
+        for k, (i, _, _, (ri, ei), _) in enumerate(prompts):
+            view = views[rows[ri].view]
+            up = upsample_map(maps[ri][ei][1], cfg.upsample)
+            full = _paste(pred.masks[k], views[decode_view[k]].box, sizes[i])
+            grid_mask = _grid_mask(full, view.box, up.shape)
+            x0, y0, x1, y1 = view.box
+            new = resample_prompt(up, grid_mask, (x1 - x0, y1 - y0), cfg.num_positive, cfg.num_negative,
+                                  min_point_distance=2.0 * cfg.upsample, point_at=cfg.point_at)
+            if new is not None:
+                ox, oy = offsets[k]
+                pts[k] = [(x + x0 - ox, y + y0 - oy) for x, y in new.points]
+                labs[k] = new.labels
+        pred = sam.predict(emb, idx, pts, labs, mask_inputs=pred.low_res_logits)
+    masks = [_paste(m, views[v].box, sizes[p[0]]) for m, v, p in zip(pred.masks, decode_view, prompts)]
+    pts = [[(x + ox, y + oy) for x, y in pp] for pp, (ox, oy) in zip(pts, offsets)]
+    return masks, np.asarray(pred.scores, dtype=np.float64), pts, labs
+
+
+def _points_in_view(points, point_labels, box: tuple[int, int, int, int]) -> tuple[list, list]:
+    """Full-image points in a view's pixels. Points outside the view are dropped (a crop's SAM cannot see them);
+    positive points are clamped into it when none of them lies inside."""
+    x0, y0, x1, y1 = box
+    inside = [(x0 <= x < x1 and y0 <= y < y1) for x, y in points]
+    if not any(ok and lab == 1 for ok, lab in zip(inside, point_labels)):
+        points = [(min(max(x, x0), x1 - 1), min(max(y, y0), y1 - 1)) if lab == 1 else (x, y)
+                  for (x, y), lab in zip(points, point_labels)]
+        inside = [ok or lab == 1 for ok, lab in zip(inside, point_labels)]
+    kept = [((x - x0, y - y0), lab) for (x, y), lab, ok in zip(points, point_labels, inside) if ok]
+    return [pt for pt, _ in kept], [lab for _, lab in kept]
+
+
+def _paste(mask: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
+    """A view's mask (view pixels) placed in its image's full frame of `size` (width, height)."""
+    w, h = size
+    x0, y0, x1, y1 = box
+    if (x0, y0, x1, y1) == (0, 0, w, h):
+        return np.asarray(mask, dtype=bool)
+    out = np.zeros((h, w), dtype=bool)
+    out[y0:y1, x0:x1] = mask
+    return out
+
+
+def _cut_by_crop(mask: np.ndarray, points, point_labels, box: tuple[int, int, int, int], size: tuple[int, int],
+                 split_components: bool) -> bool:
+    """Whether a crop-decoded mask (full frame) reaches an edge of the crop that lies inside the image: the object
+    goes on beyond the crop, so the crop's mask would be a cut piece of it."""
+    from mmkit.grounding.prompts import keep_prompted_component
+
+    if split_components:
+        mask = keep_prompted_component(mask, points, point_labels)
+    x0, y0, x1, y1 = box
+    w, h = size
+    return bool((x0 > 0 and mask[y0:y1, x0].any()) or (y0 > 0 and mask[y0, x0:x1].any())
+                or (x1 < w and mask[y0:y1, x1 - 1].any()) or (y1 < h and mask[y1 - 1, x0:x1].any()))
+
+
 def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = None,
            config: VLSAMConfig | None = None) -> list[GroundingResult]:
     """Ground objects in images with VL-SAM.
@@ -448,7 +533,7 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
         One GroundingResult per image.
     """
     from mmkit.grounding.prompts import (keep_prompted_component, mask_to_box, nms, one_label_per_object,
-                                         prompts_from_map, resample_prompt, upsample_map)
+                                         prompts_from_map, upsample_map)
     from mmkit.images import load_image
     from mmkit.models.families import check_grounding
 
@@ -513,28 +598,31 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
 
     results_masks: list[np.ndarray] = []
     results_scores = np.zeros(0)
+    pts: list = []
+    labs: list = []
     if prompts:
-        emb = sam.embed(pil)
-        idx = [p[0] for p in prompts]
-        pts = [p[2].points for p in prompts]
-        labs = [p[2].labels for p in prompts]
-        pred = sam.predict(emb, idx, pts, labs)
-        if cfg.refine_steps >= 1:
-            pred = sam.predict(emb, idx, pts, labs, mask_inputs=pred.low_res_logits)
-        if cfg.refine_steps >= 2:
-            # Restrict each map to its mask and resample the points there, keeping the mask prompt.
-            for k, (_, label, p, (ri, ei), _) in enumerate(prompts):
-                view = views[rows[ri].view]
-                up = upsample_map(maps[ri][ei][1], cfg.upsample)
-                grid_mask = _grid_mask(pred.masks[k], view.box, up.shape)
-                x0, y0, x1, y1 = view.box
-                new = resample_prompt(up, grid_mask, (x1 - x0, y1 - y0), cfg.num_positive, cfg.num_negative,
-                                      min_point_distance=2.0 * cfg.upsample, point_at=cfg.point_at)
-                if new is not None:
-                    pts[k] = [(x + x0, y + y0) for x, y in new.points]
-                    labs[k] = new.labels
-            pred = sam.predict(emb, idx, pts, labs, mask_inputs=pred.low_res_logits)
-        results_masks, results_scores = pred.masks, pred.scores
+        # Each prompt is decoded on a view's SAM embedding: the full image, or the crop whose map found it,
+        # zoomed to SAM's whole input like the paper's per-sub-image SAM (sam_view).
+        full_view = {view.image_index: v for v, view in enumerate(views)
+                     if view.box == (0, 0, *pil[view.image_index].size)}
+        on_crops = cfg.multi_scale and cfg.sam_view != "full"
+        decode_view = [rows[ri].view if on_crops else full_view[i] for i, _, _, (ri, _), _ in prompts]
+        sizes = [img.size for img in pil]
+        # One embedding call: every view that decodes a prompt, and the full images a cut crop falls back to.
+        embedded = sorted(set(decode_view) | (set(full_view.values()) if on_crops else set()))
+        emb = sam.embed([views[v].image for v in embedded])
+        emb_index = {v: j for j, v in enumerate(embedded)}
+        results_masks, results_scores, pts, labs = _decode_prompts(sam, emb, emb_index, views, rows, maps, prompts,
+                                                                   decode_view, sizes, cfg)
+        cut = [k for k, v in enumerate(decode_view)
+               if v != full_view[prompts[k][0]] and _cut_by_crop(results_masks[k], pts[k], labs[k], views[v].box,
+                                                                 sizes[prompts[k][0]], cfg.split_components)]
+        if cut:  # an object the crop cuts through: its mask comes from the full image
+            again = _decode_prompts(sam, emb, emb_index, views, rows, maps, [prompts[k] for k in cut],
+                                    [full_view[prompts[k][0]] for k in cut], sizes, cfg)
+            for j, k in enumerate(cut):
+                results_masks[k], results_scores[k], pts[k], labs[k] = (again[0][j], again[1][j], again[2][j],
+                                                                        again[3][j])
 
     per_image: list[list[Detection]] = [[] for _ in pil]
     view_area: list[list[int]] = [[] for _ in pil]   # per detection, the area of the view that labelled it

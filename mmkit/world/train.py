@@ -91,6 +91,12 @@ class TrainConfig:
     eval_max_new_tokens: int | None = None
     # Write a resumable checkpoint (weights, patch heads, optimiser, step, log) every this many steps (0: never).
     checkpoint_every: int = 0
+    # Load the vision tower alone from these weights after `init_from` (an HF directory or snapshot), e.g. the
+    # shipped tower under a continued language model.
+    vision_from: str | None = None
+    # Keep the vision tower fixed: no gradient into it and no patch loss (whose heads only serve to train the
+    # tower). Continued training then cannot move the visual features the yes/no answers were learnt on.
+    freeze_vision: bool = False
 
     def __post_init__(self) -> None:
         if self.size not in SPECS:
@@ -119,6 +125,8 @@ class TrainConfig:
             raise ValueError(f"answer_loss must be 'token' or 'sample', got {self.answer_loss!r}")
         if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:
             raise ValueError("eval_max_new_tokens must be >= 1")
+        if self.freeze_vision and self.vision_steps:
+            raise ValueError("freeze_vision leaves nothing to train in the vision phase; give it 0 steps")
 
     @property
     def spec(self) -> ReferenceSpec:
@@ -579,12 +587,19 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, device: st
     if cfg.init_from:
         # Continue training from earlier weights (an HF directory or a snapshot) instead of a fresh initialisation.
         _load_weights(model, cfg.init_from, tokenizer)
+    if cfg.vision_from:
+        donor = build_model(tokenizer, spec, seed=cfg.seed)
+        _load_weights(donor, cfg.vision_from, tokenizer)
+        model.model.vision_tower.load_state_dict(donor.model.vision_tower.state_dict())
+        del donor
+    if cfg.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
     model = model.to(dev)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
         heads = PatchHeads(spec.vision_hidden, len(CATEGORIES), len(COLOURS)).to(dev)
     model.train()
-    params = list(model.parameters()) + list(heads.parameters())
+    params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimiser = torch.optim.AdamW(
@@ -665,13 +680,19 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, device: st
             for group in optimiser.param_groups:
                 group["lr"] = lr
             with autocast:
-                patches = _patch_features(model, normalise_pixels(batch["pixels"]))
-                patch_loss, patch_acc = heads.loss(patches, batch["category"], batch["colour"])
-                if phase == "vision":
-                    loss, lm = patch_loss, torch.zeros(())
-                else:
+                if cfg.freeze_vision:
+                    with torch.no_grad():
+                        patches = _patch_features(model, normalise_pixels(batch["pixels"]))
                     lm = _lm_loss(model, patches, batch, per_sample=cfg.answer_loss == "sample")
-                    loss = lm + cfg.patch_loss_weight * patch_loss
+                    loss, patch_acc = lm, float("nan")
+                else:
+                    patches = _patch_features(model, normalise_pixels(batch["pixels"]))
+                    patch_loss, patch_acc = heads.loss(patches, batch["category"], batch["colour"])
+                    if phase == "vision":
+                        loss, lm = patch_loss, torch.zeros(())
+                    else:
+                        lm = _lm_loss(model, patches, batch, per_sample=cfg.answer_loss == "sample")
+                        loss = lm + cfg.patch_loss_weight * patch_loss
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -133,12 +133,108 @@ def test_crop_labels_and_double_labels_on_a_constructed_scene(session, images, m
     monkeypatch.setattr(session, "generate", generate)
     monkeypatch.setattr(vlsam, "_map_rows", fake_maps)
     sam = _OracleSam([house, tree])
-    cfg = VLSAMConfig(multi_scale=True, refine_steps=0, max_new_tokens=4)
+    # The oracle SAM answers in full-image pixels, so every prompt is decoded on the full image here
+    # (crop decoding has its own test below).
+    cfg = VLSAMConfig(multi_scale=True, refine_steps=0, max_new_tokens=4, sam_view="full")
     (r,) = ground(session, sam, images[:1], config=cfg)
     labels = sorted(d.label for d in r.detections)
     assert labels == ["house", "tree"], [(d.label, d.box, d.score) for d in r.detections]
     # Without the rules the crops' "cup" survives and the tree is boxed under two labels.
     old = VLSAMConfig(multi_scale=True, refine_steps=0, max_new_tokens=4, nms_across_labels=False,
-                      view_containment=0.0, split_components=False)
+                      view_containment=0.0, split_components=False, sam_view="full")
     (r_old,) = ground(session, sam, images[:1], config=old)
     assert "cup" in {d.label for d in r_old.detections}
+
+
+class _LowResSam:
+    """A constructed SAM that sees whatever image it embeds on a 16 x 16 grid: a prompt's mask is every grid
+    cell of the colour under its first positive point, upsampled to the image. On a half-size crop the cells are
+    half as large, so a small object's mask fits it better, as with a real SAM's fixed input size."""
+
+    def __init__(self):
+        self.stats = SamCallStats()
+
+    def embed(self, images):
+        self.stats.image_calls += 1
+        return [np.asarray(im) for im in images]
+
+    def predict(self, emb, image_index, points, labels, mask_inputs=None):
+        masks = []
+        for idx, pts, labs in zip(image_index, points, labels):
+            arr = emb[idx]
+            h, w = arr.shape[:2]
+            cy, cx = ((np.arange(16) + 0.5) * h / 16).astype(int), ((np.arange(16) + 0.5) * w / 16).astype(int)
+            cells = arr[cy][:, cx]
+            x, y = next(p for p, lab in zip(pts, labs) if lab == 1)
+            target = cells[min(15, int(y * 16 / h)), min(15, int(x * 16 / w))]
+            grid = (cells == target).all(-1)
+            masks.append(grid[(np.arange(h) * 16 // h)][:, (np.arange(w) * 16 // w)])
+        self.stats.decode_calls += 1
+        n = len(masks)
+        return SamPrediction(masks, np.full(n, 0.9), torch.zeros(n, 1, 4, 4))
+
+
+def _iou(a, b):
+    return (a & b).sum() / (a | b).sum()
+
+
+def test_crops_decode_their_prompts_and_cut_objects_fall_back_to_the_full_image(session, monkeypatch):
+    """A small red square inside the top-left crop, a small green star inside the top-right crop, a blue bar
+    across the bottom crops' shared edge. Only the top-left crop names the square; only the full view names the
+    star; the bottom crops name the bar they show in part. `found` decodes the square on its crop (a finer mask)
+    and the star on the full image, and the bar, cut by the crops that name it, keeps its full-image mask."""
+    from PIL import Image
+
+    import mmkit.grounding.vlsam as vlsam
+
+    img = np.zeros((112, 112, 3), dtype=np.uint8)
+    objects = {"square": ((10, 10, 24, 24), (255, 0, 0)), "star": ((66, 10, 80, 24), (0, 255, 0)),
+               "bar": ((40, 80, 76, 100), (0, 0, 255))}
+    for (x0, y0, x1, y1), colour in objects.values():
+        img[y0:y1, x0:x1] = colour
+    truth = {name: _blob((112, 112), box) for name, (box, _) in objects.items()}
+    image = Image.fromarray(img)
+
+    def generate(imgs, prompts, **kw):
+        answers = []
+        for im in imgs:
+            if im.size == (112, 112):
+                answers.append("A green star and a blue bar.")   # the full view misses the small square
+            else:
+                # A crop names the square and the bar when it shows them (the bar only in part), never the star.
+                arr = np.asarray(im)
+                named = [name for name, channel in (("a red square", 0), ("a blue bar", 2))
+                         if arr[..., channel].max() > 0]
+                answers.append((" and ".join(named).capitalize() + ".") if named else "Nothing.")
+        return [SimpleNamespace(text=t) for t in answers]
+
+    def fake_maps(session_, views, rows, cfg, counter):
+        out = []
+        for r in rows:
+            x0, y0, x1, y1 = views[r.view].box
+            entries = []
+            for label in r.labels:
+                # The map covers the visible part of the object: grid cells whose centre lies on it.
+                visible = truth[label][y0:y1, x0:x1]
+                cy = ((np.arange(28) + 0.5) * (y1 - y0) / 28).astype(int)
+                cx = ((np.arange(28) + 0.5) * (x1 - x0) / 28).astype(int)
+                entries.append((label, visible[cy][:, cx].astype(float), 1))
+            out.append(entries)
+        return out
+
+    monkeypatch.setattr(session, "generate", generate)
+    monkeypatch.setattr(vlsam, "_map_rows", fake_maps)
+    found = {}
+    for mode in ("full", "found"):
+        cfg = VLSAMConfig(multi_scale=True, refine_steps=0, max_new_tokens=4, sam_view=mode)
+        (r,) = ground(session, _LowResSam(), [image], config=cfg)
+        found[mode] = {d.label: d for d in r.detections}
+        assert sorted(d.label for d in r.detections) == ["bar", "square", "star"], mode
+        # The bar crosses the bottom crops' inner edge: its mask is the full image's, never a cut piece.
+        assert found[mode]["bar"].box[0] < 50 and found[mode]["bar"].box[2] > 62, (mode, found[mode]["bar"].box)
+    iou = {mode: {k: _iou(d.mask, truth[k]) for k, d in dets.items()} for mode, dets in found.items()}
+    assert iou["found"]["square"] > iou["full"]["square"] + 0.1, iou
+    assert iou["found"]["star"] == pytest.approx(iou["full"]["star"]), iou   # no crop named the star
+    assert iou["found"]["bar"] == pytest.approx(iou["full"]["bar"]), iou
+    with pytest.raises(ValueError, match="sam_view"):
+        VLSAMConfig(sam_view="crop")

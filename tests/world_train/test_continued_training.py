@@ -237,3 +237,28 @@ def test_cli_stop_and_resume(tmp_path):
 
     bad = CliRunner().invoke(main, ["train-reference", *args, "--resume", "--lr", "0.5"])
     assert bad.exit_code == 2 and "differs in lr" in bad.stderr
+
+
+def test_vision_from_and_freeze_vision_keep_the_donor_tower_exactly(tmp_path):
+    """--vision-from puts another model's tower under the continued language model, and --freeze-vision keeps it
+    bit-exact through training while the language model and projector still learn."""
+    from mmkit.world.train import train
+
+    tok = build_tokenizer()
+    _save_dir(build_model(tok, TINY_SPEC, seed=1), tok, tmp_path / "lm")
+    donor = build_model(tok, TINY_SPEC, seed=2)
+    _save_dir(donor, tok, tmp_path / "tower")
+    cfg = _tiny(vision_steps=0, align_steps=1, instruct_steps=2, init_from=str(tmp_path / "lm"),
+                vision_from=str(tmp_path / "tower"), freeze_vision=True, lr=1e-2)
+    model, _, log = train(cfg, device="cpu")
+    for key, value in donor.model.vision_tower.state_dict().items():
+        assert torch.equal(model.model.vision_tower.state_dict()[key], value), key
+    start = build_model(tok, TINY_SPEC, seed=1)
+    assert not torch.equal(model.model.multi_modal_projector.linear_1.weight,
+                           start.model.multi_modal_projector.linear_1.weight)
+    assert all(e["lm_loss"] > 0 for e in log if "phase" in e)
+
+
+def test_freeze_vision_refuses_a_vision_phase():
+    with pytest.raises(ValueError, match="freeze_vision"):
+        _tiny(freeze_vision=True)
