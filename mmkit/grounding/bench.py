@@ -185,6 +185,7 @@ def oracle_point_ap(sam, world_seed: int = 1, n_scenes: int = 50, seed: int = 0,
     from mmkit.evals.metrics import box_ap50, mask_iou
     from mmkit.grounding.prompts import mask_to_box
     from mmkit.grounding.sam_train import sample_points
+    from mmkit.grounding.vlsam import corner_crops, paste_view_mask
     from mmkit.world.scenes import generate_scene
 
     rng = np.random.default_rng(seed)
@@ -193,10 +194,7 @@ def oracle_point_ap(sam, world_seed: int = 1, n_scenes: int = 50, seed: int = 0,
     for b0 in range(0, n_scenes, batch_images):
         scenes = [generate_scene(world_seed, i) for i in range(b0, min(n_scenes, b0 + batch_images))]
         w, h = scenes[0].image.size
-        crops = []
-        if crop_fraction is not None:
-            cw, ch = round(w * crop_fraction), round(h * crop_fraction)
-            crops = [(x0, y0, x0 + cw, y0 + ch) for x0, y0 in ((0, 0), (w - cw, 0), (0, h - ch), (w - cw, h - ch))]
+        crops = [] if crop_fraction is None else corner_crops((w, h), crop_fraction)
         emb = sam.embed([s.image for s in scenes] + [s.image.crop(c) for s in scenes for c in crops])
         idx, pts, labs, meta = [], [], [], []
         for i, s in enumerate(scenes):
@@ -216,9 +214,8 @@ def oracle_point_ap(sam, world_seed: int = 1, n_scenes: int = 50, seed: int = 0,
         pred = sam.predict(emb, idx, pts, labs)
         pred = sam.predict(emb, idx, pts, labs, mask_inputs=pred.low_res_logits)
         per: list[list] = [[] for _ in scenes]
-        for m, score, (i, o, (x0, y0, x1, y1)) in zip(pred.masks, pred.scores, meta):
-            full = np.zeros((h, w), dtype=bool)
-            full[y0:y1, x0:x1] = m
+        for m, score, (i, o, view_box) in zip(pred.masks, pred.scores, meta):
+            full = paste_view_mask(m, view_box, (w, h))
             box = mask_to_box(full)
             if box is not None:
                 per[i].append((box, float(score), o.category))

@@ -219,16 +219,20 @@ class _Row:
     in_prompt: bool                  # mentions are searched in the prompt (query) or in the answer
 
 
+def corner_crops(size: tuple[int, int], fraction: float) -> list[tuple[int, int, int, int]]:
+    """The four corner crops of VL-SAM's multi-scale views, each `fraction` of the image's (width, height)."""
+    w, h = size
+    cw, ch = round(w * fraction), round(h * fraction)
+    return [(x0, y0, x0 + cw, y0 + ch) for x0, y0 in ((0, 0), (w - cw, 0), (0, h - ch), (w - cw, h - ch))]
+
+
 def _views(images, cfg: VLSAMConfig) -> list[_View]:
     views = []
     for i, img in enumerate(images):
         w, h = img.size
         views.append(_View(i, (0, 0, w, h), img))
         if cfg.multi_scale:
-            cw, ch = round(w * cfg.crop_fraction), round(h * cfg.crop_fraction)
-            for x0, y0 in ((0, 0), (w - cw, 0), (0, h - ch), (w - cw, h - ch)):
-                box = (x0, y0, x0 + cw, y0 + ch)
-                views.append(_View(i, box, img.crop(box)))
+            views += [_View(i, box, img.crop(box)) for box in corner_crops((w, h), cfg.crop_fraction)]
     return views
 
 
@@ -445,9 +449,10 @@ def _decode_prompts(sam, emb, emb_index: dict[int, int], views: list[_View], row
     """Decode point prompts (full-image pixels) with the SAM, prompt k on the embedding of view decode_view[k].
 
     `emb` holds SAM embeddings of views, `emb_index` maps a view to its row there; `sizes` holds each image's
-    (width, height). Returns full-image masks, predicted IoUs, and the final points and labels in full-image pixels (refine_steps
-    2 resamples them inside the first mask)."""
-    from mmkit.grounding.prompts import resample_prompt, upsample_map
+    (width, height). Returns full-image masks (with `split_components`, only the piece the prompt points at),
+    predicted IoUs, and the final points and labels in full-image pixels (refine_steps 2 resamples them inside
+    the first mask)."""
+    from mmkit.grounding.prompts import keep_prompted_component, resample_prompt, upsample_map
 
     idx = [emb_index[v] for v in decode_view]
     offsets = [views[v].box[:2] for v in decode_view]
@@ -464,7 +469,7 @@ def _decode_prompts(sam, emb, emb_index: dict[int, int], views: list[_View], row
         for k, (i, _, _, (ri, ei), _) in enumerate(prompts):
             view = views[rows[ri].view]
             up = upsample_map(maps[ri][ei][1], cfg.upsample)
-            full = _paste(pred.masks[k], views[decode_view[k]].box, sizes[i])
+            full = paste_view_mask(pred.masks[k], views[decode_view[k]].box, sizes[i])
             grid_mask = _grid_mask(full, view.box, up.shape)
             x0, y0, x1, y1 = view.box
             new = resample_prompt(up, grid_mask, (x1 - x0, y1 - y0), cfg.num_positive, cfg.num_negative,
@@ -474,8 +479,10 @@ def _decode_prompts(sam, emb, emb_index: dict[int, int], views: list[_View], row
                 pts[k] = [(x + x0 - ox, y + y0 - oy) for x, y in new.points]
                 labs[k] = new.labels
         pred = sam.predict(emb, idx, pts, labs, mask_inputs=pred.low_res_logits)
-    masks = [_paste(m, views[v].box, sizes[p[0]]) for m, v, p in zip(pred.masks, decode_view, prompts)]
+    masks = [paste_view_mask(m, views[v].box, sizes[p[0]]) for m, v, p in zip(pred.masks, decode_view, prompts)]
     pts = [[(x + ox, y + oy) for x, y in pp] for pp, (ox, oy) in zip(pts, offsets)]
+    if cfg.split_components:
+        masks = [keep_prompted_component(m, pp, lab) for m, pp, lab in zip(masks, pts, labs)]
     return masks, np.asarray(pred.scores, dtype=np.float64), pts, labs
 
 
@@ -492,7 +499,7 @@ def _points_in_view(points, point_labels, box: tuple[int, int, int, int]) -> tup
     return [pt for pt, _ in kept], [lab for _, lab in kept]
 
 
-def _paste(mask: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
+def paste_view_mask(mask: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
     """A view's mask (view pixels) placed in its image's full frame of `size` (width, height)."""
     w, h = size
     x0, y0, x1, y1 = box
@@ -503,14 +510,9 @@ def _paste(mask: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, in
     return out
 
 
-def _cut_by_crop(mask: np.ndarray, points, point_labels, box: tuple[int, int, int, int], size: tuple[int, int],
-                 split_components: bool) -> bool:
+def _cut_by_crop(mask: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int]) -> bool:
     """Whether a crop-decoded mask (full frame) reaches an edge of the crop that lies inside the image: the object
     goes on beyond the crop, so the crop's mask would be a cut piece of it."""
-    from mmkit.grounding.prompts import keep_prompted_component
-
-    if split_components:
-        mask = keep_prompted_component(mask, points, point_labels)
     x0, y0, x1, y1 = box
     w, h = size
     return bool((x0 > 0 and mask[y0:y1, x0].any()) or (y0 > 0 and mask[y0, x0:x1].any())
@@ -532,8 +534,7 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
     Returns:
         One GroundingResult per image.
     """
-    from mmkit.grounding.prompts import (keep_prompted_component, mask_to_box, nms, one_label_per_object,
-                                         prompts_from_map, upsample_map)
+    from mmkit.grounding.prompts import mask_to_box, nms, one_label_per_object, prompts_from_map, upsample_map
     from mmkit.images import load_image
     from mmkit.models.families import check_grounding
 
@@ -615,8 +616,7 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
         results_masks, results_scores, pts, labs = _decode_prompts(sam, emb, emb_index, views, rows, maps, prompts,
                                                                    decode_view, sizes, cfg)
         cut = [k for k, v in enumerate(decode_view)
-               if v != full_view[prompts[k][0]] and _cut_by_crop(results_masks[k], pts[k], labs[k], views[v].box,
-                                                                 sizes[prompts[k][0]], cfg.split_components)]
+               if v != full_view[prompts[k][0]] and _cut_by_crop(results_masks[k], views[v].box, sizes[prompts[k][0]])]
         if cut:  # an object the crop cuts through: its mask comes from the full image
             again = _decode_prompts(sam, emb, emb_index, views, rows, maps, [prompts[k] for k in cut],
                                     [full_view[prompts[k][0]] for k in cut], sizes, cfg)
@@ -627,9 +627,7 @@ def ground(session, sam, images: Sequence, query: str | Sequence[str] | None = N
     per_image: list[list[Detection]] = [[] for _ in pil]
     view_area: list[list[int]] = [[] for _ in pil]   # per detection, the area of the view that labelled it
     for k, (i, label, p, (ri, _), peak) in enumerate(prompts):
-        mask = results_masks[k]
-        if cfg.split_components:
-            mask = keep_prompted_component(mask, pts[k], labs[k])
+        mask = results_masks[k]  # already the prompted piece with split_components (_decode_prompts)
         if not _found_in_view(mask, views[rows[ri].view].box, cfg.view_containment):
             continue  # the label came from a crop that shows only part of this object
         box = mask_to_box(mask)
