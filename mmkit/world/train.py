@@ -680,19 +680,18 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, device: st
             for group in optimiser.param_groups:
                 group["lr"] = lr
             with autocast:
-                if cfg.freeze_vision:
-                    with torch.no_grad():
-                        patches = _patch_features(model, normalise_pixels(batch["pixels"]))
-                    lm = _lm_loss(model, patches, batch, per_sample=cfg.answer_loss == "sample")
-                    loss, patch_acc = lm, float("nan")
-                else:
+                # A frozen tower gets no gradient and no patch loss (the heads only serve to train the tower).
+                with torch.set_grad_enabled(not cfg.freeze_vision):
                     patches = _patch_features(model, normalise_pixels(batch["pixels"]))
+                if cfg.freeze_vision:
+                    patch_loss, patch_acc = torch.zeros(()), float("nan")
+                else:
                     patch_loss, patch_acc = heads.loss(patches, batch["category"], batch["colour"])
-                    if phase == "vision":
-                        loss, lm = patch_loss, torch.zeros(())
-                    else:
-                        lm = _lm_loss(model, patches, batch, per_sample=cfg.answer_loss == "sample")
-                        loss = lm + cfg.patch_loss_weight * patch_loss
+                if phase == "vision":
+                    loss, lm = patch_loss, torch.zeros(())
+                else:
+                    lm = _lm_loss(model, patches, batch, per_sample=cfg.answer_loss == "sample")
+                    loss = lm + cfg.patch_loss_weight * patch_loss
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
