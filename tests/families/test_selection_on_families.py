@@ -91,6 +91,16 @@ def _kept_positions(session):
     return [ctx.llm_positions[r][ctx.llm_image_mask[r] & valid[r]].tolist() for r in range(ctx.llm_positions.shape[0])]
 
 
+def _kept_under(session, inputs, spec):
+    """The kept positions (`_kept_positions`) of one prefill with method `spec` applied, then removed."""
+    handle = session.apply(spec)
+    try:
+        _lm_call(session, inputs)
+        return _kept_positions(session)
+    finally:
+        handle.remove()
+
+
 def _expected_count(method, image, keep=None, tokens=0):
     n = len(image["pos"])
     patches = n - int(image["newline"].sum())
@@ -179,12 +189,7 @@ def test_divprune_keeps_the_plain_greedy_of_each_images_tokens(fam):
     name, session = fam
     inputs = session.prepare(family_images(), PROMPTS)
     images = _images_of(session, inputs)
-    handle = session.apply("divprune:keep=0.3")
-    try:
-        _lm_call(session, inputs)
-        kept = _kept_positions(session)
-    finally:
-        handle.remove()
+    kept = _kept_under(session, inputs, "divprune:keep=0.3")
     for row, image in enumerate(images):
         # Every token of the packed image is a candidate, newlines included (the released LLaVA-1.6 path).
         k = max(1, round(0.3 * len(image["pos"])))
@@ -195,12 +200,7 @@ def test_random_draws_over_each_images_patch_tokens(fam):
     name, session = fam
     inputs = session.prepare(family_images(), PROMPTS)
     images = _images_of(session, inputs)
-    handle = session.apply("random:keep=0.4,seed=3")
-    try:
-        _lm_call(session, inputs)
-        kept = _kept_positions(session)
-    finally:
-        handle.remove()
+    kept = _kept_under(session, inputs, "random:keep=0.4,seed=3")
     for row, image in enumerate(images):
         patches = (~image["newline"]).nonzero().flatten()
         k = min(max(1, round(0.4 * len(image["pos"]))), len(patches))
