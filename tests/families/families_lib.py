@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+import pytest
 
 from mmkit.models.builtin_families import FAMILY_BUILTIN_NAMES, build_family_builtin
 
@@ -26,3 +27,13 @@ def _images():
 
 def family_images():
     return list(_images())
+
+
+def assert_batch_equals_single(session, images, prompts) -> None:
+    """Batched rows equal single rows: greedy texts (3 new tokens) and answer log-probabilities."""
+    batch = [r.text for r in session.generate(images, prompts, max_new_tokens=3)]
+    single = [session.generate([im], [p], max_new_tokens=3)[0].text for im, p in zip(images, prompts)]
+    assert batch == single
+    scores = session.answer_logprobs(images, prompts).logprobs
+    for i, (im, p) in enumerate(zip(images, prompts)):
+        assert session.answer_logprobs([im], [p]).logprobs[0] == pytest.approx(scores[i], abs=1e-4)

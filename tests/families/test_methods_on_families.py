@@ -17,7 +17,7 @@ from mmkit.models.families import FAMILIES, refusal
 from mmkit.registry import list_methods
 from mmkit.support_matrix import README, render_matrix, readme_with_matrix
 
-from families_lib import FAMILY_BUILTINS, family_images
+from families_lib import FAMILY_BUILTINS, assert_batch_equals_single, family_images
 
 PROMPTS = ["What is in the image?", "Is there a red cube?", "Describe the scene in detail, please."]
 # Settings that make each method act on the tiny models (VAR: random weights have no massive activations, so the
@@ -189,10 +189,5 @@ def test_pruning_composes_with_mitigation_on_families(name, pair):
     token types must survive both the drop and the extra branches)."""
     session = mmkit.load(name, device="cpu", methods=list(pair))
     images = family_images()
-    batch = [r.text for r in session.generate(images, PROMPTS, max_new_tokens=3)]
-    single = [session.generate([im], [p], max_new_tokens=3)[0].text for im, p in zip(images, PROMPTS)]
-    assert batch == single
-    scores = session.answer_logprobs(images, PROMPTS).logprobs
-    for i, (im, p) in enumerate(zip(images, PROMPTS)):
-        assert session.answer_logprobs([im], [p]).logprobs[0] == pytest.approx(scores[i], abs=1e-4)
+    assert_batch_equals_single(session, images, PROMPTS)
     session.close()

@@ -19,7 +19,7 @@ import mmkit
 from mmkit.patching.native import NativeVisionCapture, native_scores
 from mmkit.pruning.vflowopt import VFlowOptConfig
 
-from families_lib import family_images
+from families_lib import assert_batch_equals_single, family_images
 from test_token_drop_oracle import _generate_scores, _mask_keys_hook
 
 QWEN = ["tiny-random-qwen2-vl", "tiny-random-qwen2.5-vl", "tiny-random-qwen3-vl"]
@@ -363,12 +363,7 @@ def test_qwen_visionzip_vflowopt_compose_with_mitigation(qwen, pair):
     base = _logits(session, inputs)
     handles = [session.apply(spec) for spec in pair]
     try:
-        batch = [r.text for r in session.generate(images, PROMPTS, max_new_tokens=3)]
-        single = [session.generate([im], [p], max_new_tokens=3)[0].text for im, p in zip(images, PROMPTS)]
-        assert batch == single
-        scores = session.answer_logprobs(images, PROMPTS).logprobs
-        for i, (im, p) in enumerate(zip(images, PROMPTS)):
-            assert session.answer_logprobs([im], [p]).logprobs[0] == pytest.approx(scores[i], abs=1e-4)
+        assert_batch_equals_single(session, images, PROMPTS)
         assert min(session.context.visual_per_layer[-1].tolist()) < min(
             (inputs["input_ids"] == session.adapter.image_token_id).sum(1).tolist())
     finally:
