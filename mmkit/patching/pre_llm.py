@@ -184,11 +184,61 @@ def query_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Ten
 
 
 @dataclass
-class _DecodeState:
-    keep: torch.Tensor       # (B, m) original positions of the reduced sequence
-    mask: torch.Tensor       # (B, m) 2-D padding mask of the reduced prefill
-    prompt_len: int          # n
-    shift: torch.Tensor      # (B,) original position - reduced position of the last prefill token
+class ReducedPrefill:
+    """What decode steps need to know about a prefill whose image tokens were reduced before the LLM."""
+
+    keep: torch.Tensor           # (B, m) original positions of the reduced sequence
+    mask: torch.Tensor           # (B, m) 2-D padding mask of the reduced prefill
+    prompt_len: int              # n
+    shift: torch.Tensor | None   # (B,) original - reduced position of the last prefill token (None: 3-D rotary)
+
+    @property
+    def removed(self) -> int:
+        """How many fewer tokens the cache holds than the unreduced model's would."""
+        return self.prompt_len - self.keep.shape[1]
+
+
+def record_reduced_prefill(ctx, reduced_image: torch.Tensor, new_mask: torch.Tensor, keep: torch.Tensor,
+                           has_mask: bool, num_layers: int):
+    """Give the shared context the reduced prefill, so LLM-side methods reset their per-prefill state from the
+    sequence they will see, and record its token counts on every layer. Returns what `ctx.restore_prefill` takes."""
+    saved = ctx.replace_prefill(reduced_image, new_mask.long() if has_mask else None, positions=keep)
+    visual, tokens = reduced_image.sum(1), new_mask.sum(1)
+    for layer in range(num_layers):
+        ctx.record_layer(layer, visual, tokens)
+    return saved
+
+
+def reduced_decode_kwargs(kwargs: dict, state: ReducedPrefill, rope3d: bool = False,
+                          caller_positions: bool = False) -> dict:
+    """A decode step's decoder kwargs after a reduced prefill: the mask continues the reduced prefill's, and the
+    positions are those the unreduced model would use (`rope3d`: Qwen-VL's 3-D positions, which the model
+    derives itself; `caller_positions`: the caller passed the prefill's positions, so decode ones are original)."""
+    kwargs = dict(kwargs)
+    embeds = kwargs["inputs_embeds"]
+    q = embeds.shape[1]
+    cache = kwargs.get("past_key_values")
+    past = cache.get_seq_length() if cache is not None else 0
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        if mask.shape[1] != state.prompt_len + past - state.keep.shape[1] + q:
+            raise RuntimeError(f"decoding mask of length {mask.shape[1]} does not extend the {state.prompt_len}-token "
+                               f"prompt by the cached and new tokens")
+        kwargs["attention_mask"] = torch.cat([state.mask.to(mask.dtype), mask[:, state.prompt_len:]], dim=1)
+    elif not bool(state.mask.bool().all()):
+        extra = past + q - state.mask.shape[1]
+        kwargs["attention_mask"] = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], extra)], 1)
+    pos = kwargs.get("position_ids")
+    if rope3d:
+        if pos is not None and mask is None and not caller_positions:
+            # The model numbered these tokens from the cache length, which holds `removed` fewer tokens than the
+            # unreduced model's; with a mask (or positions from the caller) they are already the original ones.
+            kwargs["position_ids"] = pos + state.removed
+        return kwargs
+    if pos is None:
+        pos = (torch.arange(q, device=embeds.device) + past + state.removed)[None]
+    kwargs["position_ids"] = pos.to(embeds.device) - state.shift[:, None]
+    return kwargs
 
 
 class PreLLMReducer:
@@ -214,7 +264,7 @@ class PreLLMReducer:
         self.num_layers = session.adapter.num_layers
         self._plan: ReductionPlan | None = None
         self._tokens_per_image = 0
-        self._decode: _DecodeState | None = None
+        self._decode: ReducedPrefill | None = None
         self._saved: tuple | None = None
         # Per slot of the reduced prefill: image index (-1 for text) and rank in that image's plan order.
         self.slot_image: torch.Tensor | None = None
@@ -272,7 +322,7 @@ class PreLLMReducer:
                                    "(their features were not computed by this model's projector)")
             return args, self._reduce_prefill(kwargs, plan, image_mask)
         if self._decode is not None:
-            return args, self._decode_kwargs(kwargs)
+            return args, reduced_decode_kwargs(kwargs, self._decode)
         return None
 
     def _native_plan(self, kwargs: dict, image_mask: torch.Tensor) -> tuple[ReductionPlan, dict]:
@@ -358,46 +408,13 @@ class PreLLMReducer:
             rows = flat_index.gather(1, keep)[visual_slots]
             kwargs["deepstack_visual_embeds"] = [d[rows.to(d.device)] for d in kwargs["deepstack_visual_embeds"]]
             kwargs["visual_pos_masks"] = visual_slots
-        self._decode = _DecodeState(keep=keep, mask=kwargs["attention_mask"], prompt_len=n,
-                                    shift=pos[:, -1] - new_pos[:, -1])
+        self._decode = ReducedPrefill(keep=keep, mask=kwargs["attention_mask"], prompt_len=n,
+                                      shift=pos[:, -1] - new_pos[:, -1])
         self.slot_image, self.slot_rank = slot_image, slot_rank
-        self._update_context(image_mask, keep, new_mask, had_mask or valid is not None)
+        self._saved = record_reduced_prefill(self.ctx, image_mask.gather(1, keep) & new_mask, new_mask, keep,
+                                             had_mask or valid is not None, self.num_layers)
         for callback in list(self.after_reduce):
             callback(self)
-        return kwargs
-
-    def _update_context(self, image_mask, keep, new_mask, has_mask) -> None:
-        ctx = self.ctx
-        reduced_image = image_mask.gather(1, keep) & new_mask
-        visual = reduced_image.sum(1)
-        # LLM-side methods reset per-prefill state from the sequence they will see.
-        self._saved = ctx.replace_prefill(reduced_image, new_mask.long() if has_mask else None, positions=keep)
-        tokens = new_mask.sum(1)
-        for layer in range(self.num_layers):
-            ctx.record_layer(layer, visual, tokens)
-
-    def _decode_kwargs(self, kwargs: dict) -> dict:
-        state = self._decode
-        kwargs = dict(kwargs)
-        embeds = kwargs.get("inputs_embeds")
-        q = embeds.shape[1]
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
-        mask = kwargs.get("attention_mask")
-        if mask is not None:
-            if mask.shape[1] != state.prompt_len + past - state.keep.shape[1] + q:
-                raise RuntimeError(f"decoding mask of length {mask.shape[1]} does not extend the {state.prompt_len}-token "
-                                   f"prompt by the cached and new tokens")
-            kwargs["attention_mask"] = torch.cat([state.mask.to(mask.dtype), mask[:, state.prompt_len:]], dim=1)
-        elif not bool(state.mask.bool().all()):
-            extra = past + q - state.mask.shape[1]
-            kwargs["attention_mask"] = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], extra)], 1)
-        pos = kwargs.get("position_ids")
-        if pos is None:
-            # What the unreduced model would have used: the cache holds n - m fewer tokens than it would.
-            removed = state.prompt_len - state.keep.shape[1]
-            pos = (torch.arange(q, device=embeds.device) + past + removed)[None]
-        kwargs["position_ids"] = pos.to(embeds.device) - state.shift[:, None]
         return kwargs
 
     # -- helpers for methods ---------------------------------------------------------------------------------------

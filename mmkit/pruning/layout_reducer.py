@@ -12,18 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mmkit.patching.pre_llm import sequence_selection_from_keys
+from mmkit.patching.pre_llm import (ReducedPrefill, record_reduced_prefill, reduced_decode_kwargs,
+                                    sequence_selection_from_keys)
 from mmkit.pruning.image_layout import QWEN_ARCHITECTURES, ImageLayout, LayoutCapture
 from mmkit.pruning.selection import ImageBatch, SelectFn
-
-
-@dataclass
-class _LayoutDecode:
-    keep: torch.Tensor       # (B, m) prompt positions of the reduced prefill's slots
-    mask: torch.Tensor       # (B, m) its 2-D mask
-    prompt_len: int
-    shift: torch.Tensor | None   # 1-D positions: original - reduced position of each row's last prefill token
-    removed: int             # prompt_len - m
 
 
 class LayoutReducer:
@@ -49,7 +41,7 @@ class LayoutReducer:
         self.layouts = LayoutCapture(session)
         self._input_ids: torch.Tensor | None = None
         self._caller_positions = False
-        self._decode: _LayoutDecode | None = None
+        self._decode: ReducedPrefill | None = None
         self._saved: dict | None = None
         self._vision: torch.Tensor | None = None
         lm = session.adapter.language_model
@@ -106,7 +98,7 @@ class LayoutReducer:
                 return None
             return args, self._reduce_prefill(kwargs, self.layouts.take(), image_mask)
         if self._decode is not None:
-            return args, self._decode_kwargs(kwargs)
+            return args, reduced_decode_kwargs(kwargs, self._decode, self.rope3d, self._caller_positions)
         return None
 
     def _lm_post_hook(self, module, args, kwargs, output):
@@ -199,43 +191,7 @@ class LayoutReducer:
             kwargs["visual_pos_masks"] = reduced_image
             kwargs["deepstack_visual_embeds"] = [e[kept_visual.to(e.device)]
                                                  for e in kwargs["deepstack_visual_embeds"]]
-        self._decode = _LayoutDecode(keep=keep, mask=kwargs["attention_mask"], prompt_len=n, shift=shift,
-                                     removed=n - m)
-        self._update_context(image_mask, keep, new_mask, reduced_image, had_mask or valid is not None)
-        return kwargs
-
-    def _update_context(self, image_mask, keep, new_mask, reduced_image, has_mask) -> None:
-        ctx = self.ctx
-        # LLM-side methods reset per-prefill state from the sequence they will see.
-        self._saved = ctx.replace_prefill(reduced_image, new_mask.long() if has_mask else None, positions=keep)
-        visual, tokens = reduced_image.sum(1), new_mask.sum(1)
-        for layer in range(self.num_layers):
-            ctx.record_layer(layer, visual, tokens)
-
-    def _decode_kwargs(self, kwargs: dict) -> dict:
-        state = self._decode
-        kwargs = dict(kwargs)
-        embeds = kwargs["inputs_embeds"]
-        q = embeds.shape[1]
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
-        mask = kwargs.get("attention_mask")
-        if mask is not None:
-            if mask.shape[1] != state.prompt_len + past - state.keep.shape[1] + q:
-                raise RuntimeError(f"decoding mask of length {mask.shape[1]} does not extend the {state.prompt_len}-"
-                                   f"token prompt by the cached and new tokens")
-            kwargs["attention_mask"] = torch.cat([state.mask.to(mask.dtype), mask[:, state.prompt_len:]], dim=1)
-        elif not bool(state.mask.bool().all()):
-            extra = past + q - state.mask.shape[1]
-            kwargs["attention_mask"] = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], extra)], 1)
-        pos = kwargs.get("position_ids")
-        if self.rope3d:
-            if pos is not None and mask is None and not self._caller_positions:
-                # The model numbered these tokens from the cache length, which holds `removed` fewer tokens than the
-                # unreduced model's; with a mask (or positions from the caller) they are already the original ones.
-                kwargs["position_ids"] = pos + state.removed
-            return kwargs
-        if pos is None:
-            pos = (torch.arange(q, device=embeds.device) + past + state.removed)[None]
-        kwargs["position_ids"] = pos.to(embeds.device) - state.shift[:, None]
+        self._decode = ReducedPrefill(keep=keep, mask=kwargs["attention_mask"], prompt_len=n, shift=shift)
+        self._saved = record_reduced_prefill(self.ctx, reduced_image, new_mask, keep, had_mask or valid is not None,
+                                             self.num_layers)
         return kwargs
