@@ -68,6 +68,8 @@ def _init_source(value: str | None, option: str = "--init") -> str | None:
 @click.option("--detailed-share", default=None, type=click.FloatRange(0, 1, min_open=True),
               help="With --captions detailed: thin each scene's other questions so that detailed captions are this "
                    "fraction of the instruct stream [default: keep all, about 1 in 12].")
+@click.option("--keep-pope", is_flag=True, default=None,
+              help="With --detailed-share: never thin the POPE questions; the other questions are thinned harder.")
 @click.option("--answer-loss", type=click.Choice(["token", "sample"]), default=None,
               help="Mean the answer loss over all answer tokens of a batch (token, the shipped recipe) or per answer "
                    "first (sample, so a long caption weighs as much as a yes/no answer). [default: token]")
@@ -85,8 +87,8 @@ def _init_source(value: str | None, option: str = "--init") -> str | None:
                    "there is none.")
 def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_every, eval_scenes, eval_captions,
                     log_every, max_minutes, stop_at, lr, warmup, init_from, scene_offset, snapshots, caption_mix,
-                    detailed_share, answer_loss, vision_from, freeze_vision, checkpoint_every, checkpoint_dir,
-                    resume):
+                    detailed_share, keep_pope, answer_loss, vision_from, freeze_vision, checkpoint_every,
+                    checkpoint_dir, resume):
     """Train mmkit's reference LLaVA model and save it as an HF directory.
 
     Deterministic for a seed on CPU (a resumed run included); prints the held-out POPE F1 per split and CHAIR_S at
@@ -105,7 +107,8 @@ def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_eve
                         ("eval_scenes", eval_scenes), ("eval_captions", eval_captions), ("log_every", log_every),
                         ("max_minutes", max_minutes), ("stop_at", stop_at), ("lr", lr), ("warmup_steps", warmup),
                         ("init_from", init_from), ("scene_offset", scene_offset), ("caption_mix", caption_mix),
-                        ("detailed_share", detailed_share), ("answer_loss", answer_loss),
+                        ("detailed_share", detailed_share), ("keep_pope", keep_pope),
+                        ("answer_loss", answer_loss),
                         ("vision_from", vision_from), ("freeze_vision", freeze_vision),
                         ("checkpoint_every", checkpoint_every)):
         if value is not None:

@@ -84,6 +84,9 @@ class TrainConfig:
     # Detailed mix only: keep each scene's other questions with the probability that makes detailed captions this
     # fraction of the instruct stream on average (None: every question of every scene, about 1 in 12 detailed).
     detailed_share: float | None = None
+    # Detailed mix with detailed_share only: never thin the POPE questions (the yes/no answers the acceptance
+    # measures first); the scene's other questions are thinned harder so the share holds where it still can.
+    keep_pope: bool = False
     # Loss over answer tokens: "token" (mean over all answer tokens of the batch, the shipped recipe; a detailed
     # caption then weighs ~80 one-word answers) or "sample" (mean per answer, then over the batch).
     answer_loss: str = "token"
@@ -121,6 +124,8 @@ class TrainConfig:
                 raise ValueError("detailed_share needs caption_mix 'detailed'")
             if not 0 < self.detailed_share <= 1:
                 raise ValueError(f"detailed_share must be in (0, 1], got {self.detailed_share}")
+        if self.keep_pope and self.detailed_share is None:
+            raise ValueError("keep_pope needs detailed_share (without it no question is thinned)")
         if self.answer_loss not in ("token", "sample"):
             raise ValueError(f"answer_loss must be 'token' or 'sample', got {self.answer_loss!r}")
         if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:
@@ -203,7 +208,7 @@ class WorldStream(torch.utils.data.IterableDataset):
 
     def __init__(self, phase: str, world_seed: int, grid: int, tokenizer_json: str, num_image_tokens: int,
                  eos_id: int, seed: int, shuffle_buffer: int = 256, chunk: int = 16, scene_offset: int = 0,
-                 caption_mix: str = "legacy", detailed_share: float | None = None) -> None:
+                 caption_mix: str = "legacy", detailed_share: float | None = None, keep_pope: bool = False) -> None:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         self.phase, self.world_seed, self.grid = phase, world_seed, grid
@@ -212,7 +217,9 @@ class WorldStream(torch.utils.data.IterableDataset):
         self.scene_offset = scene_offset
         self.caption_mix = caption_mix
         self.detailed_share = detailed_share
-        self._others = (-1, 0)  # (scene index, its question count besides the detailed caption), see `_keep`
+        self.keep_pope = keep_pope
+        # (scene index, its questions besides the detailed caption, how many of those are always kept), see `_keep`
+        self._others = (-1, 0, 0)
 
     def _items(self, start: int, tokenizer_core) -> Iterator[dict]:
         from mmkit.world.questions import BRIEF_CAPTION_PROMPT, detailed_caption, reference_caption, training_examples
@@ -245,15 +252,22 @@ class WorldStream(torch.utils.data.IterableDataset):
                    "ids": np.asarray(prompt_ids + answer_ids, dtype=np.int64), "n_prompt": len(prompt_ids)}
 
     def _keep(self, scene, question) -> bool:
-        """Whether the stream keeps `question` under `detailed_share`: detailed captions always; the scene's other
-        questions each with probability p, so that 1 / (1 + p * others) = detailed_share per scene."""
+        """Whether the stream keeps `question` under `detailed_share`: detailed captions always, and with
+        `keep_pope` the POPE questions too; the scene's other questions each with probability p, so that
+        1 / (1 + kept + p * thinned) = detailed_share per scene (p capped to [0, 1])."""
         if self.detailed_share is None or (question.kind == "caption" and question.split == "detailed"):
+            return True
+        if self.keep_pope and question.kind == "pope":
             return True
         from mmkit.world.questions import questions_for_scene
 
         if self._others[0] != scene.index:  # counted once per scene
-            self._others = (scene.index, len(questions_for_scene(scene, caption_mix="detailed")) - 1)
-        p = (1 / self.detailed_share - 1) / max(self._others[1], 1)
+            others = [q for q in questions_for_scene(scene, caption_mix="detailed")
+                      if not (q.kind == "caption" and q.split == "detailed")]
+            kept = sum(q.kind == "pope" for q in others) if self.keep_pope else 0
+            self._others = (scene.index, len(others), kept)
+        _, n_others, n_kept = self._others
+        p = min(max((1 / self.detailed_share - 1 - n_kept) / max(n_others - n_kept, 1), 0.0), 1.0)
         return random.Random(f"{self.seed}-{question.qid}-share").random() < p
 
     def __iter__(self) -> Iterator[dict]:
@@ -501,7 +515,7 @@ def _loader(phase: str, cfg: TrainConfig, tokenizer, workers: int, batch_size: i
     stream = WorldStream(phase, cfg.world_seed, spec.grid, tokenizer.backend_tokenizer.to_str(),
                          spec.num_image_tokens, tokenizer.eos_token_id, cfg.seed, cfg.shuffle_buffer,
                          scene_offset=cfg.scene_offset, caption_mix=cfg.caption_mix,
-                         detailed_share=cfg.detailed_share)
+                         detailed_share=cfg.detailed_share, keep_pope=cfg.keep_pope)
     return torch.utils.data.DataLoader(
         stream, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
         collate_fn=functools.partial(collate, pad_id=tokenizer.pad_token_id),

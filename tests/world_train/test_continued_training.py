@@ -191,6 +191,31 @@ def test_detailed_share_sets_the_fraction_of_detailed_captions():
     assert 0.2 < counts[0.25][0] / counts[0.25][1] < 0.3
 
 
+def test_keep_pope_keeps_every_pope_question_and_thins_the_rest():
+    from collections import Counter
+
+    from mmkit.world.questions import training_examples
+    from mmkit.world.train import TrainConfig, WorldStream
+
+    tok = build_tokenizer()
+    pairs = list(training_examples(0, 48, start=5000, caption_mix="detailed"))
+    kept = {}
+    for keep_pope in (False, True):
+        stream = WorldStream("instruct", 0, TINY_SPEC.grid, tok.backend_tokenizer.to_str(), 4, tok.eos_token_id,
+                             seed=0, caption_mix="detailed", detailed_share=0.1, keep_pope=keep_pope)
+        kept[keep_pope] = Counter(q.kind if q.kind != "caption" else q.split for s, q in pairs if stream._keep(s, q))
+    total = Counter(q.kind if q.kind != "caption" else q.split for _, q in pairs)
+    assert kept[True]["pope"] == total["pope"] > kept[False]["pope"]
+    assert kept[True]["detailed"] == kept[False]["detailed"] == total["detailed"] == 48
+    # The share holds: 48 detailed captions are about a tenth of what is kept, so the other kinds are thinned
+    # harder than without keep_pope.
+    assert 0.08 < 48 / sum(kept[True].values()) < 0.12
+    for kind in ("color", "count", "spatial"):
+        assert kept[True][kind] < kept[False][kind]
+    with pytest.raises(ValueError, match="keep_pope needs detailed_share"):
+        TrainConfig(caption_mix="detailed", keep_pope=True)
+
+
 def test_per_sample_answer_loss_by_hand():
     """answer_loss="sample": the mean of each answer's token losses, then over answers (recomputed from the
     per-token losses of the token-mean path)."""
