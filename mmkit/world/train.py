@@ -218,8 +218,8 @@ class WorldStream(torch.utils.data.IterableDataset):
         self.caption_mix = caption_mix
         self.detailed_share = detailed_share
         self.keep_pope = keep_pope
-        # (scene index, its questions besides the detailed caption, how many of those are always kept), see `_keep`
-        self._others = (-1, 0, 0)
+        # (scene index, its always-kept and its thinned question counts), see `_keep`
+        self._counts = (-1, 0, 0)
 
     def _items(self, start: int, tokenizer_core) -> Iterator[dict]:
         from mmkit.world.questions import BRIEF_CAPTION_PROMPT, detailed_caption, reference_caption, training_examples
@@ -251,23 +251,25 @@ class WorldStream(torch.utils.data.IterableDataset):
             yield {"pixels": pixels, "category": cat, "colour": col,
                    "ids": np.asarray(prompt_ids + answer_ids, dtype=np.int64), "n_prompt": len(prompt_ids)}
 
+    def _always_kept(self, question) -> bool:
+        """Questions `detailed_share` never thins: the detailed caption, and with `keep_pope` the POPE questions."""
+        return (question.kind == "caption" and question.split == "detailed") or (
+            self.keep_pope and question.kind == "pope")
+
     def _keep(self, scene, question) -> bool:
-        """Whether the stream keeps `question` under `detailed_share`: detailed captions always, and with
-        `keep_pope` the POPE questions too; the scene's other questions each with probability p, so that
-        1 / (1 + kept + p * thinned) = detailed_share per scene (p capped to [0, 1])."""
-        if self.detailed_share is None or (question.kind == "caption" and question.split == "detailed"):
-            return True
-        if self.keep_pope and question.kind == "pope":
+        """Whether the stream keeps `question` under `detailed_share`: the always-kept ones (`_always_kept`,
+        including the scene's one detailed caption) and each other question with probability p, so that
+        1 / (always + p * thinned) = detailed_share per scene (p capped to [0, 1])."""
+        if self.detailed_share is None or self._always_kept(question):
             return True
         from mmkit.world.questions import questions_for_scene
 
-        if self._others[0] != scene.index:  # counted once per scene
-            others = [q for q in questions_for_scene(scene, caption_mix="detailed")
-                      if not (q.kind == "caption" and q.split == "detailed")]
-            kept = sum(q.kind == "pope" for q in others) if self.keep_pope else 0
-            self._others = (scene.index, len(others), kept)
-        _, n_others, n_kept = self._others
-        p = min(max((1 / self.detailed_share - 1 - n_kept) / max(n_others - n_kept, 1), 0.0), 1.0)
+        if self._counts[0] != scene.index:  # counted once per scene
+            questions = questions_for_scene(scene, caption_mix="detailed")
+            always = sum(map(self._always_kept, questions))
+            self._counts = (scene.index, always, len(questions) - always)
+        _, always, thinned = self._counts
+        p = min(max((1 / self.detailed_share - always) / max(thinned, 1), 0.0), 1.0)
         return random.Random(f"{self.seed}-{question.qid}-share").random() < p
 
     def __iter__(self) -> Iterator[dict]:
