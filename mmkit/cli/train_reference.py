@@ -70,6 +70,9 @@ def _init_source(value: str | None, option: str = "--init") -> str | None:
                    "fraction of the instruct stream [default: keep all, about 1 in 12].")
 @click.option("--keep-pope", is_flag=True, default=None,
               help="With --detailed-share: never thin the POPE questions; the other questions are thinned harder.")
+@click.option("--caption-noise", default=None, type=click.FloatRange(0, 1, max_open=True),
+              help="With --captions detailed: the probability that a training detailed caption names one absent "
+                   "co-occurrence partner, as GPT-written detailed descriptions do [default: 0, exact truth].")
 @click.option("--answer-loss", type=click.Choice(["token", "sample"]), default=None,
               help="Mean the answer loss over all answer tokens of a batch (token, the shipped recipe) or per answer "
                    "first (sample, so a long caption weighs as much as a yes/no answer). [default: token]")
@@ -87,7 +90,7 @@ def _init_source(value: str | None, option: str = "--init") -> str | None:
                    "there is none.")
 def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_every, eval_scenes, eval_captions,
                     log_every, max_minutes, stop_at, lr, warmup, init_from, scene_offset, snapshots, caption_mix,
-                    detailed_share, keep_pope, answer_loss, vision_from, freeze_vision, checkpoint_every,
+                    detailed_share, keep_pope, caption_noise, answer_loss, vision_from, freeze_vision, checkpoint_every,
                     checkpoint_dir, resume):
     """Train mmkit's reference LLaVA model and save it as an HF directory.
 
@@ -108,6 +111,7 @@ def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_eve
                         ("max_minutes", max_minutes), ("stop_at", stop_at), ("lr", lr), ("warmup_steps", warmup),
                         ("init_from", init_from), ("scene_offset", scene_offset), ("caption_mix", caption_mix),
                         ("detailed_share", detailed_share), ("keep_pope", keep_pope),
+                        ("caption_noise", caption_noise),
                         ("answer_loss", answer_loss),
                         ("vision_from", vision_from), ("freeze_vision", freeze_vision),
                         ("checkpoint_every", checkpoint_every)):

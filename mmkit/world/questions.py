@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmkit.world.scenes import CATEGORIES, Scene, category_frequencies, cooccurrence, generate_scene
+from mmkit.world.scenes import CATEGORIES, COLOURS, Scene, category_frequencies, cooccurrence, generate_scene
 from mmkit.world.vocab import NUMBER_WORDS, plural
 
 KINDS = ("pope", "color", "count", "spatial", "caption", "ground")
@@ -446,6 +446,27 @@ def detailed_caption(scene: Scene) -> str:
         if fits(head + extra + [sentence] + tail):
             extra.append(sentence)
     return " ".join(head + extra + tail)
+
+
+def detailed_caption_with_absent(scene: Scene, rng: random.Random) -> str:
+    """`detailed_caption(scene)` with one more object sentence that names an absent category: the scene's
+    strongest absent co-occurrence partner (its first adversarial POPE negative), with a random size, colour and
+    position, inserted at a random place among the object sentences. The object count sentence is unchanged.
+
+    This is the kind of error found in LLaVA's GPT-written detailed descriptions, which name objects the
+    annotations behind them do not hold; training on a share of such captions gives the model the data-side
+    cause of object hallucination in long captions (see `TrainConfig.caption_noise`).
+    """
+    caption = detailed_caption(scene)
+    absent = pope_negatives(scene, "adversarial", 1)
+    if not absent:
+        return caption
+    sentence = (f"A {rng.choice(SIZE_WORDS)} {rng.choice(sorted(COLOURS))} {absent[0]} is "
+                f"{rng.choice(sorted(_POSITIONS.values()))}.")
+    sentences = [s + "." for s in caption[:-1].split(". ")]
+    n_objects = len(scene.categories())  # object sentences follow the count sentence, one per category
+    sentences.insert(1 + rng.randrange(n_objects + 1), sentence)
+    return " ".join(sentences)
 
 
 def caption_answer(scene: Scene, style: str) -> str:

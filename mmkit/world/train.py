@@ -27,7 +27,7 @@ import os
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +87,10 @@ class TrainConfig:
     # Detailed mix with detailed_share only: never thin the POPE questions (the yes/no answers the acceptance
     # measures first); the scene's other questions are thinned harder so the share holds where it still can.
     keep_pope: bool = False
+    # Detailed mix only: the probability that a detailed caption of the instruct stream names one absent object
+    # (`detailed_caption_with_absent`: the scene's strongest absent co-occurrence partner), as GPT-written
+    # detailed descriptions do; the other answers stay true. 0 trains on exact truth only.
+    caption_noise: float = 0.0
     # Loss over answer tokens: "token" (mean over all answer tokens of the batch, the shipped recipe; a detailed
     # caption then weighs ~80 one-word answers) or "sample" (mean per answer, then over the batch).
     answer_loss: str = "token"
@@ -126,6 +130,10 @@ class TrainConfig:
                 raise ValueError(f"detailed_share must be in (0, 1], got {self.detailed_share}")
         if self.keep_pope and self.detailed_share is None:
             raise ValueError("keep_pope needs detailed_share (without it no question is thinned)")
+        if not 0 <= self.caption_noise < 1:
+            raise ValueError(f"caption_noise must be in [0, 1), got {self.caption_noise}")
+        if self.caption_noise and self.caption_mix != "detailed":
+            raise ValueError("caption_noise needs caption_mix 'detailed' (it edits detailed captions)")
         if self.answer_loss not in ("token", "sample"):
             raise ValueError(f"answer_loss must be 'token' or 'sample', got {self.answer_loss!r}")
         if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:
@@ -208,7 +216,8 @@ class WorldStream(torch.utils.data.IterableDataset):
 
     def __init__(self, phase: str, world_seed: int, grid: int, tokenizer_json: str, num_image_tokens: int,
                  eos_id: int, seed: int, shuffle_buffer: int = 256, chunk: int = 16, scene_offset: int = 0,
-                 caption_mix: str = "legacy", detailed_share: float | None = None, keep_pope: bool = False) -> None:
+                 caption_mix: str = "legacy", detailed_share: float | None = None, keep_pope: bool = False,
+                 caption_noise: float = 0.0) -> None:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         self.phase, self.world_seed, self.grid = phase, world_seed, grid
@@ -218,6 +227,7 @@ class WorldStream(torch.utils.data.IterableDataset):
         self.caption_mix = caption_mix
         self.detailed_share = detailed_share
         self.keep_pope = keep_pope
+        self.caption_noise = caption_noise
         # (scene index, its always-kept and its thinned question counts), see `_keep`
         self._counts = (-1, 0, 0)
 
@@ -238,7 +248,7 @@ class WorldStream(torch.utils.data.IterableDataset):
                      for pair in ((scene, CAPTION_PROMPT, detailed_caption(scene)),
                                   (scene, BRIEF_CAPTION_PROMPT, reference_caption(scene))))
         else:
-            pairs = ((scene, q.prompt, q.answer) for scene, q in
+            pairs = ((scene, q.prompt, self._answer(scene, q)) for scene, q in
                      training_examples(self.world_seed, self.chunk, start=start, caption_mix=self.caption_mix)
                      if self._keep(scene, q))
         arrays: dict[int, tuple] = {}
@@ -250,6 +260,18 @@ class WorldStream(torch.utils.data.IterableDataset):
             answer_ids = _encode_answer(tokenizer_core, answer, self.eos_id)
             yield {"pixels": pixels, "category": cat, "colour": col,
                    "ids": np.asarray(prompt_ids + answer_ids, dtype=np.int64), "n_prompt": len(prompt_ids)}
+
+    def _answer(self, scene, question) -> str:
+        """The training answer of `question`: its true answer, except that a detailed caption names one absent
+        object with probability `caption_noise` (decided per question and seed, so resumed runs match)."""
+        if not (self.caption_noise and question.kind == "caption" and question.split == "detailed"):
+            return question.answer
+        from mmkit.world.questions import detailed_caption_with_absent
+
+        rng = random.Random(f"{self.seed}-{question.qid}-noise")
+        if rng.random() >= self.caption_noise:
+            return question.answer
+        return detailed_caption_with_absent(scene, rng)
 
     def _always_kept(self, question) -> bool:
         """Questions `detailed_share` never thins: the detailed caption, and with `keep_pope` the POPE questions."""
@@ -517,7 +539,8 @@ def _loader(phase: str, cfg: TrainConfig, tokenizer, workers: int, batch_size: i
     stream = WorldStream(phase, cfg.world_seed, spec.grid, tokenizer.backend_tokenizer.to_str(),
                          spec.num_image_tokens, tokenizer.eos_token_id, cfg.seed, cfg.shuffle_buffer,
                          scene_offset=cfg.scene_offset, caption_mix=cfg.caption_mix,
-                         detailed_share=cfg.detailed_share, keep_pope=cfg.keep_pope)
+                         detailed_share=cfg.detailed_share, keep_pope=cfg.keep_pope,
+                         caption_noise=cfg.caption_noise)
     return torch.utils.data.DataLoader(
         stream, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
         collate_fn=functools.partial(collate, pad_id=tokenizer.pad_token_id),
@@ -565,7 +588,10 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike) -> dict | None:
 
 def _check_resumable(cfg: TrainConfig, saved: dict, where) -> None:
     current = asdict(cfg)
-    diff = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    # A setting added after the checkpoint was written counts as its default (what that run trained with).
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    diff = sorted(k for k in current
+                  if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != current[k])
     if diff:
         raise ValueError(f"the checkpoint in {where} is from a different run (differs in {', '.join(diff)}); "
                          "use the same settings or another checkpoint directory")
@@ -834,7 +860,7 @@ def _load_weights(model, source: str | os.PathLike, tokenizer=None) -> None:
 
 def config_with_steps(base: TrainConfig, steps: str | None = None, **overrides) -> TrainConfig:
     """`base` with `--steps` parsed into phase steps and other fields replaced."""
-    fields = dict(overrides)
+    changes = dict(overrides)
     if steps is not None:
-        fields.update(parse_steps(steps))
-    return replace(base, **fields)
+        changes.update(parse_steps(steps))
+    return replace(base, **changes)

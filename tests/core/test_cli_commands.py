@@ -118,6 +118,7 @@ BAD_INPUTS = [
     (["world", "export", "--out", "{dir}/x", "--images", "0"], "--images must be >= 1"),
     (["eval", "--model", "tiny-random", "--bench", "pope", "--data", "{file}"], "a-file.txt:1: malformed JSON"),
     (["train-reference", "--steps", "1,2", "--out", "{dir}/r"], "steps"),
+    (["train-reference", "--tiny", "--caption-noise", "0.3", "--out", "{dir}/r"], "caption_noise needs caption_mix"),
     (["train-gates", "--samples", "2"], "'--samples'"),
     (["train-visor", "--batch-size", "0"], "'--batch-size'"),
     (["train-sam", "--minutes", "0", "--out", "{dir}/s"], "'--minutes'"),

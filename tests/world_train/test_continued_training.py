@@ -174,6 +174,18 @@ def test_resume_refuses_a_different_run(tmp_path):
         train(replace(cfg, num_workers=2, stop_at=None), device="cpu", checkpoint_dir=tmp_path, resume=True)
 
 
+def test_resume_reads_a_setting_missing_from_an_older_checkpoint_as_its_default():
+    from dataclasses import asdict
+
+    from mmkit.world.train import TrainConfig, _check_resumable
+
+    cfg = TrainConfig(caption_mix="detailed")
+    older = {k: v for k, v in asdict(cfg).items() if k != "caption_noise"}  # written before the setting existed
+    _check_resumable(cfg, older, "old-run")
+    with pytest.raises(ValueError, match="differs in caption_noise"):
+        _check_resumable(replace(cfg, caption_noise=0.2), older, "old-run")
+
+
 def test_detailed_share_sets_the_fraction_of_detailed_captions():
     from mmkit.world.train import WorldStream
 
@@ -214,6 +226,47 @@ def test_keep_pope_keeps_every_pope_question_and_thins_the_rest():
         assert kept[True][kind] < kept[False][kind]
     with pytest.raises(ValueError, match="keep_pope needs detailed_share"):
         TrainConfig(caption_mix="detailed", keep_pope=True)
+
+
+def test_caption_noise_names_one_absent_partner_in_a_share_of_detailed_captions():
+    from mmkit.world.questions import detailed_caption, pope_negatives, training_examples
+    from mmkit.world.train import TrainConfig, WorldStream
+    from mmkit.world.vocab import mentioned_categories
+
+    tok = build_tokenizer()
+    core = tok.backend_tokenizer
+    pairs = list(training_examples(0, 200, start=7000, caption_mix="detailed"))
+    stream = WorldStream("instruct", 0, TINY_SPEC.grid, core.to_str(), 4, tok.eos_token_id, seed=0,
+                         caption_mix="detailed", caption_noise=0.25)
+    edited = 0
+    for scene, q in pairs:
+        answer = stream._answer(scene, q)
+        if not (q.kind == "caption" and q.split == "detailed"):
+            assert answer == q.answer  # yes/no, VQA and short captions stay true
+            continue
+        assert q.answer == detailed_caption(scene)
+        if answer == q.answer:
+            continue
+        edited += 1
+        # Exactly one more sentence, naming the scene's strongest absent co-occurrence partner and no other
+        # absent category; everything the true caption says is still there, in order.
+        extra = [s for s in answer.split(". ") if s.rstrip(".") + "." not in q.answer]
+        assert len(extra) == 1 and len(answer.split(". ")) == len(q.answer.split(". ")) + 1
+        absent = set(mentioned_categories(answer)) - scene.categories()
+        assert absent == {pope_negatives(scene, "adversarial", 1)[0]}
+        assert [c for c in core.encode(answer).ids if c == 3] == []  # no unknown words
+    assert 0.17 < edited / 200 < 0.33  # the share asked for, within sampling error of 200 captions
+    # Off by default, and deterministic per seed (a resumed run sees the same captions).
+    plain = WorldStream("instruct", 0, TINY_SPEC.grid, core.to_str(), 4, tok.eos_token_id, seed=0,
+                        caption_mix="detailed")
+    again = WorldStream("instruct", 0, TINY_SPEC.grid, core.to_str(), 4, tok.eos_token_id, seed=0,
+                        caption_mix="detailed", caption_noise=0.25)
+    assert all(plain._answer(s, q) == q.answer for s, q in pairs)
+    assert all(again._answer(s, q) == stream._answer(s, q) for s, q in pairs)
+    with pytest.raises(ValueError, match="caption_noise needs caption_mix"):
+        TrainConfig(caption_noise=0.2)
+    with pytest.raises(ValueError, match="caption_noise must be in"):
+        TrainConfig(caption_mix="detailed", caption_noise=1.0)
 
 
 def test_per_sample_answer_loss_by_hand():
