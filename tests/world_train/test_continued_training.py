@@ -340,3 +340,28 @@ def test_vision_from_and_freeze_vision_keep_the_donor_tower_exactly(tmp_path):
 def test_freeze_vision_refuses_a_vision_phase():
     with pytest.raises(ValueError, match="freeze_vision"):
         _tiny(freeze_vision=True)
+
+
+def test_rebuild_run3v_puts_the_shipped_tower_under_run3(tmp_path):
+    """training/rebuild_run3v.py: every vision-tower tensor from the shipped model, every other one from run 3."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "run3v"
+    subprocess.run([sys.executable, str(root / "training" / "rebuild_run3v.py"), str(out)], check=True,
+                   capture_output=True)
+    built = load_file(out / "model.safetensors")
+    run3 = load_file(root / "training" / "reference-detailed-run3" / "model.safetensors")
+    shipped = load_file(root / "mmkit" / "models" / "weights" / "reference" / "model.safetensors")
+    assert set(built) == set(run3)
+    tower = [k for k in built if k.startswith("vision_tower.")]
+    assert len(tower) == 71
+    assert all(torch.equal(built[k], shipped[k]) for k in tower)
+    assert all(torch.equal(built[k], run3[k]) for k in built if k not in tower)
+    assert any(not torch.equal(run3[k], shipped[k]) for k in tower)  # the rebuild changed something
+    assert (out / "tokenizer.json").read_text() == (root / "training" / "reference-detailed-run3" /
+                                                     "tokenizer.json").read_text()
