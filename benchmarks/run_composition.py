@@ -5,8 +5,8 @@ survive token pruning, and what speed does the combination keep?
 
 Every configuration runs on the reference model in one process: the baseline, each mitigation alone (defaults),
 each pruning method at about 25 % of the visual tokens alone, and every pruning x mitigation pair (pruning applied
-first). Blocks, in order: POPE-adversarial greedy, POPE-adversarial sampled (seed 0), CHAIR greedy (captions are
-64 tokens long, so only the configurations without pruning or with `--chair-pruning`), POPE-random greedy,
+first). Blocks, in order: POPE-adversarial greedy, POPE-adversarial sampled (seed 0), CHAIR greedy (detailed captions of up
+to 128 tokens, so only the configurations without pruning or with `--chair-pruning`), POPE-random greedy,
 POPE-popular greedy, POPE-adversarial sampled (seeds 1..). `--blocks N` stops after N blocks.
 Resumable (finished runs are reused); the report and plot are rewritten after every block.
 """
@@ -81,7 +81,7 @@ def main() -> None:
     mitigation = [m for m in args.mitigation.split(",") if m]
     configs = configurations(pruning, mitigation)
     plan = [("pope", "adversarial", "greedy", 0), ("pope", "adversarial", "sample", 0), ("cost", "", "", 0),
-            ("chair", "all", "greedy", 0), ("pope", "random", "greedy", 0), ("pope", "popular", "greedy", 0)]
+            ("chair", "detailed", "greedy", 0), ("pope", "random", "greedy", 0), ("pope", "popular", "greedy", 0)]
     plan += [("pope", "adversarial", "sample", s) for s in range(1, args.seeds)]
     chair_specs = {PRUNING[p] for p in args.chair_pruning.split(",") if p}
     if args.blocks is not None:
@@ -218,8 +218,8 @@ def write_report(args, blocks, configs, pruning, mitigation, costs) -> None:
         "",
         f"Measured with `{command}` on {platform.machine()} CPU (1 thread), torch {torch.__version__}, fp32, batch "
         f"{args.batch_size}, held-out world seed 1. Blocks measured: {measured}. POPE: {args.limit} questions per "
-        f"split; CHAIR: {args.chair_limit} detailed captions (64 new tokens; combinations only with "
-        f"{args.chair_pruning or 'no'} pruning). Every row of a block ran in the same "
+        f"split; CHAIR: {args.chair_limit} detailed captions (split `detailed`, 128 new tokens; combinations "
+        f"only with {args.chair_pruning or 'no'} pruning). Every row of a block ran in the same "
         "process on the same questions as that block's baseline. Mitigations at their defaults; pruning at about "
         "25 % of the visual tokens (" + ", ".join(f"`{PRUNING[p]}`" for p in pruning) + "; DyVTE and VISOR at "
         "their learned operating point), applied before the mitigation. Sampled cells: T=1, top-p 1, mean ± sample "
@@ -263,7 +263,7 @@ def write_report(args, blocks, configs, pruning, mitigation, costs) -> None:
         kept = f"{adv[0]['efficiency']['visual_tokens_kept']:.0f}" if adv and \
             "visual_tokens_kept" in adv[0]["efficiency"] else "-"
         flops, answer = _ratio(blocks, config, "tflops_prefill"), _ratio(blocks, config, "answer_ms")
-        chair = _runs(blocks, config, "chair", "all", "greedy")
+        chair = _runs(blocks, config, "chair", "detailed", "greedy")
         cells = [_cell(adv, "f1"), _cell(_runs(blocks, config, "pope", "adversarial", "sample"), "f1"),
                  _cell(_runs(blocks, config, "pope", "random", "greedy"), "f1"),
                  _cell(_runs(blocks, config, "pope", "popular", "greedy"), "f1"),

@@ -143,7 +143,9 @@ class VLSAMConfig:
 # full image plus four corner crops, ten object-listing questions).
 # "reference": what measures best on the reference model (4 layers, word-level vocabulary): the row that predicts
 # the object word (in "a white cup" the colour word, which reads the object's pixels in the first layer), the first
-# layer's attention only, and the first point at the region's weighted centroid (maxima sit on edges there).
+# layer's attention only, the first point at the region's weighted centroid (maxima sit on edges there), and the
+# brief question: the shipped model answers it with one sentence naming every object, where its detailed caption
+# runs past the listing budget (box AP@0.5 0.454 against 0.408 on 300 scenes, at under half the time).
 # VL-SAM's question ensemble: ten ways to ask for every object (the paper has the LVLM write its ten questions;
 # mmkit ships them fixed so that runs are reproducible and cost no extra generation).
 PAPER_QUESTIONS: tuple[str, ...] = (
@@ -162,7 +164,8 @@ PAPER_QUESTIONS: tuple[str, ...] = (
 PRESETS: dict[str, dict[str, Any]] = {
     # The ablation credits most of VL-SAM's recall to the five views and the ten-question ensemble.
     "paper": {"multi_scale": True, "describe_prompts": PAPER_QUESTIONS, "rollout": "full"},
-    "reference": {"token": "previous", "layers": (0,), "point_at": "centroid", "vocabulary": "world"},
+    "reference": {"token": "previous", "layers": (0,), "point_at": "centroid", "vocabulary": "world",
+                  "describe_prompts": ("Describe the image briefly.",)},
 }
 
 

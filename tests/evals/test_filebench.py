@@ -72,7 +72,7 @@ def test_chair_and_vqa_readers_match_the_builtin_benches(world, reference, tmp_p
     builtin = run_eval(session=reference, bench="chair", world_seed=WORLD_SEED, limit=SCENES, batch_size=4,
                        out=tmp_path / "b", progress=False)
     coco = run_eval(session=reference, bench="chair", coco=world, limit=500, prompt="Describe the image in detail.",
-                    max_new_tokens=64, batch_size=4, out=tmp_path / "c", progress=False)
+                    max_new_tokens=128, batch_size=4, out=tmp_path / "c", progress=False)
     b, c = _samples(tmp_path / "b"), _samples(tmp_path / "c")
     assert [r["text"] for r in c] == [r["text"] for r in b]
     assert [(r["mentions"], r["truth"], r["hallucinated"]) for r in c] == \

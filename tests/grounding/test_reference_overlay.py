@@ -19,13 +19,13 @@ def test_reference_scene_masks_on_the_right_objects(tmp_path):
     from mmkit.world.scenes import generate_scene
 
     session = mmkit.load("reference", device="cpu")
-    scene = generate_scene(1, 5)  # a white circle and an orange ring
+    scene = generate_scene(1, 6)  # a red tree and an orange house
     result = ground_image(session, scene.image)
     labels = {d.label for d in result.detections}
-    assert labels == {"circle", "ring"}, result.answers
+    assert labels == {"house", "tree"}, result.answers
     for d in result.detections:
         truth, _ = ground_truth(scene, d.label)
         assert mask_iou(d.mask, truth) >= 0.5, (d.label, d.box)
-    paths = write_outputs(scene.image, result, tmp_path, stem="scene5")
+    paths = write_outputs(scene.image, result, tmp_path, stem="scene6")
     with Image.open(paths["overlay"]) as img:
         assert img.size == (336, 336)
