@@ -147,7 +147,8 @@ class VLSAMConfig:
 # brief question: the shipped model answers it with one sentence naming every object, where its detailed caption
 # runs past the listing budget (box AP@0.5 0.454 against 0.408 on 300 scenes, at under half the time); with
 # multi_scale, corner crops of 0.65 of the side, which overlap so that an object near the centre lies whole inside
-# one crop (chosen on held-out world seed 2: 0.554 against 0.437 at 0.5; on seed 1, 300 scenes: 0.506 against 0.454).
+# one crop (chosen on held-out world seed 2: 0.554 against 0.437 at 0.5; on seed 1: 0.506 against 0.454 on 300
+# scenes, 0.489 on 1,000).
 # VL-SAM's question ensemble: ten ways to ask for every object (the paper has the LVLM write its ten questions;
 # mmkit ships them fixed so that runs are reproducible and cost no extra generation).
 PAPER_QUESTIONS: tuple[str, ...] = (
