@@ -15,12 +15,13 @@ from mmkit.cli.options import device_option, dtype_option, model_option
 @click.option("--sam", default=None, help="SAM checkpoint directory or hub id (default: the shipped small SAM).")
 @click.option("--query", default=None, help="Ground only this object (default: every object the model lists).")
 @click.option("--multi-scale/--single-scale", default=None,
-              help="Also map the four half-size corner crops (5 views), or only the full image (default: the "
-                   "preset's: on for paper, off for reference).")
+              help="Also map the four corner crops (5 views), or only the full image (default: on; "
+                   "--single-scale is about 3x faster).")
 @click.option("--refine", default=2, show_default=True, type=click.IntRange(0, 2),
               help="Refinement rounds: 1 feeds the mask back, 2 also resamples the points inside it.")
 @click.option("--prompt", "prompts", multiple=True,
-              help="Object-listing question (repeatable: a question ensemble). Default: Describe the image in detail.")
+              help="Object-listing question (repeatable: a question ensemble). Default: the preset's (paper: ten "
+                   "questions; reference: the detailed and the brief question).")
 @click.option("--preset", default="auto", show_default=True, type=click.Choice(["auto", "paper", "reference"]),
               help="VL-SAM settings: paper (as published) or reference (best on the reference model); auto picks "
                    "reference for --model reference.")

@@ -32,6 +32,7 @@ PYTHON_BLOCKS = {
     ("docs/grounding.md", "results[0].stats"): "run",
     ("docs/grounding.md", "run_ground_bench(s, ground_questions(1, 50)"): "imports",  # the 50-scene grounding bench
     ("docs/grounding.md", "run_ground_bench(s, ground_questions(1, 100)"): "imports",  # the 100-scene multi-scale run
+    ("docs/grounding.md", "run_ground_bench(s, ground_questions(1, 1000)"): "imports",  # the 1,000-scene preset run
     ("docs/grounding.md", "run_ground_bench(s, ground_questions(1, 300)"): "imports",  # the 300-scene sam_view runs
     ("docs/reference-model.md", "conversation = "): "run",
     ("docs/sparsevlm.md", "impl.last_ranks"): "run",                   # tiny-random, a few seconds

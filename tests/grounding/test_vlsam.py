@@ -79,8 +79,9 @@ def test_presets():
     assert paper.vocabulary == "open" and preset_config("reference").vocabulary == "world"
     ref = preset_config("reference", refine_steps=1)
     assert (ref.token, ref.layers, ref.point_at, ref.refine_steps) == ("previous", (0,), "centroid", 1)
-    # The shipped model lists every object in its brief answer; its crops overlap (docs/grounding.md measures both).
-    assert ref.describe_prompts == ("Describe the image briefly.",) and ref.crop_fraction == 0.65
+    # The detailed and the brief answer as an ensemble, over overlapping crops (docs/grounding.md measures each).
+    assert ref.describe_prompts == ("Describe the image in detail.", "Describe the image briefly.")
+    assert ref.multi_scale and ref.crop_fraction == 0.65 and ref.max_new_tokens == 128
     assert paper.crop_fraction == 0.5
     with pytest.raises(MmkitError, match="preset"):
         preset_config("best")
