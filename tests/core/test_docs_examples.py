@@ -62,13 +62,16 @@ def code_blocks(text: str) -> list[tuple[str, str]]:
 
 
 def python_blocks() -> dict[tuple[str, str], str]:
-    """(file, marker) -> source of every Python block; blocks matching no entry (or several) get their own key."""
+    """(file, marker) -> source of every Python block; blocks matching no entry, several entries or an entry another
+    block already matched get their own key, so that the classification test names them."""
     found = {}
     for name in DOC_FILES:
         blocks = [body for lang, body in code_blocks((ROOT / name).read_text()) if lang == "python"]
         for i, body in enumerate(blocks):
             keys = [key for key in PYTHON_BLOCKS if key[0] == name and key[1] in body]
-            found[keys[0] if len(keys) == 1 else (name, f"block {i}, matching {len(keys)} entries")] = body
+            key = keys[0] if len(keys) == 1 else (name, f"block {i}, matching {len(keys)} entries")
+            # A second block matching the same entry would replace the first and leave it unchecked.
+            found[(name, f"block {i}, sharing entry {key[1]!r}") if key in found else key] = body
     return found
 
 
