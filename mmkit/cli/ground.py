@@ -15,8 +15,8 @@ from mmkit.cli.options import device_option, dtype_option, model_option
 @click.option("--sam", default=None, help="SAM checkpoint directory or hub id (default: the shipped small SAM).")
 @click.option("--query", default=None, help="Ground only this object (default: every object the model lists).")
 @click.option("--multi-scale/--single-scale", default=None,
-              help="Also map the four corner crops (5 views), or only the full image (default: on; "
-                   "--single-scale is about 3x faster).")
+              help="Also map the four corner crops (5 views), or only the full image (default: on in both "
+                   "presets).")
 @click.option("--refine", default=2, show_default=True, type=click.IntRange(0, 2),
               help="Refinement rounds: 1 feeds the mask back, 2 also resamples the points inside it.")
 @click.option("--prompt", "prompts", multiple=True,

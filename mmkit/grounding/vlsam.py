@@ -148,7 +148,7 @@ class VLSAMConfig:
 # whole inside one crop (chosen on held-out world seed 2: 0.554 against 0.437 at 0.5), and a two-question ensemble:
 # the detailed question (about 60 words, hence 128 new tokens) and the brief one, whose single sentence names every
 # object (seed 2: 0.588 against 0.554 for the brief question alone). Measured on held-out seed 1, 1,000 scenes:
-# box AP@0.5 0.502 (brief question alone 0.489), about 3.5 s per image on one CPU thread (brief alone 1.1 s).
+# box AP@0.5 0.502 (brief question alone 0.489), about 3.5 s per image on one CPU thread (brief alone 1.2 s).
 # VL-SAM's question ensemble: ten ways to ask for every object (the paper has the LVLM write its ten questions;
 # mmkit ships them fixed so that runs are reproducible and cost no extra generation).
 PAPER_QUESTIONS: tuple[str, ...] = (
