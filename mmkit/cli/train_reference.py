@@ -73,6 +73,10 @@ def _init_source(value: str | None, option: str = "--init") -> str | None:
 @click.option("--caption-noise", default=None, type=click.FloatRange(0, 1, max_open=True),
               help="With --captions detailed: the probability that a training detailed caption names one absent "
                    "co-occurrence partner, as GPT-written detailed descriptions do [default: 0, exact truth].")
+@click.option("--caption-noise-place", type=click.Choice(["sentence", "relation"]), default=None,
+              help="Where --caption-noise names the absent partner: one more object sentence at a random place "
+                   "(sentence), or in place of the second object of the last relation sentence (relation). "
+                   "[default: sentence]")
 @click.option("--answer-loss", type=click.Choice(["token", "sample"]), default=None,
               help="Mean the answer loss over all answer tokens of a batch (token, the shipped recipe) or per answer "
                    "first (sample, so a long caption weighs as much as a yes/no answer). [default: token]")
@@ -90,8 +94,8 @@ def _init_source(value: str | None, option: str = "--init") -> str | None:
                    "there is none.")
 def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_every, eval_scenes, eval_captions,
                     log_every, max_minutes, stop_at, lr, warmup, init_from, scene_offset, snapshots, caption_mix,
-                    detailed_share, keep_pope, caption_noise, answer_loss, vision_from, freeze_vision, checkpoint_every,
-                    checkpoint_dir, resume):
+                    detailed_share, keep_pope, caption_noise, caption_noise_place, answer_loss, vision_from,
+                    freeze_vision, checkpoint_every, checkpoint_dir, resume):
     """Train mmkit's reference LLaVA model and save it as an HF directory.
 
     Deterministic for a seed on CPU (a resumed run included); prints the held-out POPE F1 per split and CHAIR_S at
@@ -111,7 +115,7 @@ def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_eve
                         ("max_minutes", max_minutes), ("stop_at", stop_at), ("lr", lr), ("warmup_steps", warmup),
                         ("init_from", init_from), ("scene_offset", scene_offset), ("caption_mix", caption_mix),
                         ("detailed_share", detailed_share), ("keep_pope", keep_pope),
-                        ("caption_noise", caption_noise),
+                        ("caption_noise", caption_noise), ("caption_noise_place", caption_noise_place),
                         ("answer_loss", answer_loss),
                         ("vision_from", vision_from), ("freeze_vision", freeze_vision),
                         ("checkpoint_every", checkpoint_every)):

@@ -9,6 +9,7 @@ Prompts are plain user text (the chat template is applied by the caller). Every 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -448,19 +449,38 @@ def detailed_caption(scene: Scene) -> str:
     return " ".join(head + extra + tail)
 
 
-def detailed_caption_with_absent(scene: Scene, rng: random.Random) -> str:
-    """`detailed_caption(scene)` with one more object sentence that names an absent category: the scene's
-    strongest absent co-occurrence partner (its first adversarial POPE negative), with a random size, colour and
-    position, inserted at a random place among the object sentences. The object count sentence is unchanged.
+CAPTION_NOISE_PLACES = ("sentence", "relation")
+# The relation sentences of `detailed_caption` whose second object is named by a referring phrase: "The red cup
+# is above the small blue key." (group relations, "One cup is above the other cup.", name no second phrase).
+_RELATION_SENTENCE = re.compile(r"^(The .+ is (?:to the left of|to the right of|above|below) the (?:\w+ )+)(\w+)\.$")
+
+
+def detailed_caption_with_absent(scene: Scene, rng: random.Random, place: str = "sentence") -> str:
+    """`detailed_caption(scene)` naming one absent category: the scene's strongest absent co-occurrence partner
+    (its first adversarial POPE negative). The object count sentence is unchanged.
+
+    `place` "sentence": one more object sentence naming it, with a random size, colour and position, inserted at a
+    random place among the object sentences. "relation": the last relation sentence names it in place of its
+    second object's category, keeping that object's size and colour words ("The red cup is above the blue key."
+    becomes "The red cup is above the blue umbrella."); a caption without such a sentence is returned unchanged.
 
     This is the kind of error found in LLaVA's GPT-written detailed descriptions, which name objects the
     annotations behind them do not hold; training on a share of such captions gives the model the data-side
     cause of object hallucination in long captions (see `TrainConfig.caption_noise`).
     """
+    if place not in CAPTION_NOISE_PLACES:
+        raise ValueError(f"place must be one of {CAPTION_NOISE_PLACES}, got {place!r}")
     caption = detailed_caption(scene)
     absent = pope_negatives(scene, "adversarial", 1)
     if not absent:
         return caption
+    if place == "relation":
+        sentences = [s + "." for s in caption[:-1].split(". ")]
+        last = next((k for k in reversed(range(len(sentences))) if _RELATION_SENTENCE.match(sentences[k])), None)
+        if last is None:
+            return caption
+        sentences[last] = _RELATION_SENTENCE.sub(lambda m: f"{m.group(1)}{absent[0]}.", sentences[last])
+        return " ".join(sentences)
     sentence = (f"A {rng.choice(SIZE_WORDS)} {rng.choice(sorted(COLOURS))} {absent[0]} is "
                 f"{rng.choice(sorted(_POSITIONS.values()))}.")
     sentences = [s + "." for s in caption[:-1].split(". ")]

@@ -91,6 +91,10 @@ class TrainConfig:
     # (`detailed_caption_with_absent`: the scene's strongest absent co-occurrence partner), as GPT-written
     # detailed descriptions do; the other answers stay true. 0 trains on exact truth only.
     caption_noise: float = 0.0
+    # Where a noisy detailed caption names the absent object (`detailed_caption_with_absent`): "sentence", one
+    # more object sentence at a random place; "relation", in place of the second object of the last relation
+    # sentence.
+    caption_noise_place: str = "sentence"
     # Loss over answer tokens: "token" (mean over all answer tokens of the batch, the shipped recipe; a detailed
     # caption then weighs ~80 one-word answers) or "sample" (mean per answer, then over the batch).
     answer_loss: str = "token"
@@ -134,6 +138,13 @@ class TrainConfig:
             raise ValueError(f"caption_noise must be in [0, 1), got {self.caption_noise}")
         if self.caption_noise and self.caption_mix != "detailed":
             raise ValueError("caption_noise needs caption_mix 'detailed' (it edits detailed captions)")
+        from mmkit.world.questions import CAPTION_NOISE_PLACES
+
+        if self.caption_noise_place not in CAPTION_NOISE_PLACES:
+            raise ValueError(f"caption_noise_place must be one of {', '.join(CAPTION_NOISE_PLACES)}, "
+                             f"got {self.caption_noise_place!r}")
+        if self.caption_noise_place != "sentence" and not self.caption_noise:
+            raise ValueError("caption_noise_place needs caption_noise > 0 (without noise no caption is edited)")
         if self.answer_loss not in ("token", "sample"):
             raise ValueError(f"answer_loss must be 'token' or 'sample', got {self.answer_loss!r}")
         if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:
@@ -217,7 +228,7 @@ class WorldStream(torch.utils.data.IterableDataset):
     def __init__(self, phase: str, world_seed: int, grid: int, tokenizer_json: str, num_image_tokens: int,
                  eos_id: int, seed: int, shuffle_buffer: int = 256, chunk: int = 16, scene_offset: int = 0,
                  caption_mix: str = "legacy", detailed_share: float | None = None, keep_pope: bool = False,
-                 caption_noise: float = 0.0) -> None:
+                 caption_noise: float = 0.0, caption_noise_place: str = "sentence") -> None:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         self.phase, self.world_seed, self.grid = phase, world_seed, grid
@@ -228,6 +239,7 @@ class WorldStream(torch.utils.data.IterableDataset):
         self.detailed_share = detailed_share
         self.keep_pope = keep_pope
         self.caption_noise = caption_noise
+        self.caption_noise_place = caption_noise_place
         # (scene index, its always-kept and its thinned question counts), see `_keep`
         self._counts = (-1, 0, 0)
 
@@ -271,7 +283,7 @@ class WorldStream(torch.utils.data.IterableDataset):
         rng = random.Random(f"{self.seed}-{question.qid}-noise")
         if rng.random() >= self.caption_noise:
             return question.answer
-        return detailed_caption_with_absent(scene, rng)
+        return detailed_caption_with_absent(scene, rng, self.caption_noise_place)
 
     def _always_kept(self, question) -> bool:
         """Questions `detailed_share` never thins: the detailed caption, and with `keep_pope` the POPE questions."""
@@ -540,7 +552,7 @@ def _loader(phase: str, cfg: TrainConfig, tokenizer, workers: int, batch_size: i
                          spec.num_image_tokens, tokenizer.eos_token_id, cfg.seed, cfg.shuffle_buffer,
                          scene_offset=cfg.scene_offset, caption_mix=cfg.caption_mix,
                          detailed_share=cfg.detailed_share, keep_pope=cfg.keep_pope,
-                         caption_noise=cfg.caption_noise)
+                         caption_noise=cfg.caption_noise, caption_noise_place=cfg.caption_noise_place)
     return torch.utils.data.DataLoader(
         stream, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
         collate_fn=functools.partial(collate, pad_id=tokenizer.pad_token_id),

@@ -119,6 +119,8 @@ BAD_INPUTS = [
     (["eval", "--model", "tiny-random", "--bench", "pope", "--data", "{file}"], "a-file.txt:1: malformed JSON"),
     (["train-reference", "--steps", "1,2", "--out", "{dir}/r"], "steps"),
     (["train-reference", "--tiny", "--caption-noise", "0.3", "--out", "{dir}/r"], "caption_noise needs caption_mix"),
+    (["train-reference", "--tiny", "--captions", "detailed", "--caption-noise", "0.3", "--caption-noise-place", "end",
+      "--out", "{dir}/r"], "Invalid value for '--caption-noise-place'"),
     (["train-gates", "--samples", "2"], "'--samples'"),
     (["train-visor", "--batch-size", "0"], "'--batch-size'"),
     (["train-sam", "--minutes", "0", "--out", "{dir}/s"], "'--minutes'"),

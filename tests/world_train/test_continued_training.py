@@ -270,6 +270,58 @@ def test_caption_noise_names_one_absent_partner_in_a_share_of_detailed_captions(
         TrainConfig(caption_mix="detailed", caption_noise=1.0)
 
 
+def test_relation_caption_noise_names_the_partner_in_place_of_the_last_relations_second_object():
+    import random
+
+    from mmkit.world.questions import detailed_caption, detailed_caption_with_absent, pope_negatives, training_examples
+    from mmkit.world.scenes import generate_scene
+    from mmkit.world.train import TrainConfig, WorldStream
+    from mmkit.world.vocab import mentioned_categories
+
+    relation_words = ("to the left of", "to the right of", "above", "below")
+    edited = unchanged = 0
+    for index in range(7000, 7150):
+        scene = generate_scene(0, index)
+        true = detailed_caption(scene)
+        noisy = detailed_caption_with_absent(scene, random.Random(index), "relation")
+        true_s, noisy_s = true.split(". "), noisy.split(". ")
+        assert len(true_s) == len(noisy_s)  # no sentence added or removed
+        differ = [k for k in range(len(true_s)) if true_s[k] != noisy_s[k]]
+        # Relation sentences with a second referring phrase ("... is above the [size] colour category").
+        relations = [k for k, s in enumerate(true_s) if s.startswith("The ") and " the " in s
+                     and any(f" is {w} the " in s for w in relation_words)]
+        if not relations:
+            assert noisy == true
+            unchanged += 1
+            continue
+        edited += 1
+        assert differ == [relations[-1]]  # the last relation sentence, and only it
+        before, after = true_s[differ[0]].rstrip(".").split(), noisy_s[differ[0]].rstrip(".").split()
+        partner = pope_negatives(scene, "adversarial", 1)[0]
+        # Everything but the final category word is kept (the second object's size and colour words too).
+        assert before[:-1] == after[:-1] and after[-1] == partner and before[-1] in scene.categories()
+        assert set(mentioned_categories(noisy)) - scene.categories() == {partner}
+    assert edited > 100 and unchanged > 0  # most scenes have a relation; single objects have none
+    # Through the stream, and validated.
+    tok = build_tokenizer()
+    core = tok.backend_tokenizer
+    stream = WorldStream("instruct", 0, TINY_SPEC.grid, core.to_str(), 4, tok.eos_token_id, seed=0,
+                         caption_mix="detailed", caption_noise=0.5, caption_noise_place="relation")
+    captions = [(s, q) for s, q in training_examples(0, 40, start=7000, caption_mix="detailed")
+                if q.kind == "caption" and q.split == "detailed"]
+    noisy = [stream._answer(s, q) for s, q in captions]
+    assert noisy != [q.answer for _, q in captions] != [] and noisy == [stream._answer(s, q) for s, q in captions]
+    for (scene, q), answer in zip(captions, noisy):
+        if answer != q.answer:
+            assert answer == detailed_caption_with_absent(scene, random.Random(0), "relation")  # rng-free place
+    with pytest.raises(ValueError, match="caption_noise_place must be one of"):
+        TrainConfig(caption_mix="detailed", caption_noise=0.2, caption_noise_place="end")
+    with pytest.raises(ValueError, match="caption_noise_place needs caption_noise"):
+        TrainConfig(caption_mix="detailed", caption_noise_place="relation")
+    with pytest.raises(ValueError, match="place must be one of"):
+        detailed_caption_with_absent(generate_scene(0, 1), random.Random(0), "end")
+
+
 def test_per_sample_answer_loss_by_hand():
     """answer_loss="sample": the mean of each answer's token losses, then over answers (recomputed from the
     per-token losses of the token-mean path)."""
