@@ -474,16 +474,16 @@ def detailed_caption_with_absent(scene: Scene, rng: random.Random, place: str = 
     absent = pope_negatives(scene, "adversarial", 1)
     if not absent:
         return caption
+    sentences = [s + "." for s in caption[:-1].split(". ")]
     if place == "relation":
-        sentences = [s + "." for s in caption[:-1].split(". ")]
-        last = next((k for k in reversed(range(len(sentences))) if _RELATION_SENTENCE.match(sentences[k])), None)
-        if last is None:
-            return caption
-        sentences[last] = _RELATION_SENTENCE.sub(lambda m: f"{m.group(1)}{absent[0]}.", sentences[last])
-        return " ".join(sentences)
+        for k in reversed(range(len(sentences))):
+            relation = _RELATION_SENTENCE.match(sentences[k])
+            if relation:
+                sentences[k] = f"{relation.group(1)}{absent[0]}."
+                return " ".join(sentences)
+        return caption
     sentence = (f"A {rng.choice(SIZE_WORDS)} {rng.choice(sorted(COLOURS))} {absent[0]} is "
                 f"{rng.choice(sorted(_POSITIONS.values()))}.")
-    sentences = [s + "." for s in caption[:-1].split(". ")]
     n_objects = len(scene.categories())  # object sentences follow the count sentence, one per category
     sentences.insert(1 + rng.randrange(n_objects + 1), sentence)
     return " ".join(sentences)
