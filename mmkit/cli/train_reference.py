@@ -73,9 +73,11 @@ def _init_source(value: str | None, option: str = "--init") -> str | None:
 @click.option("--caption-noise", default=None, type=click.FloatRange(0, 1, max_open=True),
               help="With --captions detailed: the probability that a training detailed caption names one absent "
                    "co-occurrence partner, as GPT-written detailed descriptions do [default: 0, exact truth].")
-@click.option("--caption-noise-place", type=click.Choice(["sentence", "relation"]), default=None,
-              help="Where --caption-noise names the absent partner: one more object sentence at a random place "
-                   "(sentence), or in place of the second object of the last relation sentence (relation). "
+@click.option("--caption-noise-place", type=click.Choice(["sentence", "relation", "partner"]), default=None,
+              help="Where --caption-noise names an absent object: the scene's strongest absent co-occurrence "
+                   "partner as one more object sentence at a random place (sentence) or in place of the second "
+                   "object of the last relation sentence (relation); or, in every relation sentence whose first "
+                   "object's group partner is absent, that partner in place of the second object (partner). "
                    "[default: sentence]")
 @click.option("--answer-loss", type=click.Choice(["token", "sample"]), default=None,
               help="Mean the answer loss over all answer tokens of a batch (token, the shipped recipe) or per answer "

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmkit.world.scenes import CATEGORIES, COLOURS, Scene, category_frequencies, cooccurrence, generate_scene
+from mmkit.world.scenes import (
+    CATEGORIES, COLOURS, PARTNER, Scene, category_frequencies, cooccurrence, generate_scene,
+)
 from mmkit.world.vocab import NUMBER_WORDS, plural
 
 KINDS = ("pope", "color", "count", "spatial", "caption", "ground")
@@ -449,10 +451,12 @@ def detailed_caption(scene: Scene) -> str:
     return " ".join(head + extra + tail)
 
 
-CAPTION_NOISE_PLACES = ("sentence", "relation")
+CAPTION_NOISE_PLACES = ("sentence", "relation", "partner")
 # The relation sentences of `detailed_caption` whose second object is named by a referring phrase: "The red cup
 # is above the small blue key." (group relations, "One cup is above the other cup.", name no second phrase).
 _RELATION_SENTENCE = re.compile(r"^(The .+ is (?:to the left of|to the right of|above|below) the (?:\w+ )+)(\w+)\.$")
+# The same sentences with the first object's category word captured: "The red cup is ..." -> "cup".
+_RELATION_FIRST = re.compile(r"^The (?:\w+ )*?(\w+) is ")
 
 
 def detailed_caption_with_absent(scene: Scene, rng: random.Random, place: str = "sentence") -> str:
@@ -463,6 +467,11 @@ def detailed_caption_with_absent(scene: Scene, rng: random.Random, place: str = 
     random place among the object sentences. "relation": the last relation sentence names it in place of its
     second object's category, keeping that object's size and colour words ("The red cup is above the blue key."
     becomes "The red cup is above the blue umbrella."); a caption without such a sentence is returned unchanged.
+    "partner": every relation sentence whose first object's group partner (`PARTNER`) is absent names that
+    partner in place of its second object's category ("The red cup is above the blue circle." becomes "The red
+    cup is above the blue key." when no key is present); a caption without such a sentence is returned unchanged.
+    Unlike the other places, the named object follows from words already written (the first object, and which
+    objects the caption listed), the way a language prior completes a familiar pair.
 
     This is the kind of error found in LLaVA's GPT-written detailed descriptions, which name objects the
     annotations behind them do not hold; training on a share of such captions gives the model the data-side
@@ -475,6 +484,16 @@ def detailed_caption_with_absent(scene: Scene, rng: random.Random, place: str = 
     if not absent:
         return caption
     sentences = [s + "." for s in caption[:-1].split(". ")]
+    if place == "partner":
+        present = scene.categories()
+        edited = False
+        for k, text in enumerate(sentences):
+            relation = _RELATION_SENTENCE.match(text)
+            partner = PARTNER.get(_RELATION_FIRST.match(text).group(1)) if relation else None
+            if partner is not None and partner not in present:
+                sentences[k] = f"{relation.group(1)}{partner}."
+                edited = True
+        return " ".join(sentences) if edited else caption
     if place == "relation":
         for k in reversed(range(len(sentences))):
             relation = _RELATION_SENTENCE.match(sentences[k])

@@ -93,7 +93,8 @@ class TrainConfig:
     caption_noise: float = 0.0
     # Where a noisy detailed caption names the absent object (`detailed_caption_with_absent`): "sentence", one
     # more object sentence at a random place; "relation", in place of the second object of the last relation
-    # sentence.
+    # sentence; "partner", the first object's absent group partner in place of the second object of every
+    # relation sentence that has one.
     caption_noise_place: str = "sentence"
     # Loss over answer tokens: "token" (mean over all answer tokens of the batch, the shipped recipe; a detailed
     # caption then weighs ~80 one-word answers) or "sample" (mean per answer, then over the batch).

@@ -322,6 +322,51 @@ def test_relation_caption_noise_names_the_partner_in_place_of_the_last_relations
         detailed_caption_with_absent(generate_scene(0, 1), random.Random(0), "end")
 
 
+def test_partner_caption_noise_names_the_first_objects_absent_group_partner_in_every_such_relation():
+    import random
+
+    from mmkit.world.questions import detailed_caption, detailed_caption_with_absent, training_examples
+    from mmkit.world.scenes import GROUPS, generate_scene
+    from mmkit.world.train import WorldStream
+    from mmkit.world.vocab import mentioned_categories
+
+    relation_words = ("to the left of", "to the right of", "above", "below")
+    group_partner = {a: b for pair in GROUPS for a, b in (pair, pair[::-1])}
+    edited = unchanged = 0
+    for index in range(7000, 7300):
+        scene = generate_scene(0, index)
+        true = detailed_caption(scene)
+        noisy = detailed_caption_with_absent(scene, random.Random(index), "partner")
+        true_s, noisy_s = true.split(". "), noisy.split(". ")
+        assert len(true_s) == len(noisy_s)  # no sentence added or removed
+        expected = {}  # sentence index -> the partner it must name
+        for k, sentence in enumerate(true_s):
+            if not (sentence.startswith("The ") and any(f" is {w} the " in sentence for w in relation_words)):
+                continue
+            first = sentence.split(" is ")[0].split()[-1]  # "The small red cup is ..." -> "cup"
+            partner = group_partner.get(first)
+            if partner is not None and partner not in scene.categories():
+                expected[k] = partner
+        differ = {k for k in range(len(true_s)) if true_s[k] != noisy_s[k]}
+        assert differ == set(expected)
+        for k, partner in expected.items():
+            before, after = true_s[k].rstrip(".").split(), noisy_s[k].rstrip(".").split()
+            assert before[:-1] == after[:-1] and after[-1] == partner  # only the final category word changes
+        assert set(mentioned_categories(noisy)) - scene.categories() == set(expected.values())
+        edited += bool(expected)
+        unchanged += not expected
+    assert edited > 30 and unchanged > edited  # a minority of scenes has a partner-less pair in a relation
+    tok = build_tokenizer()
+    stream = WorldStream("instruct", 0, TINY_SPEC.grid, tok.backend_tokenizer.to_str(), 4, tok.eos_token_id, seed=0,
+                         caption_mix="detailed", caption_noise=0.9, caption_noise_place="partner")
+    captions = [(s, q) for s, q in training_examples(0, 60, start=7000, caption_mix="detailed")
+                if q.kind == "caption" and q.split == "detailed"]
+    answers = [stream._answer(s, q) for s, q in captions]
+    assert answers != [q.answer for _, q in captions]
+    for (scene, q), answer in zip(captions, answers):
+        assert answer in (q.answer, detailed_caption_with_absent(scene, random.Random(0), "partner"))
+
+
 def test_per_sample_answer_loss_by_hand():
     """answer_loss="sample": the mean of each answer's token losses, then over answers (recomputed from the
     per-token losses of the token-mean path)."""
