@@ -454,14 +454,15 @@ def detailed_caption(scene: Scene) -> str:
 CAPTION_NOISE_PLACES = ("sentence", "relation", "partner")
 # The relation sentences of `detailed_caption` whose second object is named by a referring phrase: "The red cup
 # is above the small blue key." (group relations, "One cup is above the other cup.", name no second phrase).
-_RELATION_SENTENCE = re.compile(r"^(The .+ is (?:to the left of|to the right of|above|below) the (?:\w+ )+)(\w+)\.$")
-# The same sentences with the first object's category word captured: "The red cup is ..." -> "cup".
-_RELATION_FIRST = re.compile(r"^The (?:\w+ )*?(\w+) is ")
+# Groups: 1 everything before the second category word, 2 the first object's category, 3 the second's.
+_RELATION_SENTENCE = re.compile(
+    r"^(The (?:\w+ )*?(\w+) is (?:to the left of|to the right of|above|below) the (?:\w+ )+)(\w+)\.$")
 
 
 def detailed_caption_with_absent(scene: Scene, rng: random.Random, place: str = "sentence") -> str:
-    """`detailed_caption(scene)` naming one absent category: the scene's strongest absent co-occurrence partner
-    (its first adversarial POPE negative). The object count sentence is unchanged.
+    """`detailed_caption(scene)` naming an absent category: with `place` "sentence" or "relation" the scene's
+    strongest absent co-occurrence partner (its first adversarial POPE negative); with "partner" the absent
+    group partner of each relation's first object. The object count sentence is unchanged.
 
     `place` "sentence": one more object sentence naming it, with a random size, colour and position, inserted at a
     random place among the object sentences. "relation": the last relation sentence names it in place of its
@@ -480,20 +481,19 @@ def detailed_caption_with_absent(scene: Scene, rng: random.Random, place: str = 
     if place not in CAPTION_NOISE_PLACES:
         raise ValueError(f"place must be one of {CAPTION_NOISE_PLACES}, got {place!r}")
     caption = detailed_caption(scene)
+    # Joining the sentences back gives the caption itself, so an unedited list returns it unchanged.
+    sentences = [s + "." for s in caption[:-1].split(". ")]
+    if place == "partner":  # its own absent object per sentence, not the scene's adversarial negative
+        present = scene.categories()
+        for k, text in enumerate(sentences):
+            relation = _RELATION_SENTENCE.match(text)
+            partner = PARTNER.get(relation.group(2)) if relation else None
+            if partner is not None and partner not in present:
+                sentences[k] = f"{relation.group(1)}{partner}."
+        return " ".join(sentences)
     absent = pope_negatives(scene, "adversarial", 1)
     if not absent:
         return caption
-    sentences = [s + "." for s in caption[:-1].split(". ")]
-    if place == "partner":
-        present = scene.categories()
-        edited = False
-        for k, text in enumerate(sentences):
-            relation = _RELATION_SENTENCE.match(text)
-            partner = PARTNER.get(_RELATION_FIRST.match(text).group(1)) if relation else None
-            if partner is not None and partner not in present:
-                sentences[k] = f"{relation.group(1)}{partner}."
-                edited = True
-        return " ".join(sentences) if edited else caption
     if place == "relation":
         for k in reversed(range(len(sentences))):
             relation = _RELATION_SENTENCE.match(sentences[k])

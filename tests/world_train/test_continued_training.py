@@ -270,26 +270,44 @@ def test_caption_noise_names_one_absent_partner_in_a_share_of_detailed_captions(
         TrainConfig(caption_mix="detailed", caption_noise=1.0)
 
 
+_RELATION_WORDS = ("to the left of", "to the right of", "above", "below")
+
+
+def _is_relation_with_second_phrase(sentence: str) -> bool:
+    """A relation sentence naming its second object by a referring phrase ("The red cup is above the [size]
+    colour category"), parsed here independently of the module's pattern."""
+    return sentence.startswith("The ") and any(f" is {w} the " in sentence for w in _RELATION_WORDS)
+
+
+def _noisy_caption_sentences(place: str, indices: range):
+    """(scene, true caption, noisy caption, true sentences, noisy sentences) for world-0 scenes `indices`, checking
+    that the noise adds or removes no sentence."""
+    import random
+
+    from mmkit.world.questions import detailed_caption, detailed_caption_with_absent
+    from mmkit.world.scenes import generate_scene
+
+    for index in indices:
+        scene = generate_scene(0, index)
+        true = detailed_caption(scene)
+        noisy = detailed_caption_with_absent(scene, random.Random(index), place)
+        true_s, noisy_s = true.split(". "), noisy.split(". ")
+        assert len(true_s) == len(noisy_s)  # no sentence added or removed
+        yield scene, true, noisy, true_s, noisy_s
+
+
 def test_relation_caption_noise_names_the_partner_in_place_of_the_last_relations_second_object():
     import random
 
-    from mmkit.world.questions import detailed_caption, detailed_caption_with_absent, pope_negatives, training_examples
+    from mmkit.world.questions import detailed_caption_with_absent, pope_negatives, training_examples
     from mmkit.world.scenes import generate_scene
     from mmkit.world.train import TrainConfig, WorldStream
     from mmkit.world.vocab import mentioned_categories
 
-    relation_words = ("to the left of", "to the right of", "above", "below")
     edited = unchanged = 0
-    for index in range(7000, 7150):
-        scene = generate_scene(0, index)
-        true = detailed_caption(scene)
-        noisy = detailed_caption_with_absent(scene, random.Random(index), "relation")
-        true_s, noisy_s = true.split(". "), noisy.split(". ")
-        assert len(true_s) == len(noisy_s)  # no sentence added or removed
+    for scene, true, noisy, true_s, noisy_s in _noisy_caption_sentences("relation", range(7000, 7150)):
         differ = [k for k in range(len(true_s)) if true_s[k] != noisy_s[k]]
-        # Relation sentences with a second referring phrase ("... is above the [size] colour category").
-        relations = [k for k, s in enumerate(true_s) if s.startswith("The ") and " the " in s
-                     and any(f" is {w} the " in s for w in relation_words)]
+        relations = [k for k, s in enumerate(true_s) if _is_relation_with_second_phrase(s)]
         if not relations:
             assert noisy == true
             unchanged += 1
@@ -325,23 +343,17 @@ def test_relation_caption_noise_names_the_partner_in_place_of_the_last_relations
 def test_partner_caption_noise_names_the_first_objects_absent_group_partner_in_every_such_relation():
     import random
 
-    from mmkit.world.questions import detailed_caption, detailed_caption_with_absent, training_examples
-    from mmkit.world.scenes import GROUPS, generate_scene
+    from mmkit.world.questions import detailed_caption_with_absent, training_examples
+    from mmkit.world.scenes import GROUPS
     from mmkit.world.train import WorldStream
     from mmkit.world.vocab import mentioned_categories
 
-    relation_words = ("to the left of", "to the right of", "above", "below")
     group_partner = {a: b for pair in GROUPS for a, b in (pair, pair[::-1])}
     edited = unchanged = 0
-    for index in range(7000, 7300):
-        scene = generate_scene(0, index)
-        true = detailed_caption(scene)
-        noisy = detailed_caption_with_absent(scene, random.Random(index), "partner")
-        true_s, noisy_s = true.split(". "), noisy.split(". ")
-        assert len(true_s) == len(noisy_s)  # no sentence added or removed
+    for scene, _, noisy, true_s, noisy_s in _noisy_caption_sentences("partner", range(7000, 7300)):
         expected = {}  # sentence index -> the partner it must name
         for k, sentence in enumerate(true_s):
-            if not (sentence.startswith("The ") and any(f" is {w} the " in sentence for w in relation_words)):
+            if not _is_relation_with_second_phrase(sentence):
                 continue
             first = sentence.split(" is ")[0].split()[-1]  # "The small red cup is ..." -> "cup"
             partner = group_partner.get(first)
