@@ -79,6 +79,10 @@ def _init_source(value: str | None, option: str = "--init") -> str | None:
                    "object of the last relation sentence (relation); or, in every relation sentence whose first "
                    "object's group partner is absent, that partner in place of the second object (partner). "
                    "[default: sentence]")
+@click.option("--pope-negatives", type=click.Choice(["random", "mixed"]), default=None,
+              help="With --captions detailed: negatives of the training POPE questions from the random split only "
+                   "(the shipped recipe) or, per scene, from one of the random, popular and adversarial splits "
+                   "(mixed). [default: random]")
 @click.option("--answer-loss", type=click.Choice(["token", "sample"]), default=None,
               help="Mean the answer loss over all answer tokens of a batch (token, the shipped recipe) or per answer "
                    "first (sample, so a long caption weighs as much as a yes/no answer). [default: token]")
@@ -96,8 +100,8 @@ def _init_source(value: str | None, option: str = "--init") -> str | None:
                    "there is none.")
 def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_every, eval_scenes, eval_captions,
                     log_every, max_minutes, stop_at, lr, warmup, init_from, scene_offset, snapshots, caption_mix,
-                    detailed_share, keep_pope, caption_noise, caption_noise_place, answer_loss, vision_from,
-                    freeze_vision, checkpoint_every, checkpoint_dir, resume):
+                    detailed_share, keep_pope, caption_noise, caption_noise_place, pope_negatives, answer_loss,
+                    vision_from, freeze_vision, checkpoint_every, checkpoint_dir, resume):
     """Train mmkit's reference LLaVA model and save it as an HF directory.
 
     Deterministic for a seed on CPU (a resumed run included); prints the held-out POPE F1 per split and CHAIR_S at
@@ -118,7 +122,7 @@ def train_reference(out_dir, seed, tiny, device, steps, batch, workers, eval_eve
                         ("init_from", init_from), ("scene_offset", scene_offset), ("caption_mix", caption_mix),
                         ("detailed_share", detailed_share), ("keep_pope", keep_pope),
                         ("caption_noise", caption_noise), ("caption_noise_place", caption_noise_place),
-                        ("answer_loss", answer_loss),
+                        ("pope_negatives", pope_negatives), ("answer_loss", answer_loss),
                         ("vision_from", vision_from), ("freeze_vision", freeze_vision),
                         ("checkpoint_every", checkpoint_every)):
         if value is not None:

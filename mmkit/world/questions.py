@@ -22,6 +22,9 @@ from mmkit.world.vocab import NUMBER_WORDS, plural
 
 KINDS = ("pope", "color", "count", "spatial", "caption", "ground")
 POPE_SPLITS = ("random", "popular", "adversarial")
+# Negatives of the training stream's POPE questions: "random" (the shipped recipe) or "mixed" (each scene's
+# negatives from one of the three splits, drawn per scene), see `training_examples`.
+TRAINING_POPE_NEGATIVES = ("random", "mixed")
 # At most this many positive (and as many negative) POPE questions per scene.
 POPE_PER_SCENE = 3
 
@@ -596,8 +599,8 @@ def questions_for_scene(scene: Scene, pope_split: str = "random", caption_mix: s
     return qs
 
 
-def training_examples(world_seed: int, n_scenes: int, start: int = 0,
-                      caption_mix: str = "legacy") -> Iterator[tuple[Scene, Question]]:
+def training_examples(world_seed: int, n_scenes: int, start: int = 0, caption_mix: str = "legacy",
+                      pope_negatives: str = "random") -> Iterator[tuple[Scene, Question]]:
     """(scene, question) pairs for instruction tuning: per scene its caption(s), POPE questions and VQA questions
     (every kind but grounding), each scene generated once, deterministic.
 
@@ -605,13 +608,19 @@ def training_examples(world_seed: int, n_scenes: int, start: int = 0,
     detail."); "detailed" adds the detailed caption for that prompt and moves the short one to "Describe the
     image briefly.", keeping every other question.
 
-    POPE negatives here use the random split only: absent co-occurrence partners are then rarely asked about,
-    so the caption statistics leave the model the partner prior that the adversarial split measures.
+    `pope_negatives` "random" (the shipped recipe) draws POPE negatives from the random split only: absent
+    co-occurrence partners are then rarely asked about, so the caption statistics leave the model the partner
+    prior that the adversarial split measures. "mixed" draws each scene's negatives from one split of
+    POPE_SPLITS, chosen per scene, so a third of the scenes ask about their strongest absent partners (the
+    questions are still of training scenes; held-out evaluation uses other world seeds).
     """
     _check(n_scenes, start)
     if caption_mix not in CAPTION_MIXES:
         raise ValueError(f"caption_mix must be one of {CAPTION_MIXES}, got {caption_mix!r}")
+    if pope_negatives not in TRAINING_POPE_NEGATIVES:
+        raise ValueError(f"pope_negatives must be one of {TRAINING_POPE_NEGATIVES}, got {pope_negatives!r}")
     for i in range(start, start + n_scenes):
         scene = generate_scene(world_seed, i)
-        for q in questions_for_scene(scene, caption_mix=caption_mix):
+        split = "random" if pope_negatives == "random" else _rng(scene, "pope-training-split").choice(POPE_SPLITS)
+        for q in questions_for_scene(scene, pope_split=split, caption_mix=caption_mix):
             yield scene, q

@@ -96,6 +96,10 @@ class TrainConfig:
     # sentence; "partner", the first object's absent group partner in place of the second object of every
     # relation sentence that has one.
     caption_noise_place: str = "sentence"
+    # Negatives of the instruct stream's POPE questions (`training_examples`): "random" (the shipped recipe) or
+    # "mixed" (each scene's from one of the random, popular and adversarial splits), which asks the model about
+    # absent co-occurrence partners during training.
+    pope_negatives: str = "random"
     # Loss over answer tokens: "token" (mean over all answer tokens of the batch, the shipped recipe; a detailed
     # caption then weighs ~80 one-word answers) or "sample" (mean per answer, then over the batch).
     answer_loss: str = "token"
@@ -146,6 +150,14 @@ class TrainConfig:
                              f"got {self.caption_noise_place!r}")
         if self.caption_noise_place != "sentence" and not self.caption_noise:
             raise ValueError("caption_noise_place needs caption_noise > 0 (without noise no caption is edited)")
+        from mmkit.world.questions import TRAINING_POPE_NEGATIVES
+
+        if self.pope_negatives not in TRAINING_POPE_NEGATIVES:
+            raise ValueError(f"pope_negatives must be one of {', '.join(TRAINING_POPE_NEGATIVES)}, "
+                             f"got {self.pope_negatives!r}")
+        if self.pope_negatives != "random" and self.caption_mix != "detailed":
+            raise ValueError("pope_negatives 'mixed' needs caption_mix 'detailed' (the legacy mix is the shipped "
+                             "first model's recipe)")
         if self.answer_loss not in ("token", "sample"):
             raise ValueError(f"answer_loss must be 'token' or 'sample', got {self.answer_loss!r}")
         if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:
@@ -229,7 +241,8 @@ class WorldStream(torch.utils.data.IterableDataset):
     def __init__(self, phase: str, world_seed: int, grid: int, tokenizer_json: str, num_image_tokens: int,
                  eos_id: int, seed: int, shuffle_buffer: int = 256, chunk: int = 16, scene_offset: int = 0,
                  caption_mix: str = "legacy", detailed_share: float | None = None, keep_pope: bool = False,
-                 caption_noise: float = 0.0, caption_noise_place: str = "sentence") -> None:
+                 caption_noise: float = 0.0, caption_noise_place: str = "sentence",
+                 pope_negatives: str = "random") -> None:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         self.phase, self.world_seed, self.grid = phase, world_seed, grid
@@ -241,6 +254,7 @@ class WorldStream(torch.utils.data.IterableDataset):
         self.keep_pope = keep_pope
         self.caption_noise = caption_noise
         self.caption_noise_place = caption_noise_place
+        self.pope_negatives = pope_negatives
         # (scene index, its always-kept and its thinned question counts), see `_keep`
         self._counts = (-1, 0, 0)
 
@@ -262,7 +276,8 @@ class WorldStream(torch.utils.data.IterableDataset):
                                   (scene, BRIEF_CAPTION_PROMPT, reference_caption(scene))))
         else:
             pairs = ((scene, q.prompt, self._answer(scene, q)) for scene, q in
-                     training_examples(self.world_seed, self.chunk, start=start, caption_mix=self.caption_mix)
+                     training_examples(self.world_seed, self.chunk, start=start, caption_mix=self.caption_mix,
+                                       pope_negatives=self.pope_negatives)
                      if self._keep(scene, q))
         arrays: dict[int, tuple] = {}
         for scene, prompt, answer in pairs:
@@ -553,7 +568,8 @@ def _loader(phase: str, cfg: TrainConfig, tokenizer, workers: int, batch_size: i
                          spec.num_image_tokens, tokenizer.eos_token_id, cfg.seed, cfg.shuffle_buffer,
                          scene_offset=cfg.scene_offset, caption_mix=cfg.caption_mix,
                          detailed_share=cfg.detailed_share, keep_pope=cfg.keep_pope,
-                         caption_noise=cfg.caption_noise, caption_noise_place=cfg.caption_noise_place)
+                         caption_noise=cfg.caption_noise, caption_noise_place=cfg.caption_noise_place,
+                         pope_negatives=cfg.pope_negatives)
     return torch.utils.data.DataLoader(
         stream, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
         collate_fn=functools.partial(collate, pad_id=tokenizer.pad_token_id),

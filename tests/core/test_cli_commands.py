@@ -121,6 +121,8 @@ BAD_INPUTS = [
     (["train-reference", "--tiny", "--caption-noise", "0.3", "--out", "{dir}/r"], "caption_noise needs caption_mix"),
     (["train-reference", "--tiny", "--captions", "detailed", "--caption-noise", "0.3", "--caption-noise-place", "end",
       "--out", "{dir}/r"], "Invalid value for '--caption-noise-place'"),
+    (["train-reference", "--tiny", "--pope-negatives", "mixed", "--out", "{dir}/r"],
+     "pope_negatives 'mixed' needs caption_mix"),
     (["train-gates", "--samples", "2"], "'--samples'"),
     (["train-visor", "--batch-size", "0"], "'--batch-size'"),
     (["train-sam", "--minutes", "0", "--out", "{dir}/s"], "'--minutes'"),

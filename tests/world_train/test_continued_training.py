@@ -229,6 +229,77 @@ def test_keep_pope_keeps_every_pope_question_and_thins_the_rest():
         TrainConfig(caption_mix="detailed", keep_pope=True)
 
 
+def test_mixed_pope_negatives_ask_each_scene_one_splits_negatives_and_keep_every_other_question(tmp_path):
+    from collections import Counter, defaultdict
+
+    from click.testing import CliRunner
+
+    from mmkit.cli import main
+    from mmkit.world.questions import POPE_SPLITS, pope_negatives, training_examples
+    from mmkit.world.train import TrainConfig
+
+    random_pairs = list(training_examples(0, 60, start=5000, caption_mix="detailed"))
+    assert random_pairs == list(training_examples(0, 60, start=5000, caption_mix="detailed",
+                                                  pope_negatives="random"))  # the default is the shipped stream
+    mixed_pairs = list(training_examples(0, 60, start=5000, caption_mix="detailed", pope_negatives="mixed"))
+
+    def by_scene(pairs):
+        out = defaultdict(list)
+        for scene, q in pairs:
+            out[scene.index].append((scene, q))
+        return out
+
+    random_scenes, mixed_scenes = by_scene(random_pairs), by_scene(mixed_pairs)
+    assert random_scenes.keys() == mixed_scenes.keys()
+    splits = Counter()
+    for index, pairs in mixed_scenes.items():
+        scene = pairs[0][0]
+        pope = [q for _, q in pairs if q.kind == "pope"]
+        (split,) = {q.split for q in pope}  # one split per scene
+        splits[split] += 1
+        yes = sorted(q.target for q in pope if q.answer == "yes")
+        no = sorted(q.target for q in pope if q.answer == "no")
+        # The positives are the random stream's; the negatives are that split's, computed independently here.
+        assert yes == sorted(q.target for _, q in random_scenes[index] if q.kind == "pope" and q.answer == "yes")
+        assert no == sorted(pope_negatives(scene, split, len(yes)))
+        assert not set(no) & scene.categories()
+        # Every other question (captions and VQA) is unchanged.
+        assert ([q for _, q in pairs if q.kind != "pope"] ==
+                [q for _, q in random_scenes[index] if q.kind != "pope"])
+    assert set(splits) == set(POPE_SPLITS) and min(splits.values()) >= 10
+    assert {q.split for _, q in random_pairs if q.kind == "pope"} == {"random"}
+    with pytest.raises(ValueError, match="pope_negatives must be one of"):
+        list(training_examples(0, 1, caption_mix="detailed", pope_negatives="adversarial"))
+    with pytest.raises(ValueError, match="pope_negatives must be one of"):
+        TrainConfig(caption_mix="detailed", pope_negatives="popular")
+    with pytest.raises(ValueError, match="pope_negatives 'mixed' needs caption_mix 'detailed'"):
+        TrainConfig(pope_negatives="mixed")
+    bad = CliRunner().invoke(main, ["train-reference", "--tiny", "--out", str(tmp_path / "run"),
+                                    "--pope-negatives", "mixed"])
+    assert bad.exit_code == 2 and "needs caption_mix 'detailed'" in bad.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_stream_passes_mixed_pope_negatives_through():
+    from collections import Counter
+
+    from mmkit.world.questions import training_examples
+    from mmkit.world.train import WorldStream
+
+    tok = build_tokenizer()
+    decoded = {}
+    for negatives in ("random", "mixed"):
+        stream = WorldStream("instruct", 0, TINY_SPEC.grid, tok.backend_tokenizer.to_str(), 4, tok.eos_token_id,
+                             seed=0, caption_mix="detailed", pope_negatives=negatives)
+        texts = (tok.decode(item["ids"].tolist(), skip_special_tokens=True)
+                 for item in stream._items(5000, tok.backend_tokenizer))
+        decoded[negatives] = Counter(t for t in texts if "Answer yes or no." in t)
+        expected = Counter(f"USER : {q.prompt} ASSISTANT : {q.answer}" for _, q in training_examples(
+            0, 16, start=5000, caption_mix="detailed", pope_negatives=negatives) if q.kind == "pope")
+        assert decoded[negatives] == expected
+    assert decoded["mixed"] != decoded["random"]
+
+
 def test_caption_noise_names_one_absent_partner_in_a_share_of_detailed_captions():
     from mmkit.world.questions import detailed_caption, pope_negatives, training_examples
     from mmkit.world.train import TrainConfig, WorldStream
