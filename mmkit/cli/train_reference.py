@@ -79,10 +79,10 @@ def _init_source(value: str | None, option: str = "--init") -> str | None:
                    "object of the last relation sentence (relation); or, in every relation sentence whose first "
                    "object's group partner is absent, that partner in place of the second object (partner). "
                    "[default: sentence]")
-@click.option("--pope-negatives", type=click.Choice(["random", "mixed"]), default=None,
-              help="With --captions detailed: negatives of the training POPE questions from the random split only "
-                   "(the shipped recipe) or, per scene, from one of the random, popular and adversarial splits "
-                   "(mixed). [default: random]")
+@click.option("--pope-negatives", default=None, metavar="random|mixed|SPLIT=W,...",
+              help="With --captions detailed: the splits the training POPE questions' negatives come from, one per "
+                   "scene: random (the shipped recipe), mixed (random, popular or adversarial, equal odds), or "
+                   "weighted splits such as random=1,adversarial=1. [default: random]")
 @click.option("--answer-loss", type=click.Choice(["token", "sample"]), default=None,
               help="Mean the answer loss over all answer tokens of a batch (token, the shipped recipe) or per answer "
                    "first (sample, so a long caption weighs as much as a yes/no answer). [default: token]")

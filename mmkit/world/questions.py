@@ -22,9 +22,9 @@ from mmkit.world.vocab import NUMBER_WORDS, plural
 
 KINDS = ("pope", "color", "count", "spatial", "caption", "ground")
 POPE_SPLITS = ("random", "popular", "adversarial")
-# Negatives of the training stream's POPE questions: "random" (the shipped recipe) or "mixed" (each scene's
-# negatives from one of the three splits, drawn per scene), see `training_examples`.
-TRAINING_POPE_NEGATIVES = ("random", "mixed")
+# Named weightings of the training stream's POPE negatives (see `parse_pope_negatives`): "random" is the shipped
+# recipe, "mixed" draws each scene's split uniformly from the three.
+TRAINING_POPE_NEGATIVES = {"random": "random", "mixed": "random=1,popular=1,adversarial=1"}
 # At most this many positive (and as many negative) POPE questions per scene.
 POPE_PER_SCENE = 3
 
@@ -599,6 +599,25 @@ def questions_for_scene(scene: Scene, pope_split: str = "random", caption_mix: s
     return qs
 
 
+def parse_pope_negatives(text: str) -> tuple[tuple[str, float], ...]:
+    """The (split, weight) pairs of a training POPE-negative setting: a name of TRAINING_POPE_NEGATIVES, a split of
+    POPE_SPLITS (weight 1), or comma-separated `split=weight` pairs such as "random=2,adversarial=1"."""
+    spec = TRAINING_POPE_NEGATIVES.get(text, text)
+    pairs = []
+    for part in spec.split(","):
+        name, _, weight = part.strip().partition("=")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            value = float("nan")
+        if name not in POPE_SPLITS or not value > 0 or any(name == n for n, _ in pairs):
+            raise ValueError(f"pope_negatives must be one of {', '.join(TRAINING_POPE_NEGATIVES)}, a split of "
+                             f"{', '.join(POPE_SPLITS)}, or distinct split=weight pairs with weights > 0 such as "
+                             f"'random=2,adversarial=1', got {text!r}")
+        pairs.append((name, value))
+    return tuple(pairs)
+
+
 def training_examples(world_seed: int, n_scenes: int, start: int = 0, caption_mix: str = "legacy",
                       pope_negatives: str = "random") -> Iterator[tuple[Scene, Question]]:
     """(scene, question) pairs for instruction tuning: per scene its caption(s), POPE questions and VQA questions
@@ -610,17 +629,20 @@ def training_examples(world_seed: int, n_scenes: int, start: int = 0, caption_mi
 
     `pope_negatives` "random" (the shipped recipe) draws POPE negatives from the random split only: absent
     co-occurrence partners are then rarely asked about, so the caption statistics leave the model the partner
-    prior that the adversarial split measures. "mixed" draws each scene's negatives from one split of
-    POPE_SPLITS, chosen per scene, so a third of the scenes ask about their strongest absent partners (the
-    questions are still of training scenes; held-out evaluation uses other world seeds).
+    prior that the adversarial split measures. Other settings (`parse_pope_negatives`) draw each scene's split
+    from weighted POPE splits, e.g. "mixed" (uniform over the three) or "random=1,adversarial=1" (half the scenes
+    are asked about their strongest absent partners); the questions are still of training scenes, and held-out
+    evaluation uses other world seeds.
     """
     _check(n_scenes, start)
     if caption_mix not in CAPTION_MIXES:
         raise ValueError(f"caption_mix must be one of {CAPTION_MIXES}, got {caption_mix!r}")
-    if pope_negatives not in TRAINING_POPE_NEGATIVES:
-        raise ValueError(f"pope_negatives must be one of {TRAINING_POPE_NEGATIVES}, got {pope_negatives!r}")
+    splits = parse_pope_negatives(pope_negatives)
+    names, weights = [n for n, _ in splits], [w for _, w in splits]
     for i in range(start, start + n_scenes):
         scene = generate_scene(world_seed, i)
-        split = "random" if pope_negatives == "random" else _rng(scene, "pope-training-split").choice(POPE_SPLITS)
+        rng = _rng(scene, "pope-training-split")
+        # Equal weights draw with choice(), unequal ones with choices(): one draw per scene either way.
+        split = rng.choice(names) if len(set(weights)) == 1 else rng.choices(names, weights)[0]
         for q in questions_for_scene(scene, pope_split=split, caption_mix=caption_mix):
             yield scene, q

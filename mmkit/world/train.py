@@ -96,9 +96,10 @@ class TrainConfig:
     # sentence; "partner", the first object's absent group partner in place of the second object of every
     # relation sentence that has one.
     caption_noise_place: str = "sentence"
-    # Negatives of the instruct stream's POPE questions (`training_examples`): "random" (the shipped recipe) or
-    # "mixed" (each scene's from one of the random, popular and adversarial splits), which asks the model about
-    # absent co-occurrence partners during training.
+    # Negatives of the instruct stream's POPE questions (`training_examples`, `parse_pope_negatives`): "random"
+    # (the shipped recipe), "mixed" (each scene's from one of the random, popular and adversarial splits) or
+    # weighted splits such as "random=1,adversarial=1"; popular and adversarial negatives ask the model about
+    # frequent and co-occurring absent objects during training.
     pope_negatives: str = "random"
     # Loss over answer tokens: "token" (mean over all answer tokens of the batch, the shipped recipe; a detailed
     # caption then weighs ~80 one-word answers) or "sample" (mean per answer, then over the batch).
@@ -150,14 +151,11 @@ class TrainConfig:
                              f"got {self.caption_noise_place!r}")
         if self.caption_noise_place != "sentence" and not self.caption_noise:
             raise ValueError("caption_noise_place needs caption_noise > 0 (without noise no caption is edited)")
-        from mmkit.world.questions import TRAINING_POPE_NEGATIVES
+        from mmkit.world.questions import parse_pope_negatives
 
-        if self.pope_negatives not in TRAINING_POPE_NEGATIVES:
-            raise ValueError(f"pope_negatives must be one of {', '.join(TRAINING_POPE_NEGATIVES)}, "
-                             f"got {self.pope_negatives!r}")
-        if self.pope_negatives != "random" and self.caption_mix != "detailed":
-            raise ValueError("pope_negatives 'mixed' needs caption_mix 'detailed' (the legacy mix is the shipped "
-                             "first model's recipe)")
+        if {n for n, _ in parse_pope_negatives(self.pope_negatives)} != {"random"} and self.caption_mix != "detailed":
+            raise ValueError(f"pope_negatives {self.pope_negatives!r} needs caption_mix 'detailed' (the legacy mix is "
+                             "the first model's recipe, with random negatives)")
         if self.answer_loss not in ("token", "sample"):
             raise ValueError(f"answer_loss must be 'token' or 'sample', got {self.answer_loss!r}")
         if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:

@@ -123,6 +123,8 @@ BAD_INPUTS = [
       "--out", "{dir}/r"], "Invalid value for '--caption-noise-place'"),
     (["train-reference", "--tiny", "--pope-negatives", "mixed", "--out", "{dir}/r"],
      "pope_negatives 'mixed' needs caption_mix"),
+    (["train-reference", "--tiny", "--captions", "detailed", "--pope-negatives", "random=2,often=1", "--out",
+      "{dir}/r"], "pope_negatives must be one of"),
     (["train-gates", "--samples", "2"], "'--samples'"),
     (["train-visor", "--batch-size", "0"], "'--batch-size'"),
     (["train-sam", "--minutes", "0", "--out", "{dir}/s"], "'--minutes'"),

@@ -268,16 +268,38 @@ def test_mixed_pope_negatives_ask_each_scene_one_splits_negatives_and_keep_every
                 [q for _, q in random_scenes[index] if q.kind != "pope"])
     assert set(splits) == set(POPE_SPLITS) and min(splits.values()) >= 10
     assert {q.split for _, q in random_pairs if q.kind == "pope"} == {"random"}
-    with pytest.raises(ValueError, match="pope_negatives must be one of"):
-        list(training_examples(0, 1, caption_mix="detailed", pope_negatives="adversarial"))
-    with pytest.raises(ValueError, match="pope_negatives must be one of"):
-        TrainConfig(caption_mix="detailed", pope_negatives="popular")
+    for bad_setting in ("often", "random=0", "random=1,random=2", "adversarial=x", "random;adversarial"):
+        with pytest.raises(ValueError, match="pope_negatives must be one of"):
+            list(training_examples(0, 1, caption_mix="detailed", pope_negatives=bad_setting))
+        with pytest.raises(ValueError, match="pope_negatives must be one of"):
+            TrainConfig(caption_mix="detailed", pope_negatives=bad_setting)
     with pytest.raises(ValueError, match="pope_negatives 'mixed' needs caption_mix 'detailed'"):
         TrainConfig(pope_negatives="mixed")
+    TrainConfig(pope_negatives="random=3")  # the legacy mix's own negatives, however written
     bad = CliRunner().invoke(main, ["train-reference", "--tiny", "--out", str(tmp_path / "run"),
                                     "--pope-negatives", "mixed"])
     assert bad.exit_code == 2 and "needs caption_mix 'detailed'" in bad.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_weighted_pope_negatives_draw_each_scenes_split_at_their_odds():
+    from collections import Counter
+
+    from mmkit.world.questions import parse_pope_negatives, training_examples
+
+    assert parse_pope_negatives("mixed") == (("random", 1.0), ("popular", 1.0), ("adversarial", 1.0))
+    assert parse_pope_negatives(" random=2, adversarial=1") == (("random", 2.0), ("adversarial", 1.0))
+    assert parse_pope_negatives("adversarial") == (("adversarial", 1.0),)
+    scenes = {}
+    for spec in ("random=3,adversarial=1", "adversarial", "random=1,adversarial=1"):
+        pairs = training_examples(0, 400, start=5000, caption_mix="detailed", pope_negatives=spec)
+        scenes[spec] = Counter(split for split in {(s.index, q.split) for s, q in pairs if q.kind == "pope"}
+                               for split in [split[1]])
+    assert set(scenes["adversarial"]) == {"adversarial"}
+    # 400 scenes: the adversarial share is 1/4 and 1/2 within about three standard errors.
+    assert abs(scenes["random=3,adversarial=1"]["adversarial"] / 400 - 0.25) < 0.065
+    assert abs(scenes["random=1,adversarial=1"]["adversarial"] / 400 - 0.5) < 0.075
+    assert set(scenes["random=1,adversarial=1"]) == {"random", "adversarial"}
 
 
 def test_training_stream_passes_mixed_pope_negatives_through():
