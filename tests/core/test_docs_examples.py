@@ -39,6 +39,7 @@ PYTHON_BLOCKS = {
     ("docs/reference-model.md", "detailed_share=share"): "run",        # caption statistics of the training stream
     ("docs/reference-model.md", "n_scenes=150, n_captions=150"): "imports",  # the 150-scene evaluation (4 minutes)
     ("docs/reference-model.md", "p_partner.append"): "imports",  # run 9's partner share and probe (needs its runs)
+    ("docs/reference-model.md", "pope_negatives=spec"): "imports",  # POPE answer shares of 4 x 2,000 training scenes
     ("docs/visor.md", "session.methods[0].impl.last_budgets"): "run",
     ("docs/visor.md", "closed-gates.safetensors"): "imports",          # the 1 350-question VISOR benchmark
 }
