@@ -610,7 +610,7 @@ def parse_pope_negatives(text: str) -> tuple[tuple[str, float], ...]:
             value = float(weight) if weight else 1.0
         except ValueError:
             value = float("nan")
-        if name not in POPE_SPLITS or not value > 0 or any(name == n for n, _ in pairs):
+        if name not in POPE_SPLITS or not 0 < value < float("inf") or any(name == n for n, _ in pairs):
             raise ValueError(f"pope_negatives must be one of {', '.join(TRAINING_POPE_NEGATIVES)}, a split of "
                              f"{', '.join(POPE_SPLITS)}, or distinct split=weight pairs with weights > 0 such as "
                              f"'random=2,adversarial=1', got {text!r}")

@@ -268,7 +268,7 @@ def test_mixed_pope_negatives_ask_each_scene_one_splits_negatives_and_keep_every
                 [q for _, q in random_scenes[index] if q.kind != "pope"])
     assert set(splits) == set(POPE_SPLITS) and min(splits.values()) >= 10
     assert {q.split for _, q in random_pairs if q.kind == "pope"} == {"random"}
-    for bad_setting in ("often", "random=0", "random=1,random=2", "adversarial=x", "random;adversarial"):
+    for bad_setting in ("often", "random=0", "random=inf", "random=1,random=2", "adversarial=x", "random;adversarial"):
         with pytest.raises(ValueError, match="pope_negatives must be one of"):
             list(training_examples(0, 1, caption_mix="detailed", pope_negatives=bad_setting))
         with pytest.raises(ValueError, match="pope_negatives must be one of"):
