@@ -642,7 +642,8 @@ def training_examples(world_seed: int, n_scenes: int, start: int = 0, caption_mi
     for i in range(start, start + n_scenes):
         scene = generate_scene(world_seed, i)
         rng = _rng(scene, "pope-training-split")
-        # Equal weights draw with choice(), unequal ones with choices(): one draw per scene either way.
+        # Equal weights draw with choice(), unequal ones with choices() (which draws differently even for equal
+        # weights): "mixed" keeps the stream its recorded runs (11a, 11b in docs/reference-model.md) trained on.
         split = rng.choice(names) if len(set(weights)) == 1 else rng.choices(names, weights)[0]
         for q in questions_for_scene(scene, pope_split=split, caption_mix=caption_mix):
             yield scene, q

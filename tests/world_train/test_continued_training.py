@@ -293,8 +293,7 @@ def test_weighted_pope_negatives_draw_each_scenes_split_at_their_odds():
     scenes = {}
     for spec in ("random=3,adversarial=1", "adversarial", "random=1,adversarial=1"):
         pairs = training_examples(0, 400, start=5000, caption_mix="detailed", pope_negatives=spec)
-        scenes[spec] = Counter(split for split in {(s.index, q.split) for s, q in pairs if q.kind == "pope"}
-                               for split in [split[1]])
+        scenes[spec] = Counter(split for _, split in {(s.index, q.split) for s, q in pairs if q.kind == "pope"})
     assert set(scenes["adversarial"]) == {"adversarial"}
     # 400 scenes: the adversarial share is 1/4 and 1/2 within about three standard errors.
     assert abs(scenes["random=3,adversarial=1"]["adversarial"] / 400 - 0.25) < 0.065
