@@ -567,3 +567,48 @@ def test_rebuild_run3v_puts_the_shipped_tower_under_run3(tmp_path):
     assert any(not torch.equal(run3[k], shipped[k]) for k in tower)  # the rebuild changed something
     assert (out / "tokenizer.json").read_text() == (root / "training" / "reference-detailed-run3" /
                                                      "tokenizer.json").read_text()
+
+
+def _average_weights_script(*args):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, str(root / "training" / "average_weights.py"), *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_average_weights_writes_the_mean_of_every_tensor(tmp_path):
+    """training/average_weights.py (run 13 is built with it): the output loads with from_pretrained and each of its
+    tensors is the elementwise mean of the inputs' (recomputed here from the loaded models)."""
+    from transformers import LlavaForConditionalGeneration
+
+    tok = build_tokenizer()
+    dirs = []
+    for seed in (0, 1, 2):
+        d = tmp_path / f"m{seed}"
+        build_model(tok, TINY_SPEC, seed=seed).save_pretrained(d)
+        build_processor(tok, TINY_SPEC).save_pretrained(d)
+        dirs.append(d)
+    done = _average_weights_script(tmp_path / "avg", *dirs)
+    assert done.returncode == 0, done.stderr
+    avg = LlavaForConditionalGeneration.from_pretrained(tmp_path / "avg").state_dict()
+    inputs = [LlavaForConditionalGeneration.from_pretrained(d).state_dict() for d in dirs]
+    assert avg.keys() == inputs[0].keys()
+    for k, t in avg.items():
+        mean = (inputs[0][k].double() + inputs[1][k].double() + inputs[2][k].double()) / 3
+        torch.testing.assert_close(t, mean.float(), rtol=0, atol=1e-7)
+    assert any(not torch.equal(inputs[0][k], inputs[1][k]) for k in avg)  # the seeds made different models
+    assert (tmp_path / "avg" / "tokenizer.json").read_bytes() == (dirs[0] / "tokenizer.json").read_bytes()
+
+
+def test_average_weights_refuses_models_that_do_not_match(tmp_path):
+    tok = build_tokenizer()
+    a, b = tmp_path / "a", tmp_path / "b"
+    build_model(tok, TINY_SPEC, seed=0).save_pretrained(a)
+    build_model(tok, replace(TINY_SPEC, text_mlp=96), seed=0).save_pretrained(b)
+    for args, message in [((a, b), "config.json differs"), ((a,), "usage"), ((a, tmp_path), "no model.safetensors")]:
+        done = _average_weights_script(tmp_path / "out", *args)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()
