@@ -1,6 +1,6 @@
 """Average the weights of model directories that share one architecture and tokenizer (a uniform "model soup").
 
-    .venv/bin/python training/average_weights.py OUT DIR [DIR ...]
+    .venv/bin/python training/average_weights.py OUT DIR DIR [DIR ...]
 
 Run 13 (docs/reference-model.md) is the average of runs 9r90b and 12c, two continuations of the same model with the
 vision tower frozen: averaging keeps each run's gain where the other lost (POPE random from 9r90b, popular and
@@ -8,17 +8,18 @@ adversarial from 12c) at a CHAIR_S between theirs.
 
 Every tensor is averaged in float64 and cast back to its dtype; the non-weight files (config, tokenizer, chat
 template) are copied from the first DIR and must be identical in all of them, so the output loads exactly like its
-inputs. The output is written next to OUT and renamed into place: no half-written directory.
+inputs. The output is written with `mmkit.atomic.atomic_directory`: no half-written directory.
 """
 
 from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
+
+from mmkit.atomic import atomic_directory
 
 WEIGHTS = "model.safetensors"
 # Files that define how the weights are read: averaging models that disagree on them would be meaningless.
@@ -46,18 +47,11 @@ def average_weights(dirs: list[Path], out: Path) -> Path:
                 raise ValueError(f"{k}: {tuple(t.shape)} {t.dtype} in {d}, {tuple(first[k].shape)} "
                                  f"{first[k].dtype} in {dirs[0]}")
     averaged = {k: (sum(s[k].double() for s in states) / len(states)).to(first[k].dtype) for k in first}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with atomic_directory(out) as tmp:
         for f in dirs[0].iterdir():
             if f.is_file() and f.name != WEIGHTS:
                 shutil.copy2(f, tmp / f.name)
         save_file(averaged, tmp / WEIGHTS, metadata={"format": "pt"})
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
