@@ -10,11 +10,11 @@ LMMS_STAMP := $(VENV)/.lmms-installed
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
 	# torch first, from the pinned CPU wheel where the machine provides one.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-cache-dir torch==2.13.0
+	$(PY) -m pip install -q --no-cache-dir -r requirements.lock
+	$(PY) -m pip install -q --no-cache-dir --no-deps -e .
 	touch $(STAMP)
 
 # lmms-eval, light: the tests run `python -m lmms_eval --model mmkit` on the mmkit tasks.
