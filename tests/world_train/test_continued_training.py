@@ -612,3 +612,45 @@ def test_average_weights_refuses_models_that_do_not_match(tmp_path):
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "out").exists()
+
+
+def test_rebuild_run13_runs_the_documented_commands(tmp_path):
+    """training/rebuild_run13.sh, with python and mmkit replaced by recorders: its three trainings parse with the
+    real `mmkit train-reference` options and carry the settings docs/reference-model.md gives for runs 9r90b, 12a
+    and 12c (those commands start from `reference`, which was run 3v when they ran; the script rebuilds run 3v)."""
+    import os
+    import shlex
+    import subprocess
+
+    from mmkit.cli.train_reference import train_reference
+
+    root = Path(__file__).resolve().parents[2]
+    calls = tmp_path / "calls"
+    recorder = tmp_path / "record"
+    recorder.write_text(f'#!/usr/bin/env bash\nprintf "%q " "$@" >> {calls}\necho >> {calls}\n')
+    recorder.chmod(0o755)
+    done = subprocess.run(["bash", str(root / "training" / "rebuild_run13.sh"), "runs/out13"], capture_output=True,
+                          text=True, env={**os.environ, "PY": str(recorder), "MMKIT": str(recorder)})
+    assert done.returncode == 0, done.stderr
+    lines = [shlex.split(line) for line in calls.read_text().splitlines()]
+    assert lines[0] == ["training/rebuild_run3v.py", "runs/run3v"]
+    assert lines[-1] == ["training/average_weights.py", "runs/out13", "runs/reference-detailed-9r90b",
+                         "runs/reference-detailed-12c"]
+    trainings = {}
+    for argv in lines[1:-1]:
+        assert argv[0] == "train-reference"
+        params = train_reference.make_context("train-reference", argv[1:]).params  # parses, trains nothing
+        trainings[Path(params["out_dir"]).name] = params
+    # 9r90b runs in the background beside 12a, so the order of the first two is not fixed.
+    assert sorted(trainings) == ["reference-detailed-12a", "reference-detailed-12c", "reference-detailed-9r90b"]
+
+    doc = (root / "docs" / "reference-model.md").read_text()
+    for name, init in [("9r90b", "reference"), ("12a", "reference"), ("12c", "runs/reference-detailed-12a")]:
+        block = doc[:doc.index(f"--out runs/reference-detailed-{name}\n")]
+        command = block[block.rindex("mmkit train-reference"):] + f"--out runs/reference-detailed-{name}"
+        documented = train_reference.make_context("train-reference",
+                                                  shlex.split(command.replace("\\\n", " "))[2:]).params
+        assert documented["init_from"] == init
+        recorded = dict(trainings[f"reference-detailed-{name}"])
+        assert recorded.pop("init_from") == ("runs/run3v" if init == "reference" else init)
+        assert recorded == {k: v for k, v in documented.items() if k != "init_from"}, name
