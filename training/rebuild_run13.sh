@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild run 13, the shipped reference model, from stored files and three CPU trainings (docs/reference-model.md,
 # "Runs 12c to 12f and run 13"). Training is deterministic for a seed on CPU, so the output equals the shipped
-# weights. About 55 minutes on a 2-core machine: 9r90b and 12a run side by side on one thread each, then 12c.
+# weights. About 70 minutes on a 2-core machine: 9r90b and 12a run side by side on one thread each, then 12c.
 #
 #     bash training/rebuild_run13.sh [OUT]        # default OUT: runs/run13; intermediate runs go to runs/
 set -euo pipefail
