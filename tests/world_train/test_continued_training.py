@@ -627,7 +627,8 @@ def test_rebuild_run13_runs_the_documented_commands(tmp_path):
     root = Path(__file__).resolve().parents[2]
     calls = tmp_path / "calls"
     recorder = tmp_path / "record"
-    recorder.write_text(f'#!/usr/bin/env bash\nprintf "%q " "$@" >> {calls}\necho >> {calls}\n')
+    # The two background trainings record at the same time: each call appends its whole line in one write.
+    recorder.write_text(f'#!/usr/bin/env bash\nline=$(printf "%q " "$@")\nprintf "%s\\n" "$line" >> {calls}\n')
     recorder.chmod(0o755)
     done = subprocess.run(["bash", str(root / "training" / "rebuild_run13.sh"), "runs/out13"], capture_output=True,
                           text=True, env={**os.environ, "PY": str(recorder), "MMKIT": str(recorder)})
