@@ -230,8 +230,11 @@ def write_budget_section(session, args, out: Path) -> None:
         "are not in this table.",
         "",
     ]
+    path = Path("benchmarks/pruning.md")
+    text = path.read_text() if path.exists() else ""
     lines += table(out)
-    lines += ["", READING.format(limit=args.limit)]
+    reading = kept_reading(text[text.index(HEAD):] if HEAD in text else "")
+    lines += ["", reading] if reading else []
     lines += ["", f"Specs: " + "; ".join(f"{b}: " + ", ".join(f"`{s}`" for s in budget_specs(b).values())
                                         for b in BUDGETS) + ".", ""]
     lines += [
@@ -243,8 +246,6 @@ def write_budget_section(session, args, out: Path) -> None:
         "layer).", "",
         f"![kept patches at 64 tokens](img/{figure.name})", "",
     ]
-    path = Path("benchmarks/pruning.md")
-    text = path.read_text() if path.exists() else ""
     if HEAD in text:
         start = text.index(HEAD)
         rest = text[start:]
@@ -256,22 +257,17 @@ def write_budget_section(session, args, out: Path) -> None:
     atomic_write_text(path, text)
 
 
-READING = (
-    "Reading (these tables, {limit} questions per bench, the shipped reference model). On this 4-layer model "
-    "the methods that drop inside the LLM (FastV, PyramidDrop) keep 95.9-98.7 % at every budget, but not at "
-    "the budget's cost: the layers before their first drop read all 576 tokens (0.33-0.65 of the prefill "
-    "TFLOPs against 0.10-0.29 for the pre-LLM methods). At equal cost (pre-LLM, exactly the budget), with "
-    "positions renumbered as the papers do, DivPrune, CDPruner, VisionZip and VFlowOpt keep 82.6-90.3 %: "
-    "below the seeded random floor at 192 tokens (random's 96.4 % there is a high draw: it falls to 82.8 % at "
-    "128), within noise of it at 128, and CDPruner and VisionZip above it at 64 (+7.6 and +7.8 points); "
-    "pooling is below random at 192 and within noise at 128 and 64. Renumbering costs most here: the same "
-    "DivPrune and CDPruner selections with each token's original position id score up to 10.5 points higher "
-    "(DivPrune at 192 tokens: 100.8 %, level with the unpruned model). With original positions, DivPrune and "
-    "CDPruner are within noise of random with original positions, except DivPrune at 128 tokens. This differs "
-    "from the published LLaVA-1.5-7B tables (DivPrune and CDPruner at 95-97 % at 64 tokens, ahead of random); "
-    "the reference model is small, has 4 layers and low-rank 256-d projected features (docs/cdpruner.md), so "
-    "these rows say how the methods behave here, not how they rank on a 7B model."
-)
+READING_START = "Reading (these tables"
+
+
+def kept_reading(text: str) -> str:
+    """The hand-written reading paragraph of the current section ("Reading (these tables, ..."), kept across
+    re-runs like the file's other reading sections: it interprets measured numbers, so it is rewritten by hand
+    after a re-run, never generated."""
+    for line in text.splitlines():
+        if line.startswith(READING_START):
+            return line
+    return ""
 
 
 def kept_figure(session, path: Path, budget: int = 64, scene_index: int = 0) -> None:
